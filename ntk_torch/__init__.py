@@ -1,0 +1,3 @@
+"""ntk_torch: training dynamics of PyTorch models through the empirical Neural Tangent Kernel."""
+
+__version__ = "0.1.0"
