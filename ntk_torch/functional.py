@@ -1,0 +1,329 @@
+"""The functional view of an ``nn.Module``: ``f(params, inputs) -> (N, O)``.
+
+Every kernel engine works on a :class:`FunctionalModel`, which
+
+* selects the trainable parameters (``requires_grad``, each tied tensor once, optionally
+  narrowed with ``params=``) and groups them by owning module for per-layer kernels;
+* holds everything else the forward needs (frozen parameters, buffers) as constants;
+* casts parameters, buffers and floating inputs to a compute ``dtype`` without touching
+  the user's model;
+* calls the module through :func:`torch.func.functional_call`, applies ``output_fn`` and
+  flattens the output to ``(N, O)``.
+
+:func:`evaluation_context` puts the module in eval mode and forks the RNG for the duration
+of a kernel computation, restoring both afterwards, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+Inputs = Union[torch.Tensor, Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]
+ParamSelector = Union[str, nn.Module, Sequence[Union[str, nn.Module]], None]
+
+ROOT_GROUP = "(root)"
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------
+
+def input_tensors(x: Inputs, name: str) -> List[Tuple[str, torch.Tensor]]:
+    """The tensors of an input structure with their labels, e.g. ``[("x1[0]", t), ...]``.
+
+    Raises ``TypeError`` naming ``name`` when ``x`` is not a Tensor, a tuple/list of
+    Tensors or a dict of Tensors.
+    """
+    if isinstance(x, torch.Tensor):
+        return [(name, x)]
+    if isinstance(x, (tuple, list)):
+        items = [(f"{name}[{i}]", t) for i, t in enumerate(x)]
+    elif isinstance(x, Mapping):
+        items = [(f"{name}[{k!r}]", t) for k, t in x.items()]
+    else:
+        raise TypeError(
+            f"{name} must be a Tensor, a tuple of Tensors or a dict of Tensors, "
+            f"got {type(x).__name__}"
+        )
+    if not items:
+        raise ValueError(f"{name} is an empty {type(x).__name__}; expected at least one Tensor")
+    for label, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
+    return items
+
+
+def batch_size(x: Inputs, name: str) -> int:
+    """The common size of dim 0 of every tensor in ``x`` (> 0), with clear errors."""
+    items = input_tensors(x, name)
+    sizes = {}
+    for label, t in items:
+        if t.dim() == 0:
+            raise ValueError(f"{label} is a scalar; inputs must be batched on dim 0")
+        sizes[label] = t.shape[0]
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{label}: {n}" for label, n in sizes.items())
+        raise ValueError(f"the tensors of {name} have different batch sizes ({listed})")
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError(f"{name} is an empty batch (size 0 on dim 0); expected at least one example")
+    return n
+
+
+def check_compatible(x1: Inputs, x2: Inputs) -> None:
+    """Raise a ``ValueError``/``TypeError`` unless ``x2`` has the structure, feature shapes
+    and dtypes of ``x1`` (the batch sizes may differ)."""
+    if type(x1) is not type(x2) and not (
+        isinstance(x1, (tuple, list)) and isinstance(x2, (tuple, list))
+    ):
+        raise TypeError(f"x2 is a {type(x2).__name__} but x1 is a {type(x1).__name__}")
+    if isinstance(x1, Mapping) and set(x1) != set(x2):
+        raise ValueError(f"x2 has keys {sorted(x2)} but x1 has {sorted(x1)}")
+    items1 = input_tensors(x1, "x1")
+    items2 = input_tensors(x2, "x2")
+    if len(items1) != len(items2):
+        raise ValueError(f"x2 has {len(items2)} tensors but x1 has {len(items1)}")
+    if isinstance(x1, Mapping):
+        items2 = [(f"x2[{k!r}]", x2[k]) for k in x1]
+    for (l1, t1), (l2, t2) in zip(items1, items2):
+        if tuple(t1.shape[1:]) != tuple(t2.shape[1:]):
+            raise ValueError(
+                f"{l2} has feature shape {tuple(t2.shape[1:])} but {l1} has {tuple(t1.shape[1:])}"
+            )
+        if t1.dtype != t2.dtype:
+            raise TypeError(f"{l2} has dtype {t2.dtype} but {l1} has {t1.dtype}")
+
+
+def map_inputs(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
+    """Apply ``fn`` to every tensor of an input structure, keeping the structure."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return {k: fn(t) for k, t in x.items()}
+    return tuple(fn(t) for t in x)
+
+
+def slice_inputs(x: Inputs, start: int, stop: int) -> Inputs:
+    """Examples ``start:stop`` of every tensor in ``x``."""
+    return map_inputs(x, lambda t: t[start:stop])
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------
+
+def group_of(param_name: str) -> str:
+    """The parameter group of a parameter: the path of its owning module."""
+    module_path, _, _ = param_name.rpartition(".")
+    return module_path or ROOT_GROUP
+
+
+def _selected_names(trainable: Dict[str, nn.Parameter], params: ParamSelector) -> List[str]:
+    """Names of the trainable parameters picked by ``params`` (glob patterns or modules)."""
+    if params is None:
+        return list(trainable)
+    selectors = [params] if isinstance(params, (str, nn.Module)) else list(params)
+    if not selectors:
+        raise ValueError("params is empty; pass None to use every trainable parameter")
+    by_identity = {id(p): name for name, p in trainable.items()}
+    chosen: Dict[str, None] = {}
+    for selector in selectors:
+        if isinstance(selector, str):
+            matches = [n for n in trainable if fnmatch.fnmatchcase(n, selector)]
+            if not matches:
+                matches = [
+                    n for n in trainable if fnmatch.fnmatchcase(group_of(n), selector)
+                ]
+            if not matches:
+                raise ValueError(
+                    f"params pattern {selector!r} matches no trainable parameter; "
+                    f"trainable parameters are: {', '.join(trainable)}"
+                )
+        elif isinstance(selector, nn.Module):
+            matches = [
+                by_identity[id(p)] for p in selector.parameters() if id(p) in by_identity
+            ]
+            if not matches:
+                raise ValueError(
+                    f"params module {type(selector).__name__} has no trainable parameter of the model"
+                )
+        else:
+            raise TypeError(
+                f"params entries must be name patterns (str) or nn.Module, got {type(selector).__name__}"
+            )
+        chosen.update(dict.fromkeys(matches))
+    return [n for n in trainable if n in chosen]
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """A per-layer group: the parameters owned by one module."""
+
+    name: str
+    param_names: Tuple[str, ...]
+
+
+class FunctionalModel:
+    """``f(params, inputs) -> (N, O)`` for an ``nn.Module``.
+
+    Args:
+        model: any ``nn.Module``.
+        params: ``None`` (every trainable parameter), a glob pattern on parameter names or
+            module paths, a module, or a sequence of these.
+        output_fn: applied to the model's output to get a Tensor ``(N, *out)``.
+        dtype: compute dtype for parameters, buffers and floating inputs (``None`` keeps
+            the model's own).
+
+    Attributes:
+        params: ``{name: tensor}`` of the selected parameters, detached (cast to ``dtype``).
+        groups: the per-layer :class:`ParamGroup` list, in parameter order.
+        device: the device the model lives on.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        params: ParamSelector = None,
+        output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        self.model = model
+        self.output_fn = output_fn
+
+        all_params = dict(model.named_parameters())  # tied tensors appear once
+        trainable = {n: p for n, p in all_params.items() if p.requires_grad}
+        if not trainable:
+            raise ValueError(
+                f"model ({type(model).__name__}) has no trainable parameters "
+                "(none with requires_grad=True)"
+            )
+        selected = _selected_names(trainable, params)
+
+        first = next(iter(all_params.values()))
+        self.device = first.device
+        self.dtype = dtype if dtype is not None else _float_dtype(all_params.values())
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach()
+            return t.to(self.dtype) if t.is_floating_point() and dtype is not None else t
+
+        self.params: Dict[str, torch.Tensor] = {n: cast(trainable[n]) for n in selected}
+        self.constants: Dict[str, torch.Tensor] = {
+            n: cast(p) for n, p in all_params.items() if n not in self.params
+        }
+        self.constants.update({n: cast(b) for n, b in model.named_buffers()})
+
+        groups: Dict[str, List[str]] = {}
+        for name in self.params:
+            groups.setdefault(group_of(name), []).append(name)
+        self.groups = [ParamGroup(g, tuple(names)) for g, names in groups.items()]
+
+    @property
+    def num_params(self) -> int:
+        """P, the number of scalar parameters the kernel differentiates."""
+        return sum(p.numel() for p in self.params.values())
+
+    def prepare_inputs(self, x: Inputs) -> Inputs:
+        """Inputs on the model's device, floating tensors in the compute dtype."""
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            dtype = self.dtype if t.is_floating_point() else t.dtype
+            return t.to(device=self.device, dtype=dtype)
+
+        return map_inputs(x, convert)
+
+    def raw_output(self, params: Mapping[str, torch.Tensor], x: Inputs) -> torch.Tensor:
+        """The model's output after ``output_fn``, checked to be a Tensor."""
+        tensors = {**self.constants, **params}
+        if isinstance(x, torch.Tensor):
+            out = functional_call(self.model, tensors, (x,))
+        elif isinstance(x, Mapping):
+            out = functional_call(self.model, tensors, (), dict(x))
+        else:
+            out = functional_call(self.model, tensors, tuple(x))
+        if self.output_fn is not None:
+            out = self.output_fn(out)
+        if not isinstance(out, torch.Tensor):
+            hint = "" if self.output_fn is not None else "; pass output_fn to select a Tensor"
+            raise TypeError(
+                f"the model returned a {type(out).__name__}, not a Tensor{hint} "
+                "(e.g. output_fn=lambda out: out['logits'])"
+            )
+        return out
+
+    def __call__(self, params: Mapping[str, torch.Tensor], x: Inputs) -> torch.Tensor:
+        """``f(params, x)``: the output flattened to ``(N, O)``."""
+        out = self.raw_output(params, x)
+        return out.reshape(out.shape[0], -1) if out.dim() > 0 else out
+
+    def single(self, params: Mapping[str, torch.Tensor], x: Inputs) -> torch.Tensor:
+        """``f`` on one example (no batch dim in ``x``): the output ``(O,)``, for ``vmap``."""
+        batched = map_inputs(x, lambda t: t.unsqueeze(0))
+        return self(params, batched)[0]
+
+    def output_size(self, x: Inputs, n: int) -> int:
+        """O, checking that the output of a batch of ``n`` examples is ``(n, *out)``."""
+        with torch.no_grad():
+            out = self.raw_output(self.params, x)
+        if out.dim() == 0 or out.shape[0] != n:
+            raise ValueError(
+                f"the model's output has shape {tuple(out.shape)} but its first dimension "
+                f"must be the batch size {n}; use output_fn to return a (N, *out) Tensor"
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"the model's output has dtype {out.dtype}; expected floating point")
+        return int(out[0].numel())
+
+
+def _float_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    for t in tensors:
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+# ---------------------------------------------------------------------------------------
+# Hygiene
+# ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def evaluation_context(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode and a forked RNG for the duration of the block; both restored after.
+
+    Every submodule's ``training`` flag is restored individually (a model may mix modes),
+    also when the block raises. The CPU RNG (and that of ``device`` when it is CUDA) is
+    forked, so a model that draws random numbers in eval mode leaves no trace. The
+    inference fast path of ``nn.TransformerEncoderLayer``/``nn.MultiheadAttention`` is
+    switched off and scaled dot-product attention runs on its math backend: the fused
+    kernels have no forward-mode derivative and no batching rule for ``vmap``.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    devices = [device] if device.type == "cuda" else []
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        model.eval()
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
+        for module, training in modes:
+            module.training = training

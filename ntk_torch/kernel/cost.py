@@ -1,0 +1,157 @@
+"""Memory budgets and the cost model that picks an engine.
+
+The cost model follows Novak, Sohl-Dickstein & Schoenholz 2022 ("Fast finite width neural
+tangent kernel", Table 1). With ``F`` the FLOPs of one forward pass of one example, ``P``
+parameters and ``O`` outputs:
+
+* Jacobian contraction: the Jacobians cost about ``N O (3 F)`` (one forward, ``O``
+  backward passes of about ``2 F`` each, vectorised); the contraction costs
+  ``2 N1 N2 O^2 P`` in ``full`` mode and ``2 N1 N2 O P`` in ``trace``/``diagonal`` mode.
+* NTK-vector products: ``N2 O`` vector-Jacobian products give the columns' tangents
+  (about ``N2 O 3 F``), then each of the ``N2 O`` tangents costs one Jacobian-vector
+  product over the ``N1`` rows (about ``3 F`` per example): ``3 N1 N2 O F``.
+
+With ``x2=None`` only the upper block triangle is computed, which halves the pairwise
+terms. ``F`` is measured once with :class:`torch.utils.flop_counter.FlopCounterMode`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..functional import FunctionalModel, Inputs
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+DEFAULT_CPU_FRACTION = 0.25
+DEFAULT_CUDA_FRACTION = 0.5
+FALLBACK_BUDGET = 2 * 10**9
+
+
+def parse_memory(value: Union[int, float, str], name: str = "memory_budget") -> int:
+    """Bytes from an int/float or a string such as ``"2GB"``, ``"512 MiB"`` or ``"1.5e9"``.
+
+    ``KB``/``MB``/``GB`` are powers of 10, ``KiB``/``MiB``/``GiB`` powers of 2.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of bytes or a string like '2GB', got a bool")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"{name}={value!r} is not a memory size; expected bytes or a string like "
+                "'2GB', '512MB' or '1GiB'"
+            )
+        number = float(match.group(1)) * _UNITS[unit]
+    else:
+        raise TypeError(
+            f"{name} must be a number of bytes or a string like '2GB', got {type(value).__name__}"
+        )
+    if not number > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return int(number)
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Free memory on ``device`` in bytes, or ``None`` when it cannot be read."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """A quarter of the free host memory on CPU, half the free device memory on CUDA."""
+    free = available_memory(device)
+    if free is None:
+        return FALLBACK_BUDGET
+    fraction = DEFAULT_CUDA_FRACTION if device.type == "cuda" else DEFAULT_CPU_FRACTION
+    return max(int(free * fraction), 1)
+
+
+@dataclass(frozen=True)
+class ForwardProfile:
+    """What one forward pass of one example costs.
+
+    Attributes:
+        flops: matmul/convolution FLOPs counted by ``FlopCounterMode`` (at least ``2 P``).
+        activation_bytes: bytes autograd saves for the backward pass (at least the output).
+        num_params: P.
+        num_outputs: O.
+        itemsize: bytes per element of the compute dtype.
+    """
+
+    flops: int
+    activation_bytes: int
+    num_params: int
+    num_outputs: int
+    itemsize: int
+
+
+def profile_forward(fmodel: FunctionalModel, x_one: Inputs, num_outputs: int) -> ForwardProfile:
+    """Measure :class:`ForwardProfile` on a batch of one example ``x_one``."""
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    params = {n: p.detach().requires_grad_(True) for n, p in fmodel.params.items()}
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fmodel(params, x_one)
+    itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
+    num_params = fmodel.num_params
+    return ForwardProfile(
+        flops=max(int(counter.get_total_flops()), 2 * num_params),
+        activation_bytes=max(saved[0], num_outputs * itemsize),
+        num_params=num_params,
+        num_outputs=num_outputs,
+        itemsize=itemsize,
+    )
+
+
+def jacobian_cost(profile: ForwardProfile, mode: str, n1: int, n2: int, symmetric: bool) -> float:
+    """Estimated FLOPs of Jacobian contraction (see the module docstring)."""
+    o, p, f = profile.num_outputs, profile.num_params, profile.flops
+    examples = n1 if symmetric else n1 + n2
+    pairs = n1 * n2 / (2 if symmetric else 1)
+    contraction = 2 * pairs * p * (o * o if mode == "full" else o)
+    return examples * o * 3 * f + contraction
+
+
+def ntk_vp_cost(profile: ForwardProfile, mode: str, n1: int, n2: int, symmetric: bool) -> float:
+    """Estimated FLOPs of NTK-vector products (see the module docstring)."""
+    o, f = profile.num_outputs, profile.flops
+    pairs = n1 * n2 / (2 if symmetric else 1)
+    return n2 * o * 3 * f + 3 * pairs * o * f
