@@ -202,12 +202,15 @@ def _check_options(mode, method, per_layer, batch_size, progress) -> None:
 def _nonfinite_groups(
     engine: Engine, failure: NonFiniteBlock, x1: Inputs, x2: Inputs
 ) -> Sequence[str]:
-    """The parameter groups whose contribution to the failing block is not finite."""
+    """The parameter groups whose contribution to the failing block is not finite.
+
+    Diagnosed per group with reverse mode (Jacobian contraction) whatever the engine:
+    forward mode turns zero tangents through infinite weights into NaN, which would
+    blame groups whose own contribution is finite.
+    """
     real_groups = engine.fmodel.groups
-    if failure.groups != [TOTAL]:
+    if isinstance(engine, JacobianEngine) and failure.groups != [TOTAL]:
         return failure.groups
-    if len(real_groups) == 1:
-        return [real_groups[0].name]
     diagnosis = JacobianEngine(
         engine.fmodel, engine.mode, real_groups, engine.profile, engine.memory_budget
     )

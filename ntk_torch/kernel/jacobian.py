@@ -60,8 +60,13 @@ class JacobianEngine(Engine):
 
 
 def per_example_jacobians(fmodel: FunctionalModel, x: Inputs) -> Dict[str, torch.Tensor]:
-    """``{param name: J}``, ``J[i, a, ...] = d f_a(x_i) / d param`` of shape (n, O, *param)."""
-    return vmap(jacrev(fmodel.single), in_dims=(None, 0))(fmodel.params, x)
+    """``{param name: J}``, ``J[i, a, ...] = d f_a(x_i) / d param`` of shape (n, O, *param).
+
+    A model that draws random numbers in eval mode draws them independently per example,
+    as it would in a batch.
+    """
+    per_example = vmap(jacrev(fmodel.single), in_dims=(None, 0), randomness="different")
+    return per_example(fmodel.params, x)
 
 
 def _contract_one(j1: torch.Tensor, j2: torch.Tensor, mode: str) -> torch.Tensor:

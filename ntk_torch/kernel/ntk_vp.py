@@ -60,7 +60,8 @@ class NTKVPEngine(Engine):
 
         n2, o = next(iter(cols.values())).shape[:2]
         chunk = self._chunk_size(rows.n, n2)
-        columns = vmap(column, chunk_size=chunk)
+        # Every tangent differentiates the same function: random draws are shared.
+        columns = vmap(column, chunk_size=chunk, randomness="same")
         if self.mode == "full":
             tangents = {name: cols[name].flatten(0, 1) for name in names}  # (n2 O, *param)
             result = columns(tangents).view(n2, o, rows.n, o)  # [j, b, i, a]

@@ -1,0 +1,137 @@
+"""Properties every kernel must have, whatever the engine and tiling."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ntk_torch as ntk
+
+from reference import reduce_mode
+from zoo import make_zoo
+
+ENGINES = ["jacobian", "ntk_vp"]
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return make_zoo()
+
+
+@pytest.fixture(scope="module")
+def mlp(zoo):
+    return zoo["mlp"]
+
+
+@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "transformer"])
+def test_x2_none_is_exactly_symmetric(zoo, name, mode, method):
+    case = zoo[name]
+    x = case.make_inputs(7, 0)
+    kernel = ntk.empirical_ntk(case.model, x, mode=mode, method=method, batch_size=3)
+    transposed = kernel.permute(1, 0, 3, 2) if mode == "full" else kernel.transpose(0, 1)
+    assert torch.equal(kernel, transposed)
+
+
+@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "residual", "dict_in_out"])
+def test_positive_semi_definite(zoo, name, method):
+    case = zoo[name]
+    full = ntk.empirical_ntk(case.model, case.make_inputs(6, 0), method=method,
+                             output_fn=case.output_fn, dtype=torch.float64)
+    n, _, o, _ = full.shape
+    matrix = full.permute(0, 2, 1, 3).reshape(n * o, n * o)
+    eigenvalues = torch.linalg.eigvalsh(matrix)
+    assert eigenvalues.min() >= -1e-10 * eigenvalues.max()
+    trace_kernel = ntk.empirical_ntk(case.model, case.make_inputs(6, 0), mode="trace", method=method,
+                                     output_fn=case.output_fn, dtype=torch.float64)
+    assert torch.linalg.eigvalsh(trace_kernel).min() >= -1e-10 * trace_kernel.diagonal().sum()
+
+
+@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("name", ["mlp", "two_input", "dict_in_out"])
+def test_trace_and_diagonal_modes_reduce_the_full_kernel(zoo, name, method):
+    case = zoo[name]
+    x1, x2 = case.make_inputs(5, 0), case.make_inputs(4, 1)
+    common = dict(method=method, output_fn=case.output_fn, dtype=torch.float64)
+    full = ntk.empirical_ntk(case.model, x1, x2, mode="full", **common)
+    for mode in ("trace", "diagonal"):
+        reduced = ntk.empirical_ntk(case.model, x1, x2, mode=mode, **common)
+        torch.testing.assert_close(reduced, reduce_mode(full, mode), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+def test_swapping_inputs_transposes_the_kernel(mlp, mode, method):
+    x1, x2 = mlp.make_inputs(5, 0), mlp.make_inputs(3, 1)
+    common = dict(mode=mode, method=method, dtype=torch.float64)
+    k12 = ntk.empirical_ntk(mlp.model, x1, x2, **common)
+    k21 = ntk.empirical_ntk(mlp.model, x2, x1, **common)
+    transposed = k21.permute(1, 0, 3, 2) if mode == "full" else k21.transpose(0, 1)
+    torch.testing.assert_close(k12, transposed, rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
+@given(
+    n1=st.integers(1, 9),
+    n2=st.integers(1, 6),
+    block=st.integers(1, 10),
+    symmetric=st.booleans(),
+    mode=st.sampled_from(["full", "trace", "diagonal"]),
+    method=st.sampled_from(ENGINES),
+)
+def test_any_tiling_gives_the_same_kernel(mlp, n1, n2, block, symmetric, mode, method):
+    x1 = mlp.make_inputs(n1, 0)
+    x2 = None if symmetric else mlp.make_inputs(n2, 1)
+    common = dict(mode=mode, method=method, dtype=torch.float64)
+    whole = ntk.empirical_ntk(mlp.model, x1, x2, **common)
+    tiled = ntk.empirical_ntk(mlp.model, x1, x2, batch_size=block, **common)
+    torch.testing.assert_close(tiled, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ENGINES)
+def test_memory_budget_forces_tiling_without_changing_the_result(mlp, method):
+    x = mlp.make_inputs(12, 0)
+    whole = ntk.empirical_ntk(mlp.model, x, method=method, dtype=torch.float64)
+    # A few kilobytes fit only a couple of examples per block.
+    tiled = ntk.empirical_ntk(mlp.model, x, method=method, dtype=torch.float64, memory_budget="40kB")
+    torch.testing.assert_close(tiled, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "tied", "transformer"])
+def test_per_layer_parts_sum_to_the_total(zoo, name, mode, method):
+    case = zoo[name]
+    x1, x2 = case.make_inputs(4, 0), case.make_inputs(3, 1)
+    common = dict(mode=mode, method=method, output_fn=case.output_fn, dtype=torch.float64)
+    parts = ntk.empirical_ntk(case.model, x1, x2, per_layer=True, **common)
+    total = ntk.empirical_ntk(case.model, x1, x2, **common)
+    assert isinstance(parts, ntk.PerLayerKernels)
+    expected_groups = list(dict.fromkeys(n.rpartition(".")[0] for n, p in case.model.named_parameters()
+                                         if p.requires_grad))
+    assert list(parts) == expected_groups
+    torch.testing.assert_close(sum(parts.values()), total, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts.total, total, rtol=1e-12, atol=1e-12)
+
+
+def test_per_layer_names_root_parameters():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(1.5))
+            self.fc = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.scale * self.fc(x)
+
+    parts = ntk.empirical_ntk(Scaled(), torch.randn(4, 3), per_layer=True)
+    assert list(parts) == ["(root)", "fc"]
+
+
+def test_progress_bar_shows_blocks(mlp, capsys):
+    ntk.empirical_ntk(mlp.model, mlp.make_inputs(6, 0), batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "eNTK blocks" in err and "6/6" in err  # 3 row tiles -> 6 upper-triangle blocks
