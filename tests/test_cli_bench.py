@@ -1,0 +1,54 @@
+"""The ``ntk-torch bench`` command and its table (a smoke test on tiny cases, not a timing)."""
+
+import pytest
+import torch
+from torch import nn
+
+from ntk_torch import bench, cli
+from ntk_torch.kernel import METHODS
+
+
+@pytest.fixture
+def tiny_cases(monkeypatch):
+    def tiny_mlp(device="cpu"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        return bench.Case("mlp", "tiny MLP, N=5", model, torch.randn(5, 4))
+
+    monkeypatch.setitem(bench.CASES, "mlp", tiny_mlp)
+
+
+def test_bench_prints_a_markdown_table(tiny_cases, capsys, tmp_path):
+    out = tmp_path / "table.md"
+    assert cli.main(["bench", "--cases", "mlp", "--modes", "trace", "--repeats", "1", "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "torch " + torch.__version__ in table and "threads" in table
+    rows = [line for line in table.splitlines() if line.startswith("| tiny MLP")]
+    engines = {m for m in METHODS if m != "auto"}
+    assert {row.split("|")[3].strip() for row in rows} == engines | {"tutorial baseline"}
+    assert out.read_text().strip() == table.strip()
+
+
+def test_tutorial_baseline_agrees_with_the_engines():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    from ntk_torch import empirical_ntk
+
+    for mode in ("full", "trace", "diagonal"):
+        torch.testing.assert_close(bench.tutorial_baseline(model, x, x, mode), empirical_ntk(model, x, mode=mode))
+
+
+def test_bench_rejects_unknown_names(tiny_cases):
+    with pytest.raises(SystemExit, match="--methods takes a comma-separated list"):
+        cli.main(["bench", "--methods", "magic"])
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--repeats", "x"])
+    assert info.value.code == 2
+
+
+def test_quick_defaults_to_auto(tiny_cases, capsys):
+    cli.main(["bench", "--quick", "--cases", "mlp", "--no-baseline"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny MLP")]
+    assert [row.split("|")[2].strip() for row in rows] == ["full", "trace"]
+    assert all(row.split("|")[3].strip() == "auto" for row in rows)
