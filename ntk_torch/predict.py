@@ -259,9 +259,19 @@ class _Kernel:
         return self.unvec(self.matrix @ self.vec(a))
 
     @property
+    def units(self) -> float:
+        """Factor from :attr:`matrix` back to the kernel the user passed (O for a trace)."""
+        return float(self.n_outputs) if self.isotropic else 1.0
+
+    @property
     def tolerance(self) -> float:
-        """Absolute tolerance on asymmetry and negative eigenvalues: rounding, not error."""
-        eps = torch.finfo(self.matrix.dtype).eps
+        """Absolute tolerance on asymmetry and negative eigenvalues: rounding, not error.
+
+        ``max(sqrt(eps), n eps) * max_i |K_ii|`` for an ``n x n`` matrix, with ``eps`` at
+        least float32's, so that a kernel computed in float32 and cast to float64 passes;
+        a kernel that is wrong (not ``J J^T``) is off by far more.
+        """
+        eps = max(torch.finfo(self.matrix.dtype).eps, torch.finfo(torch.float32).eps)
         size = self.matrix.shape[0]
         scale = float(self.matrix.diagonal().abs().max()) if size else 0.0
         return max(math.sqrt(eps), size * eps) * scale
@@ -271,17 +281,21 @@ class _Kernel:
         if asymmetry > self.tolerance:
             entry = "|K[i,j] - K[j,i]|" if self.isotropic else "|K[i,j,a,b] - K[j,i,b,a]|"
             raise ValueError(
-                f"{self.name} is not symmetric: max {entry} = {asymmetry:.3e} "
-                f"(tolerance {self.tolerance:.3e}); a training kernel must be computed "
-                "between the training inputs and themselves"
+                f"{self.name} is not symmetric: max {entry} = {asymmetry * self.units:.3e} "
+                f"(tolerance {self.tolerance * self.units:.3e}); a training kernel must be "
+                "computed between the training inputs and themselves"
             )
 
     @cached_property
     def eigh(self) -> Tuple[Tensor, Tensor]:
-        """Eigenvalues (ascending) and orthonormal eigenvectors, after the PSD check."""
+        """Eigenvalues (ascending) and orthonormal eigenvectors, after the PSD check.
+
+        Eigenvalues within the tolerance below zero are rounding and are set to zero, so
+        that closed forms cannot grow like ``(1 + |eta lambda|)^t`` over long horizons.
+        """
         values, vectors = torch.linalg.eigh(self.matrix)
         self._raise_if_negative(values)
-        return values, vectors
+        return values.clamp_min(0), vectors
 
     def check_psd(self) -> None:
         """Positive semi-definiteness within :attr:`tolerance`, by a shifted Cholesky."""
@@ -294,10 +308,12 @@ class _Kernel:
     def _raise_if_negative(self, values: Tensor) -> None:
         if values.numel() and float(values[0]) < -self.tolerance:
             count = int((values < -self.tolerance).sum())
+            smallest, largest = float(values[0]) * self.units, float(values[-1]) * self.units
             raise ValueError(
                 f"{self.name} is not positive semi-definite: its smallest eigenvalue is "
-                f"{float(values[0]):.3e} ({count} below the tolerance -{self.tolerance:.3e}; "
-                f"largest {float(values[-1]):.3e}); a kernel J J^T has no negative eigenvalues"
+                f"{smallest:.3e} ({count} below the tolerance "
+                f"-{self.tolerance * self.units:.3e}; largest {largest:.3e}); a kernel "
+                "J J^T has no negative eigenvalues"
             )
 
 
@@ -717,6 +733,11 @@ def _gd_mse_closed_form(
     return train, test
 
 
+def _outputs(kernel: _Kernel, f0: Tensor, a: Tensor, c: float, jtheta0: Optional[Tensor]) -> Tensor:
+    """``f0 + K a + c J θ0``: the outputs at ``θ0 + J^T a + c θ0`` (see :func:`gd`)."""
+    return f0 + kernel @ a if jtheta0 is None else f0 + kernel @ a + c * jtheta0
+
+
 def _gd_iterate(
     problem: _Problem,
     lr: float,
@@ -736,15 +757,12 @@ def _gd_iterate(
     train: List[Tensor] = []
     test: Optional[List[Tensor]] = [] if test_kernel is not None else None
 
-    def outputs(k: _Kernel, f0: Tensor, jt: Optional[Tensor]) -> Tensor:
-        return f0 + k @ a + (c * jt if jt is not None else 0)
-
     for step in range(records[-1] + 1):
-        f = outputs(kernel, problem.f0, jtheta0)
+        f = _outputs(kernel, problem.f0, a, c, jtheta0)
         if step in pending:
             train.append(f)
             if test is not None:
-                test.append(outputs(test_kernel, problem.f0_test, jtheta0_test))
+                test.append(_outputs(test_kernel, problem.f0_test, a, c, jtheta0_test))
         if step == records[-1]:
             break
         grad_a = problem.loss.gradient(f, problem.y) + weight_decay * a
@@ -819,8 +837,9 @@ def gradient_flow(
         train, test = _flow_mse_closed_form(problem, lr, time_points)
         return problem.prediction(steps, train, test, "closed_form")
     problem.kernel.check_psd()
-    eps = torch.finfo(problem.f0.dtype).eps
-    rtol = _non_negative("rtol", rtol) if rtol is not None else (1e-9 if eps < 1e-10 else 1e-5)
+    if rtol is None:
+        rtol = 1e-9 if problem.f0.dtype == torch.float64 else 1e-5
+    rtol = _non_negative("rtol", rtol)
     if atol is None:
         atol = rtol * max(1.0, float(problem.f0.abs().max()) if problem.f0.numel() else 1.0)
     atol = _non_negative("atol", atol)
@@ -984,13 +1003,14 @@ def kernel_regression(
         top = float(eigenvalues[-1]) if eigenvalues.numel() else 0.0
         cutoff = max(eigenvalues.numel() * eps * top, kernel.tolerance)
         kept = eigenvalues > cutoff
-        inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, torch.ones_like(eigenvalues)),
-                              torch.zeros_like(eigenvalues))
+        safe = torch.where(kept, eigenvalues, torch.ones_like(eigenvalues))
+        inverse = torch.where(kept, 1.0 / safe, torch.zeros_like(eigenvalues))
     weights = inverse[:, None] * (eigenvectors.T @ kernel.vec(problem.y - problem.f0))
     train = problem.f0 + kernel.unvec(eigenvectors @ (eigenvalues[:, None] * weights))
     test = None
     if problem.test_kernel is not None:
-        test = [problem.f0_test + kernel.unvec(problem.test_kernel.matrix @ (eigenvectors @ weights))]
+        test_change = problem.test_kernel.matrix @ (eigenvectors @ weights)
+        test = [problem.f0_test + kernel.unvec(test_change)]
     steps = torch.tensor([math.inf], dtype=problem.f0.dtype)
     return problem.prediction(steps, [train], test, "kernel_regression")
 
