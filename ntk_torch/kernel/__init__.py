@@ -2,5 +2,14 @@
 
 from .api import METHODS, PerLayerKernels, choose_method, empirical_ntk
 from .engine import MODES
+from .structured.explain import StructuredReport, explain
 
-__all__ = ["MODES", "METHODS", "PerLayerKernels", "choose_method", "empirical_ntk"]
+__all__ = [
+    "MODES",
+    "METHODS",
+    "PerLayerKernels",
+    "StructuredReport",
+    "choose_method",
+    "empirical_ntk",
+    "explain",
+]

@@ -30,6 +30,7 @@ from .cost import (
 from .engine import MODES, Engine
 from .jacobian import JacobianEngine
 from .ntk_vp import NTKVPEngine
+from .structured import StructuredEngine, StructuredPlan, analyse, structured_cost
 from .tiling import NonFiniteBlock, compute_kernel, plan_block_size
 
 logger = logging.getLogger("ntk_torch.kernel")
@@ -37,6 +38,7 @@ logger = logging.getLogger("ntk_torch.kernel")
 ENGINES: Dict[str, Type[Engine]] = {
     JacobianEngine.name: JacobianEngine,
     NTKVPEngine.name: NTKVPEngine,
+    StructuredEngine.name: StructuredEngine,
 }
 METHODS = ("auto",) + tuple(ENGINES)
 TOTAL = "total"
@@ -104,8 +106,10 @@ def empirical_ntk(
             number of output values per example (``prod(out)`` for outputs ``(N, *out)``).
             ``trace`` and ``diagonal`` never build the full kernel.
         method: ``"jacobian"`` (Jacobian contraction), ``"ntk_vp"`` (NTK-vector
-            products) or ``"auto"``, which picks the cheaper by the cost model of Novak et
-            al. 2022 on FLOPs measured for one forward pass.
+            products), ``"structured"`` (per-module rules for Linear, Conv, Embedding and
+            norm layers, Jacobian contraction for other parameters; see
+            :func:`ntk_torch.kernel.explain`) or ``"auto"``, which picks the cheapest by
+            the cost model of Novak et al. 2022 on FLOPs measured for one forward pass.
         params: narrow the parameters: glob pattern(s) on parameter names or module paths
             (``"layers.0.*"``, ``"*.bias"``), module(s), or a list mixing both.
         output_fn: maps the model's output to a ``(N, *out)`` Tensor (for models returning
@@ -142,9 +146,8 @@ def empirical_ntk(
     with torch.no_grad(), evaluation_context(model, fmodel.device):
         num_outputs = fmodel.output_size(slice_inputs(x1, 0, min(n1, 2)), min(n1, 2))
         profile = profile_forward(fmodel, slice_inputs(x1, 0, 1), num_outputs)
-        engine_cls = _choose_engine(method, profile, mode, n1, n2, symmetric)
         groups = fmodel.groups if per_layer else [ParamGroup(TOTAL, tuple(fmodel.params))]
-        engine = engine_cls(fmodel, mode, groups, profile, budget)
+        engine = _make_engine(method, fmodel, x1, mode, groups, profile, budget, n1, n2, symmetric)
         block = plan_block_size(engine, n1, n2, budget, batch_size)
         logger.debug(
             "empirical_ntk: method=%s mode=%s N1=%d N2=%d O=%d P=%d block=%d budget=%d",
@@ -164,23 +167,63 @@ def empirical_ntk(
     return PerLayerKernels(kernels, total)
 
 
-def choose_method(
-    profile: ForwardProfile, mode: str, n1: int, n2: int, symmetric: bool
-) -> str:
-    """The method ``"auto"`` picks: the engine with the lower estimated FLOPs."""
+def method_costs(
+    profile: ForwardProfile,
+    mode: str,
+    n1: int,
+    n2: int,
+    symmetric: bool,
+    plan: Optional[StructuredPlan] = None,
+    fmodel: Optional[FunctionalModel] = None,
+) -> Dict[str, float]:
+    """Estimated FLOPs of each engine; the structured engine is a candidate when a
+    ``plan`` (with its ``fmodel``) is given and its rules cover at least one parameter."""
     costs = {
         JacobianEngine.name: jacobian_cost(profile, mode, n1, n2, symmetric),
         NTKVPEngine.name: ntk_vp_cost(profile, mode, n1, n2, symmetric),
     }
+    if plan is not None and fmodel is not None and plan.bundles:
+        costs[StructuredEngine.name] = structured_cost(
+            plan, profile, mode, n1, n2, symmetric, plan.term_shapes(fmodel)
+        )
+    return costs
+
+
+def choose_method(
+    profile: ForwardProfile,
+    mode: str,
+    n1: int,
+    n2: int,
+    symmetric: bool,
+    plan: Optional[StructuredPlan] = None,
+    fmodel: Optional[FunctionalModel] = None,
+) -> str:
+    """The method ``"auto"`` picks: the engine with the lowest estimated FLOPs
+    (:func:`method_costs`)."""
+    costs = method_costs(profile, mode, n1, n2, symmetric, plan, fmodel)
     return min(costs, key=costs.get)
 
 
-def _choose_engine(
-    method: str, profile: ForwardProfile, mode: str, n1: int, n2: int, symmetric: bool
-) -> Type[Engine]:
+def _make_engine(
+    method: str,
+    fmodel: FunctionalModel,
+    x1: Inputs,
+    mode: str,
+    groups: Sequence[ParamGroup],
+    profile: ForwardProfile,
+    budget: int,
+    n1: int,
+    n2: int,
+    symmetric: bool,
+) -> Engine:
+    plan = None
+    if method in ("auto", StructuredEngine.name):
+        plan = analyse(fmodel, x1, profile.num_outputs)
     if method == "auto":
-        method = choose_method(profile, mode, n1, n2, symmetric)
-    return ENGINES[method]
+        method = choose_method(profile, mode, n1, n2, symmetric, plan, fmodel)
+    if method == StructuredEngine.name:
+        return StructuredEngine(fmodel, mode, groups, profile, budget, plan=plan)
+    return ENGINES[method](fmodel, mode, groups, profile, budget)
 
 
 def _check_options(mode, method, per_layer, batch_size, progress) -> None:

@@ -1,0 +1,352 @@
+"""A layer's share of the kernel from what flows through it, and the two ways to contract it.
+
+Every parameter a rule covers has a per-example Jacobian of one of two forms
+(Novak, Sohl-Dickstein & Schoenholz 2022, "structured derivatives"). With ``n`` examples,
+``O`` outputs, ``g`` weight groups (convolution ``groups``, else 1), ``T`` positions at
+which the weight is applied (sequence positions, convolution patches, calls of a shared
+module) and the cotangent ``u[i, a] = d f_a(x_i) / d y`` of the layer's output ``y``:
+
+* :class:`KroneckerTerm` -- a sum of outer products over positions,
+  ``J[i, a] = sum_t u[i, a, g, t, :] (x) v[i, g, t, :]``, for weights applied to features
+  ``v`` (inputs of ``nn.Linear``, patches of a convolution, one-hot tokens of
+  ``nn.Embedding``; a bias is the weight of a constant feature 1). Its kernel is
+
+      K[i, j, a, b] = sum_g sum_{t, s} <v_igt, v'_jgs> <u_iagt, u'_jbgs>
+
+  and is contracted by one of two strategies, chosen per block by FLOP count:
+
+  - ``"gram"``: the Gram matrix of the features times the Gram matrix of the cotangents,
+    never forming ``J``: about ``2 n1 n2 T^2 (d_in + O^k d_out)`` FLOPs (``k = 2`` in
+    ``full`` mode, 1 otherwise). Cheap when ``T`` is small: for an MLP layer the weight
+    kernel is ``(X1 X2^T)[i, j] (G1 G2^T)[ia, jb]``.
+  - ``"grads"``: the per-example weight gradients ``J`` (``n O p`` values, ``p = g d_out
+    d_in``), then their Gram matrix: about ``2 O p (n1 T + n2 T) + 2 n1 n2 O^k p``. Cheap
+    when ``T^2`` is large compared with ``p`` (convolutions over many positions).
+
+* :class:`GradientTerm` -- explicit per-example gradients ``J`` of shape ``(n, O, p)``,
+  for element-wise affine parameters (the ``weight``/``bias`` of normalisation layers,
+  whose Jacobian has no Kronecker structure) and for parameters no rule covers (computed
+  by ``vmap(jacrev)``, the Jacobian-contraction fallback).
+
+Contractions accumulate into a *work layout* chosen so every update is one BLAS call or
+one fused element-wise pass: ``full`` ``(n1, O, n2, O)``, ``trace`` ``(n1, n2)``,
+``diagonal`` ``(O, n1, n2)``; :func:`finish` turns it into the kernel's block layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+
+STRATEGIES = ("gram", "grads")
+
+
+# ---------------------------------------------------------------------------------------
+# Features: the input side of a Kronecker term
+# ---------------------------------------------------------------------------------------
+
+class DenseFeatures:
+    """Feature vectors ``v`` of shape ``(n, g, T, d_in)``."""
+
+    def __init__(self, values: torch.Tensor):
+        if values.dim() != 4:
+            raise ValueError(f"dense features must be (n, g, T, d), got {tuple(values.shape)}")
+        self.values = values
+
+    @property
+    def groups(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def positions(self) -> int:
+        return self.values.shape[2]
+
+    @property
+    def width(self) -> int:
+        """``d_in``: parameters per output feature and group."""
+        return self.values.shape[3]
+
+    def gram_flops(self) -> int:
+        """FLOPs per entry of :meth:`gram`."""
+        return 2 * self.width
+
+    def gram(self, other: "DenseFeatures") -> torch.Tensor:
+        """``<v_igt, v'_jgs>`` as ``(g, n1 T1, n2 T2)``."""
+        a, b = self.values, other.values
+        g, d = a.shape[1], a.shape[3]
+        left = a.transpose(0, 1).reshape(g, -1, d)
+        right = b.transpose(0, 1).reshape(g, -1, d)
+        return torch.matmul(left, right.transpose(1, 2))
+
+    def expand(self, cotangent: torch.Tensor) -> torch.Tensor:
+        """Per-example gradients ``sum_t u_iagt (x) v_igt`` as ``(n, O, g d_out d_in)``,
+        laid out like a weight ``(g d_out, d_in)`` (a fused bias is its last column)."""
+        n, o = cotangent.shape[:2]
+        return torch.einsum("iagtd,igte->iagde", cotangent, self.values).reshape(n, o, -1)
+
+    @staticmethod
+    def along_positions(parts: List["DenseFeatures"]) -> "DenseFeatures":
+        return DenseFeatures(torch.cat([p.values for p in parts], dim=2))
+
+    @staticmethod
+    def along_width(parts: List["DenseFeatures"]) -> "DenseFeatures":
+        n, g, t = parts[0].values.shape[:3]
+        return DenseFeatures(torch.cat([p.values.expand(n, g, t, -1) for p in parts], dim=3))
+
+
+class IndexFeatures:
+    """One-hot features given by indices ``(n, T)`` into a table of ``width`` rows.
+
+    Positions holding ``padding_idx`` have no gradient (``nn.Embedding``'s convention).
+    """
+
+    groups = 1
+
+    def __init__(self, indices: torch.Tensor, width: int, padding_idx: Optional[int], dtype: torch.dtype):
+        self.indices = indices
+        self._width = width
+        self.padding_idx = padding_idx
+        self.dtype = dtype
+
+    @property
+    def positions(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    def gram_flops(self) -> int:
+        return 1
+
+    def _live(self) -> Optional[torch.Tensor]:
+        return None if self.padding_idx is None else self.indices != self.padding_idx
+
+    def gram(self, other: "IndexFeatures") -> torch.Tensor:
+        """``[idx_it == idx'_js]`` (0 at padding) as ``(1, n1 T1, n2 T2)``."""
+        a, b = self.indices.reshape(-1, 1), other.indices.reshape(1, -1)
+        same = a == b
+        live = self._live()
+        if live is not None:
+            same &= live.reshape(-1, 1)
+        return same.to(self.dtype).unsqueeze(0)
+
+    def expand(self, cotangent: torch.Tensor) -> torch.Tensor:
+        """Per-example gradients of the table, ``(n, O, width d_out)``, by scatter-add."""
+        n, o, _, t, d = cotangent.shape
+        source = cotangent[:, :, 0]
+        live = self._live()
+        if live is not None:
+            source = source * live[:, None, :, None].to(source.dtype)
+        grads = source.new_zeros(n, o, self._width, d)
+        grads.scatter_add_(2, self.indices[:, None, :, None].expand(n, o, t, d), source)
+        return grads.reshape(n, o, -1)
+
+    @staticmethod
+    def along_positions(parts: List["IndexFeatures"]) -> "IndexFeatures":
+        first = parts[0]
+        indices = torch.cat([p.indices for p in parts], dim=1)
+        return IndexFeatures(indices, first.width, first.padding_idx, first.dtype)
+
+
+Features = Union[DenseFeatures, IndexFeatures]
+
+
+def can_join(parts: List[Features]) -> bool:
+    """Whether features of several calls can be concatenated along positions."""
+    first = parts[0]
+    if isinstance(first, IndexFeatures):
+        return all(
+            isinstance(p, IndexFeatures) and p.width == first.width and p.padding_idx == first.padding_idx
+            for p in parts
+        )
+    return all(
+        isinstance(p, DenseFeatures) and p.groups == first.groups and p.width == first.width
+        for p in parts
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Terms
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TermShape:
+    """What a term costs per example: ``kind`` ``"kronecker"`` or ``"gradient"``; for a
+    Kronecker term ``groups``, ``positions`` (T), ``width`` (d_in), ``d_out`` and
+    ``gram_flops`` (per feature-Gram entry); ``num_params`` (p) for both."""
+
+    kind: str
+    num_params: int
+    groups: int = 1
+    positions: int = 1
+    width: int = 1
+    d_out: int = 1
+    gram_flops: int = 0
+
+
+@dataclass
+class KroneckerTerm:
+    """``J[i, a] = sum_t u[i, a, g, t] (x) v[i, g, t]``; ``cotangent`` ``(n, O, g, T, d_out)``."""
+
+    features: Features
+    cotangent: torch.Tensor
+    _grads: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> TermShape:
+        f = self.features
+        d_out = self.cotangent.shape[-1]
+        return TermShape(
+            "kronecker", f.groups * d_out * f.width, f.groups, f.positions, f.width, d_out, f.gram_flops()
+        )
+
+    def grads(self) -> torch.Tensor:
+        """Per-example gradients ``(n, O, p)``, computed once and kept."""
+        if self._grads is None:
+            self._grads = self.features.expand(self.cotangent)
+        return self._grads
+
+
+@dataclass
+class GradientTerm:
+    """Explicit per-example gradients ``grads`` of shape ``(n, O, p)``."""
+
+    grads: torch.Tensor
+
+    @property
+    def shape(self) -> TermShape:
+        return TermShape("gradient", self.grads.shape[2])
+
+
+Term = Union[KroneckerTerm, GradientTerm]
+
+
+# ---------------------------------------------------------------------------------------
+# Cost model (FLOPs and transient bytes of one block pair)
+# ---------------------------------------------------------------------------------------
+
+def _cotangent_factor(mode: str, o: int) -> int:
+    return o * o if mode == "full" else o
+
+
+def strategy_flops(shape: TermShape, mode: str, o: int, n1: int, n2: int, same: bool) -> Dict[str, float]:
+    """Estimated FLOPs of each applicable strategy for an ``n1 x n2`` block.
+
+    ``same``: rows and columns are the same examples (per-example work done once).
+    """
+    k = _cotangent_factor(mode, o)
+    sides = n1 if same else n1 + n2
+    contraction = 2.0 * n1 * n2 * k * shape.num_params
+    if shape.kind == "gradient":
+        return {"grads": contraction}
+    t, g = shape.positions, shape.groups
+    entries = float(n1 * t) * (n2 * t) * g
+    combine = {"full": o * o, "trace": 1, "diagonal": o}[mode]
+    gram = entries * (shape.gram_flops + 2 * (o * o if mode == "full" else o) * shape.d_out + combine)
+    grads = 2.0 * o * t * shape.num_params * sides + contraction
+    return {"gram": gram, "grads": grads}
+
+
+def strategy_bytes(
+    shape: TermShape, strategy: str, mode: str, o: int, n1: int, n2: int, itemsize: int
+) -> int:
+    """Transient bytes of contracting one term with ``strategy`` (incl. cached gradients)."""
+    if strategy == "grads":
+        cached = 0 if shape.kind == "gradient" else (n1 + n2) * o * shape.num_params
+        return cached * itemsize
+    t, g = shape.positions, shape.groups
+    entries = n1 * t * n2 * t * g
+    cotangent_gram = entries * (o * o if mode == "full" else o if mode == "diagonal" else 1)
+    products = 0 if t == 1 and g == 1 else 2 * cotangent_gram  # the product and its permuted copy
+    return (entries + cotangent_gram + products) * itemsize
+
+
+def choose_strategy(shape: TermShape, mode: str, o: int, n1: int, n2: int, same: bool) -> Tuple[str, Dict[str, float]]:
+    """The cheaper strategy by :func:`strategy_flops`, and every strategy's FLOPs."""
+    flops = strategy_flops(shape, mode, o, n1, n2, same)
+    return min(flops, key=flops.get), flops
+
+
+# ---------------------------------------------------------------------------------------
+# Contractions
+# ---------------------------------------------------------------------------------------
+
+def work_shape(mode: str, n1: int, n2: int, o: int) -> Tuple[int, ...]:
+    """The accumulator layout of a block (see the module docstring)."""
+    if mode == "full":
+        return (n1, o, n2, o)
+    if mode == "trace":
+        return (n1, n2)
+    return (o, n1, n2)
+
+
+def finish(acc: torch.Tensor, mode: str) -> torch.Tensor:
+    """The kernel block from its work layout: ``(n1, n2, O, O)``, ``(n1, n2)`` or ``(n1, n2, O)``."""
+    if mode == "full":
+        return acc.permute(0, 2, 1, 3).contiguous()
+    if mode == "diagonal":
+        return acc.permute(1, 2, 0).contiguous()
+    return acc
+
+
+def add_gradient_products(acc: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, mode: str) -> None:
+    """``acc += J1 J2^T`` in the work layout, for ``J`` ``(n, O, p)``: one BLAS call."""
+    n1, o, p = g1.shape
+    n2 = g2.shape[0]
+    if mode == "full":
+        acc.view(n1 * o, n2 * o).addmm_(g1.reshape(n1 * o, p), g2.reshape(n2 * o, p).T)
+    elif mode == "trace":
+        acc.addmm_(g1.reshape(n1, o * p), g2.reshape(n2, o * p).T)
+    else:
+        acc.baddbmm_(g1.transpose(0, 1), g2.permute(1, 2, 0))
+
+
+def add_gram_products(acc: torch.Tensor, rows: KroneckerTerm, cols: KroneckerTerm, mode: str) -> None:
+    """``acc += sum_g sum_{t,s} <v_igt, v'_jgs> <u_iagt, u'_jbgs>`` (traced/diagonal per mode)."""
+    gv = rows.features.gram(cols.features)  # (g, n1 T1, n2 T2)
+    u1, u2 = rows.cotangent, cols.cotangent  # (n, O, g, T, d)
+    n1, o, g, t1, d = u1.shape
+    n2, t2 = u2.shape[0], u2.shape[3]
+    single = t1 == 1 and t2 == 1
+    if mode == "full":
+        if single:
+            # (g, n O, d) Gram -> (g, n1 O, n2 O), scaled by the feature Gram per (i, j)
+            left = u1[:, :, :, 0].permute(2, 0, 1, 3).reshape(g, n1 * o, d)
+            right = u2[:, :, :, 0].permute(2, 0, 1, 3).reshape(g, n2 * o, d)
+            gu = torch.matmul(left, right.transpose(1, 2))
+            for k in range(g):
+                acc.addcmul_(gu[k].view(n1, o, n2, o), gv[k].view(n1, 1, n2, 1))
+            return
+        left = u1.permute(2, 0, 1, 3, 4).reshape(g, n1 * o * t1, d)
+        right = u2.permute(2, 0, 1, 3, 4).reshape(g, n2 * o * t2, d)
+        gu = torch.matmul(left, right.transpose(1, 2)).view(g, n1, o, t1, n2, o, t2)
+        acc += torch.einsum("kiatjbs,kitjs->iajb", gu, gv.view(g, n1, t1, n2, t2))
+    elif mode == "trace":
+        left = u1.permute(2, 0, 3, 1, 4).reshape(g, n1 * t1, o * d)
+        right = u2.permute(2, 0, 3, 1, 4).reshape(g, n2 * t2, o * d)
+        gu = torch.matmul(left, right.transpose(1, 2))  # sum over outputs inside the matmul
+        if single and g == 1:
+            acc.addcmul_(gu[0], gv[0])
+        else:
+            acc += (gu * gv).view(g, n1, t1, n2, t2).sum(dim=(0, 2, 4))
+    else:
+        left = u1.permute(1, 2, 0, 3, 4).reshape(o, g, n1 * t1, d)
+        right = u2.permute(1, 2, 0, 3, 4).reshape(o, g, n2 * t2, d)
+        gu = torch.matmul(left, right.transpose(2, 3))  # (O, g, n1 T1, n2 T2)
+        if single and g == 1:
+            acc.addcmul_(gu[:, 0], gv[0].unsqueeze(0))
+        else:
+            acc += (gu * gv.unsqueeze(0)).view(o, g, n1, t1, n2, t2).sum(dim=(1, 3, 5))
+
+
+def add_term(acc: torch.Tensor, rows: Term, cols: Term, mode: str, strategy: str) -> None:
+    """Accumulate one term's contribution to a block with ``strategy``."""
+    if strategy == "gram":
+        add_gram_products(acc, rows, cols, mode)
+        return
+    g1 = rows.grads if isinstance(rows, GradientTerm) else rows.grads()
+    g2 = cols.grads if isinstance(cols, GradientTerm) else cols.grads()
+    add_gradient_products(acc, g1, g2, mode)
