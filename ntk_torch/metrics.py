@@ -44,6 +44,7 @@ __all__ = [
     "target_alignment",
     "spectrum",
     "effective_rank",
+    "effective_rank_of_spectrum",
     "condition_number",
     "kernel_velocity",
 ]
@@ -372,7 +373,19 @@ def effective_rank(K: KernelLike) -> float:
     Raises:
         ValueError: K not square or not symmetric, or without a positive eigenvalue.
     """
-    eigenvalues = _eigenvalues(_kernel(K, "K"), "K").clamp(min=0)
+    return effective_rank_of_spectrum(_eigenvalues(_kernel(K, "K"), "K"))
+
+
+def effective_rank_of_spectrum(eigenvalues: KernelLike) -> float:
+    """``effective_rank`` from the eigenvalues of a kernel (any order), e.g. the output of
+    ``spectrum``, so that one eigendecomposition serves both.
+
+    Raises:
+        ValueError: no positive eigenvalue, or a non-finite one.
+    """
+    eigenvalues = _tensor(eigenvalues, "eigenvalues").to(torch.float64).flatten()
+    _check_finite(eigenvalues, "eigenvalues")
+    eigenvalues = eigenvalues.clamp(min=0)
     total = eigenvalues.sum()
     if total <= 0:
         raise ValueError("K has no positive eigenvalue; its effective rank is undefined")

@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     meta.json                  {"format": "ntk_torch.run", "version": 1,
-                                "keep_kernels": "log", "meta": {...user metadata...}}
+                                "keep_kernels": "log", "meta": {...user metadata...},
+                                "status": "completed"}   (status: once closed with one)
     metrics.jsonl              one JSON object per line, one line per measurement
     kernels/step_00000010.npy  kernel measured at optimizer step 10 (numpy .npy, no pickle)
 
@@ -206,6 +207,7 @@ class RunWriter:
             encoded = _dumps({**header, "meta": dict(meta)}).encode()
         except (TypeError, ValueError) as error:
             raise TypeError(f"meta is not JSON-serialisable: {error}") from error
+        self._header = {**header, "meta": dict(meta)}
 
         self._path = Path(path)
         self._keep_kernels = keep_kernels
@@ -297,11 +299,23 @@ class RunWriter:
                     (directory / _kernel_name(previous)).unlink(missing_ok=True)
         return target
 
-    def close(self) -> None:
-        """Close ``metrics.jsonl``; idempotent. Everything appended is already on disk."""
-        if self._metrics_fd is not None:
-            fd, self._metrics_fd = self._metrics_fd, None
-            os.close(fd)
+    def close(self, status: Optional[str] = None) -> None:
+        """Close ``metrics.jsonl``; idempotent. Everything appended is already on disk.
+
+        Args:
+            status: how the run ended, e.g. ``"completed"`` or ``"interrupted"``; written
+                to ``meta.json`` (atomically) as ``"status"`` and read back as
+                ``Run.status``. Ignored when the writer is already closed.
+        """
+        if self._metrics_fd is None:
+            return
+        fd, self._metrics_fd = self._metrics_fd, None
+        os.close(fd)
+        if status is not None:
+            if not isinstance(status, str):
+                raise TypeError(f"status must be a string or None, got {type(status).__name__}")
+            encoded = _dumps({**self._header, "status": status}).encode()
+            _atomic_write(self._path / META_FILE, lambda file: file.write(encoded))
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -402,7 +416,13 @@ def load_run(path: PathLike) -> "Run":
             RuntimeWarning,
             stacklevel=2,
         )
-    return Run(path, header.get("meta", {}), records, keep_kernels=header.get("keep_kernels"))
+    return Run(
+        path,
+        header.get("meta", {}),
+        records,
+        keep_kernels=header.get("keep_kernels"),
+        status=header.get("status"),
+    )
 
 
 def _flatten(record: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -447,6 +467,8 @@ class Run:
         meta: the metadata dict given to ``RunWriter``.
         records: the complete records of ``metrics.jsonl``, in order, as dicts.
         keep_kernels: the kernel policy the run was written with.
+        status: how the run ended as given to ``RunWriter.close`` (e.g. ``"completed"``,
+            ``"interrupted"``), or None if it was not given (or the writer never closed).
     """
 
     def __init__(
@@ -456,11 +478,13 @@ class Run:
         records: List[Dict[str, Any]],
         *,
         keep_kernels: Optional[str] = None,
+        status: Optional[str] = None,
     ) -> None:
         self.path = path
         self.meta = meta
         self.records = records
         self.keep_kernels = keep_kernels
+        self.status = status
 
     @cached_property
     def steps(self) -> np.ndarray:

@@ -1,0 +1,323 @@
+"""The tracker's data: probe and test sets, the training loss, and their evaluation.
+
+``NTKTracker`` measures the kernel on a *probe*, a fixed random subset of the training
+data, and the network's loss (and accuracy) on the probe and an optional test set. This
+module turns what the user passes (``(x, y)`` tensors or a map-style ``Dataset``) into
+:class:`LabelledSet` tensors, resolves and checks the loss against the labels, and
+evaluates the model. Nothing here touches the global RNGs or any ``.grad``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from .functional import Inputs, input_tensors, map_inputs
+
+__all__ = ["LOSSES", "LabelledSet", "Loss", "load_set", "choose_probe", "resolve_loss", "evaluate"]
+
+LOSSES = ("cross_entropy", "mse")
+"""The losses ``NTKTracker`` knows by name; any callable ``loss(output, y)`` also works."""
+
+EVAL_BATCH = 1024
+"""Examples per forward pass when evaluating the loss on a set."""
+
+Data = Union[Tuple[Inputs, torch.Tensor], Dataset]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Inputs (a Tensor, tuple or dict of Tensors, batched on dim 0) and their labels.
+
+    Attributes:
+        x: the inputs.
+        y: the labels or targets, ``(N, ...)``.
+        indices: for a probe, the positions of its examples in the data it was drawn from.
+    """
+
+    x: Inputs
+    y: torch.Tensor
+    indices: Optional[Tuple[int, ...]] = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device: torch.device) -> "LabelledSet":
+        """The same set with every tensor on ``device`` (no copy if already there)."""
+        return LabelledSet(map_inputs(self.x, lambda t: t.to(device)), self.y.to(device), self.indices)
+
+    def batches(self, size: int):
+        """``(x, y)`` slices of at most ``size`` examples, in order."""
+        for start in range(0, len(self), size):
+            stop = start + size
+            yield map_inputs(self.x, lambda t: t[start:stop]), self.y[start:stop]
+
+
+def _size(data: Any, name: str) -> int:
+    """The number of examples in ``data``, with an error naming ``name`` if it has none."""
+    if isinstance(data, Dataset):
+        try:
+            n = len(data)  # type: ignore[arg-type]
+        except TypeError as error:
+            raise TypeError(
+                f"{name} is a {type(data).__name__} without __len__; pass a map-style Dataset "
+                "or (x, y) tensors"
+            ) from error
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"{name}[1] (the labels) must be a Tensor, got {type(y).__name__}")
+        sizes = {label: t.shape[0] if t.dim() else None for label, t in input_tensors(x, f"{name}[0]")}
+        sizes[f"{name}[1]"] = y.shape[0] if y.dim() else None
+        for label, size in sizes.items():
+            if size is None:
+                raise ValueError(f"{label} is a scalar; {name} must be batched on dim 0")
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{label}: {n}" for label, n in sizes.items())
+            raise ValueError(f"the inputs and labels of {name} have different lengths ({listed})")
+        n = y.shape[0]
+    else:
+        raise TypeError(
+            f"{name} must be an (x, y) pair of tensors or a map-style torch Dataset of "
+            f"(input, label) pairs, got {type(data).__name__}"
+        )
+    if n == 0:
+        raise ValueError(f"{name} is empty (0 examples); it needs at least one (input, label) pair")
+    return n
+
+
+def _gather(data: Data, indices: Sequence[int], name: str) -> Tuple[Inputs, torch.Tensor]:
+    """The examples of ``data`` at ``indices`` as batched ``(x, y)`` tensors."""
+    if not isinstance(data, Dataset):
+        x, y = data
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return map_inputs(x, lambda t: t[index.to(t.device)]), y[index.to(y.device)]
+    items = [data[i] for i in indices]
+    first = items[0]
+    if not (isinstance(first, (tuple, list)) and len(first) == 2):
+        raise TypeError(
+            f"{name}[{indices[0]}] is a {type(first).__name__}; the items of {name} must be "
+            "(input, label) pairs"
+        )
+    x, y = default_collate(items)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"the labels of {name} collate to a {type(y).__name__}, not a Tensor")
+    return x, y
+
+
+def load_set(data: Data, name: str) -> LabelledSet:
+    """All of ``data`` as tensors (a ``Dataset`` is read once)."""
+    n = _size(data, name)
+    if not isinstance(data, Dataset):
+        return LabelledSet(*data)
+    return LabelledSet(*_gather(data, range(n), name))
+
+
+def choose_probe(data: Data, size: int, seed: int, name: str = "train") -> Tuple[LabelledSet, int]:
+    """A fixed random subset of ``size`` examples of ``data``, drawn with ``seed``.
+
+    The indices are drawn with a private ``torch.Generator`` (the global RNG is not
+    touched) and sorted, so the probe keeps the data's order.
+
+    Returns:
+        The probe, with its ``indices`` into ``data``, and the size of ``data``.
+
+    Raises:
+        ValueError: ``data`` is empty or has fewer than ``size`` examples.
+    """
+    n = _size(data, name)
+    if size > n:
+        raise ValueError(
+            f"probe_size={size} is larger than {name}, which has {n} examples; "
+            f"pass probe_size <= {n}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(n, generator=generator)[:size].sort().values.tolist()
+    x, y = _gather(data, indices, name)
+    return LabelledSet(x, y, tuple(indices)), n
+
+
+# --------------------------------------------------------------------------- losses
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss ``fn(output, y) -> scalar`` and what its labels must look like.
+
+    Attributes:
+        name: ``"cross_entropy"``, ``"mse"`` or a description of the user's callable.
+        fn: the loss, mean-reduced over examples.
+        kind: ``"classification"`` (integer class labels), ``"regression"`` (float targets
+            of the output's shape) or None (a custom loss: labels are not checked).
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    kind: Optional[str]
+
+
+def resolve_loss(loss: Any) -> Loss:
+    """``"cross_entropy"``, ``"mse"``, ``nn.CrossEntropyLoss()``/``nn.MSELoss()`` (checked
+    like their names) or any callable ``loss(output, y)`` returning a scalar tensor."""
+    if isinstance(loss, str):
+        if loss == "cross_entropy":
+            return Loss(loss, F.cross_entropy, "classification")
+        if loss == "mse":
+            return Loss(loss, F.mse_loss, "regression")
+        options = ", ".join(repr(name) for name in LOSSES)
+        raise ValueError(f"loss must be one of {options} or a callable loss(output, y), got {loss!r}")
+    if not callable(loss):
+        raise TypeError(f"loss must be a string or a callable loss(output, y), got {type(loss).__name__}")
+    if isinstance(loss, nn.CrossEntropyLoss):
+        kind = "classification"
+    elif isinstance(loss, nn.MSELoss):
+        kind = "regression"
+    else:
+        kind = None
+    name = repr(loss) if isinstance(loss, nn.Module) else getattr(loss, "__qualname__", repr(loss))
+    return Loss(name, loss, kind)
+
+
+def check_targets(loss: Loss, output: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless the labels ``y`` (N, ...) suit ``loss``
+    for a model whose output on a batch is ``output`` (n, *out).
+
+    Cross-entropy needs integer class labels in [0, C) for outputs (n, C, ...); MSE needs
+    float targets with the output's per-example shape. Custom losses are not checked.
+    """
+    per_example = tuple(y.shape[1:])
+    if loss.kind == "classification":
+        if output.dim() < 2:
+            raise ValueError(
+                f"loss={loss.name!r} needs class scores of shape (N, C), but the model's "
+                f"output has shape {tuple(output.shape)}"
+            )
+        classes, expected = output.shape[1], tuple(output.shape[2:])
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(
+                f"{name} has labels of dtype {y.dtype} but loss={loss.name!r} needs integer "
+                f"class labels (torch.long) in [0, {classes}); for float targets use loss='mse'"
+            )
+        if per_example != expected:
+            raise ValueError(
+                f"{name} has labels of shape {tuple(y.shape)} but loss={loss.name!r} with "
+                f"outputs (N, {classes}{''.join(f', {d}' for d in expected)}) needs labels of "
+                f"shape (N{''.join(f', {d}' for d in expected)})"
+            )
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{name} has class label {bad} but the model has {classes} outputs; "
+                f"loss={loss.name!r} needs labels in [0, {classes})"
+            )
+    elif loss.kind == "regression":
+        expected = tuple(output.shape[1:])
+        if not y.is_floating_point():
+            raise ValueError(
+                f"{name} has labels of dtype {y.dtype} but loss={loss.name!r} needs float "
+                f"targets of the output's shape (N, {', '.join(map(str, expected))}); for class "
+                "labels use loss='cross_entropy' or one-hot encode them"
+            )
+        if per_example != expected:
+            raise ValueError(
+                f"{name} has targets of shape {tuple(y.shape)} but the model's outputs are "
+                f"(N, {', '.join(map(str, expected))}); loss={loss.name!r} needs targets of "
+                "the output's shape"
+            )
+
+
+def has_classes(output: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether ``y`` are class labels for the scores ``output`` (n, C, ...), so that an
+    accuracy (argmax over dim 1) is defined."""
+    return (
+        output.dim() >= 2
+        and output.shape[1] > 1
+        and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+        and tuple(y.shape[1:]) == tuple(output.shape[2:])
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def call_model(
+    model: nn.Module, x: Inputs, output_fn: Optional[Callable[[Any], torch.Tensor]]
+) -> torch.Tensor:
+    """``model(x)`` (``model(*x)`` for a tuple, ``model(**x)`` for a dict), then ``output_fn``."""
+    if isinstance(x, torch.Tensor):
+        out = model(x)
+    elif isinstance(x, dict):
+        out = model(**x)
+    else:
+        out = model(*x)
+    if output_fn is not None:
+        out = output_fn(out)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"the model returned a {type(out).__name__}, not a Tensor; pass output_fn to "
+            "select one (e.g. output_fn=lambda out: out['logits'])"
+        )
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    data: LabelledSet,
+    loss: Loss,
+    output_fn: Optional[Callable[[Any], torch.Tensor]],
+    device: torch.device,
+) -> Dict[str, float]:
+    """The mean loss on ``data`` and, for class labels, the accuracy.
+
+    Evaluated in batches of ``EVAL_BATCH`` examples moved to ``device``; the loss of the
+    whole set is the example-weighted mean of the batch losses, exact for mean-reduced
+    losses. The caller provides eval mode and ``torch.no_grad``.
+
+    Returns:
+        ``{"loss": float}``, plus ``"accuracy"`` (fraction of argmax hits) when the labels
+        are classes.
+    """
+    total_loss, correct, classes = 0.0, 0, None
+    for x, y in data.batches(EVAL_BATCH):
+        x = map_inputs(x, lambda t: t.to(device))
+        y = y.to(device)
+        out = call_model(model, x, output_fn)
+        value = loss.fn(out, y)
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise TypeError(
+                f"loss {loss.name} must return a scalar tensor, got "
+                f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}"
+            )
+        total_loss += float(value) * y.shape[0]
+        if classes is None:
+            classes = has_classes(out, y)
+        if classes:
+            correct += int((out.argmax(dim=1) == y).sum())
+    n = len(data)
+    result = {"loss": total_loss / n}
+    if classes:
+        result["accuracy"] = correct / (n * max(1, data.y[0].numel()))
+    return result
+
+
+def sample_output(
+    model: nn.Module, data: LabelledSet, output_fn: Optional[Callable[[Any], torch.Tensor]]
+) -> torch.Tensor:
+    """The model's output on the first (up to) two examples of ``data``; the caller
+    provides eval mode and ``torch.no_grad``."""
+    x = map_inputs(data.x, lambda t: t[:2])
+    return call_model(model, x, output_fn)
+
+
+def indices_of(data: LabelledSet) -> List[int]:
+    """The probe's indices as a list (empty for a whole set)."""
+    return list(data.indices or ())
