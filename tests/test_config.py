@@ -1,0 +1,79 @@
+"""Config files: validation errors name the file and key; overrides are typed."""
+
+import pytest
+
+from ntk_torch.config import ConfigError, load_config, parse_config, set_by_path
+
+
+def write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_types(tmp_path):
+    config = load_config(write(tmp_path, "name: exp\ntrain: {lr: 1, steps: 20, batch_size: null}\n"))
+    assert config.name == "exp"
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.train.batch_size is None and config.train.steps == 20
+    assert config.data.name == "digits" and config.track.mode == "trace"
+    assert config.sweep is None
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = write(tmp_path, "train: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: unknown key 'train.lrr' \(known keys: train.optimizer"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
+        load_config(write(tmp_path, "trainer: {}\n"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train: {lr: fast}", "train.lr must be a number, got 'fast'"),
+        ("train: {steps: 2.5}", "train.steps must be an integer, got 2.5"),
+        ("train: {nesterov: 1}", "train.nesterov must be true or false"),
+        ("train: {optimizer: lbfgs}", "train.optimizer must be one of sgd, adam, got 'lbfgs'"),
+        ("train: {steps: 0}", "train.steps must be at least 1"),
+        ("train: {lr: -1}", "train.lr must be non-negative"),
+        ("track: {schedule: sometimes}", "track.schedule must be 'log'"),
+        ("track: {schedule: [0, x]}", r"track.schedule\[1\] must be an integer"),
+        ("model: {options: 3}", "model.options must be a mapping"),
+        ("data: 5", "data must be a mapping"),
+        ("sweep: {values: []}", "sweep.values must list at least one value"),
+        ("- a list", "the top level must be a mapping"),
+    ],
+)
+def test_wrong_values(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text + "\n"))
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: {lr: [\n"))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    path = write(tmp_path, "model: {name: mlp, options: {width: 64}}\n")
+    config = load_config(path, ["model.options.width=512", "train.lr=0.05", "track.schedule=[0, 5, 10]"])
+    assert config.model.options == {"width": 512}
+    assert config.train.lr == 0.05
+    assert config.track.schedule == [0, 5, 10]
+    with pytest.raises(ConfigError, match=r"--set train.lr=x\): train.lr must be a number"):
+        load_config(path, ["train.lr=x"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(path, ["train.lr"])
+    with pytest.raises(ConfigError, match="unknown key 'train.speed'"):
+        load_config(path, ["train.speed=3"])
+
+
+def test_set_by_path_returns_a_validated_copy():
+    config = parse_config({"model": {"options": {"width": 8}}})
+    wider = set_by_path(config, "model.options.width", 1024)
+    assert wider.model.options["width"] == 1024 and config.model.options["width"] == 8
+    with pytest.raises(ConfigError, match="train.steps must be an integer"):
+        set_by_path(config, "train.steps", "many")
