@@ -10,7 +10,7 @@ evaluates the model. Nothing here touches the global RNGs or any ``.grad``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,17 @@ from torch.utils.data import Dataset, default_collate
 
 from .functional import Inputs, input_tensors, map_inputs
 
-__all__ = ["LOSSES", "LabelledSet", "Loss", "load_set", "choose_probe", "resolve_loss", "evaluate"]
+__all__ = [
+    "LOSSES",
+    "LabelledSet",
+    "Loss",
+    "check_targets",
+    "choose_probe",
+    "evaluate",
+    "load_set",
+    "resolve_loss",
+    "sample_output",
+]
 
 LOSSES = ("cross_entropy", "mse")
 """The losses ``NTKTracker`` knows by name; any callable ``loss(output, y)`` also works."""
@@ -54,7 +64,7 @@ class LabelledSet:
         """The same set with every tensor on ``device`` (no copy if already there)."""
         return LabelledSet(map_inputs(self.x, lambda t: t.to(device)), self.y.to(device), self.indices)
 
-    def batches(self, size: int):
+    def batches(self, size: int) -> Iterator[Tuple[Inputs, torch.Tensor]]:
         """``(x, y)`` slices of at most ``size`` examples, in order."""
         for start in range(0, len(self), size):
             stop = start + size
@@ -317,7 +327,3 @@ def sample_output(
     x = map_inputs(data.x, lambda t: t[:2])
     return call_model(model, x, output_fn)
 
-
-def indices_of(data: LabelledSet) -> List[int]:
-    """The probe's indices as a list (empty for a whole set)."""
-    return list(data.indices or ())

@@ -147,15 +147,17 @@ def test_regression_loss_and_custom_callable():
     assert -1.0 <= mse.records[0]["target_alignment"] <= 1.0
 
 
-def test_measure_is_idempotent_within_a_step():
+def test_measure_is_idempotent_within_a_step(capsys):
     model = make_model()
-    tracker = tracker_for(model, make_data())
+    tracker = tracker_for(model, make_data(), progress=True)
     tracker.attach()
     assert tracker.measure() is tracker.records[0]
     tracker.step()  # step 1, not scheduled (every=2)
     assert steps_of(tracker) == [0]
     tracker.measure()  # forced
     assert steps_of(tracker) == [0, 1]
+    tracker.close()
+    assert "NTK" in capsys.readouterr().err  # the progress line
 
 
 # --------------------------------------------------------------------------- do no harm

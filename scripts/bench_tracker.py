@@ -1,0 +1,162 @@
+"""How much NTKTracker adds to the wall time of a realistic training loop.
+
+The workload of the tracker's overhead target: an MLP 64-256-256-10 trained on
+scikit-learn's digits (standardised, 80/20 split) with minibatch-64 SGD (momentum 0.9)
+for a few epochs, tracked with a 256-example probe every 10 optimizer steps in trace mode
+(``method="auto"``), writing a run directory. Plain and tracked runs alternate, each
+``--repeats`` times, from the same seeds; the table reports medians.
+
+    python scripts/bench_tracker.py [--epochs 5] [--repeats 3] [--threads N]
+
+Prints a markdown table: machine, torch version, threads, training time with and without
+the tracker, the overhead in percent, and the time per measurement with its kernel part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ntk_torch import empirical_ntk
+from ntk_torch.tracker import NTKTracker
+
+Split = Tuple[torch.Tensor, torch.Tensor]
+
+
+def digits() -> Tuple[Split, Split]:
+    """Standardised digits (train statistics), a fixed 80/20 train/test split."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(x))
+    train, test = order[:cut], order[cut:]
+    mean, std = x[train].mean(0), x[train].std(0).clamp(min=1e-6)
+    x = (x - mean) / std
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, data: Split, epochs: int) -> int:
+    """Minibatch-64 SGD epochs over shuffled data; returns the number of steps."""
+    x, y = data
+    generator = torch.Generator().manual_seed(1)
+    steps = 0
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=generator).split(64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+            steps += 1
+    return steps
+
+
+def run(args: argparse.Namespace, train_set: Split, test_set: Split, tracked: bool) -> Dict[str, float]:
+    """One training run, timed from the tracker's creation (if any) to its close."""
+    model = mlp(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with tempfile.TemporaryDirectory() as directory:
+        started = time.perf_counter()
+        if tracked:
+            tracker = NTKTracker(
+                model, train_set, test=test_set, probe_size=args.probe_size, every=args.every,
+                mode="trace", method=args.method, run_dir=Path(directory) / "run", progress=False,
+            )
+            with tracker.attach(optimizer):
+                steps = train(model, optimizer, train_set, args.epochs)
+        else:
+            steps = train(model, optimizer, train_set, args.epochs)
+        seconds = time.perf_counter() - started
+    result = {"seconds": seconds, "steps": steps}
+    if tracked:
+        times = [record["measure_time"] for record in tracker.records]
+        result.update(measurements=len(times), measure=statistics.median(times), drift=tracker.records[-1]["relative_change"])
+    return result
+
+
+def kernel_seconds(args: argparse.Namespace, train_set: Split, repeats: int = 5) -> float:
+    """Median time of the probe kernel alone (per layer, as the tracker computes it)."""
+    model, probe = mlp(seed=0), train_set[0][: args.probe_size]
+    empirical_ntk(model, probe, mode="trace", method=args.method, per_layer=True)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        empirical_ntk(model, probe, mode="trace", method=args.method, per_layer=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {platform.system()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--probe-size", type=int, default=256)
+    parser.add_argument("--method", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    train_set, test_set = digits()
+    run(args, train_set, test_set, tracked=True)  # warm-up: allocator, engine choice
+    plain: List[Dict[str, float]] = []
+    tracked: List[Dict[str, float]] = []
+    for _ in range(args.repeats):  # alternate, so that load changes hit both alike
+        plain.append(run(args, train_set, test_set, tracked=False))
+        tracked.append(run(args, train_set, test_set, tracked=True))
+
+    t_plain = statistics.median(r["seconds"] for r in plain)
+    t_tracked = statistics.median(r["seconds"] for r in tracked)
+    measure = statistics.median(r["measure"] for r in tracked)
+    kernel = kernel_seconds(args, train_set)
+    last = tracked[-1]
+    rows = [
+        ("machine", machine()),
+        ("torch", torch.__version__),
+        ("threads", str(torch.get_num_threads())),
+        ("workload", f"digits MLP 64-256-256-10, batch 64 SGD, {args.epochs} epochs = {last['steps']} steps"),
+        ("tracking", f"probe {args.probe_size}, every {args.every}, trace, method={args.method!r}, "
+                     f"{last['measurements']} measurements"),
+        ("training without tracker", f"{t_plain:.3f} s ({1e3 * t_plain / last['steps']:.2f} ms/step)"),
+        ("training with tracker", f"{t_tracked:.3f} s"),
+        ("overhead", f"{100 * (t_tracked - t_plain) / t_plain:.1f} %"),
+        ("per measurement", f"{1e3 * measure:.1f} ms (kernel alone {1e3 * kernel:.1f} ms)"),
+        ("final relative kernel change", f"{last['drift']:.4f}"),
+    ]
+    print(f"| quantity | value (median of {args.repeats}) |")
+    print("|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
