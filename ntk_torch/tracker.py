@@ -23,6 +23,7 @@ Only the kernel at step 0 and the previous one stay in memory.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 import warnings
@@ -264,7 +265,8 @@ class NTKTracker:
     * ``layer_share`` {parameter group: trace(K_group) / trace(K)};
     * ``param_distance`` |theta - theta_0| / |theta_0|;
     * ``probe_loss``, ``test_loss`` and, for class labels, ``probe_accuracy``,
-      ``test_accuracy``, evaluated in eval mode.
+      ``test_accuracy``, evaluated in eval mode (BatchNorm on running statistics,
+      Dropout off), as the kernel is.
 
     A metric that is undefined (e.g. alignment with constant targets) is None.
 
@@ -291,7 +293,7 @@ class NTKTracker:
         method: str = "auto",
         params: ParamSelector = None,
         output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
-        run_dir: Optional[str] = None,
+        run_dir: Union[str, "os.PathLike[str]", None] = None,
         keep_kernels: str = "log",
         progress: bool = True,
         seed: int = 0,
@@ -328,6 +330,7 @@ class NTKTracker:
         self._started = False
         self._closed = False
         self._hook = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None  # while attached
         self._warned_nonfinite = False
         self._kernel0: Optional[torch.Tensor] = None
         self._previous: Optional[tuple] = None  # (step, kernel) of the last finite measurement
@@ -440,6 +443,7 @@ class NTKTracker:
             self.measure()
         if optimizer is not None:
             self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+            self.optimizer = optimizer
         return _Attachment(self)
 
     def detach(self) -> None:
@@ -447,6 +451,7 @@ class NTKTracker:
         if self._hook is not None:
             hook, self._hook = self._hook, None
             hook.remove()
+        self.optimizer = None
 
     def step(self) -> Optional[Dict[str, Any]]:
         """Count one optimizer step and measure if the schedule says so.

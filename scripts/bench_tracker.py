@@ -15,6 +15,7 @@ the tracker, the overhead in percent, and the time per measurement with its kern
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import tempfile
@@ -150,6 +151,7 @@ def main() -> None:
         ("training with tracker", f"{t_tracked:.3f} s"),
         ("overhead", f"{100 * (t_tracked - t_plain) / t_plain:.1f} %"),
         ("per measurement", f"{1e3 * measure:.1f} ms (kernel alone {1e3 * kernel:.1f} ms)"),
+        ("every for 25 % overhead", f"~{math.ceil(measure / (0.25 * t_plain / last['steps']))} steps"),
         ("final relative kernel change", f"{last['drift']:.4f}"),
     ]
     print(f"| quantity | value (median of {args.repeats}) |")

@@ -545,12 +545,18 @@ def test_misuse_of_the_lifecycle():
     with pytest.raises(RuntimeError, match="call tracker.attach"):
         tracker.step()
     tracker.attach(optimizer)
+    assert tracker.optimizer is optimizer
     with pytest.raises(RuntimeError, match="already attached"):
         tracker.attach(optimizer)
     with pytest.raises(TypeError, match="optimizer must be"):
         tracker_for(model, make_data()).attach(object())
+    train(model, optimizer, make_data(), steps=1)
     tracker.detach()
-    tracker.attach(optimizer)  # re-attaching after detach continues counting
+    assert tracker.optimizer is None
+    train(model, optimizer, make_data(), steps=1)  # not counted
+    tracker.attach(optimizer)  # re-attaching continues counting, without a new step 0
+    train(model, optimizer, make_data(), steps=1)
+    assert tracker.step_count == 2 and steps_of(tracker) == [0, 2]
     tracker.close()
     with pytest.raises(ValueError, match="no run_dir"):
         tracker.run
