@@ -130,3 +130,21 @@ def test_transformer_fast_path_setting_is_restored():
     case = make_zoo()["transformer"]
     ntk.empirical_ntk(case.model, case.make_inputs(3, 0), mode="trace")
     assert mha.get_fastpath_enabled()
+
+
+def _live_tensor_count():
+    import gc
+
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntk_vp", "auto"])
+def test_repeated_calls_keep_no_tensors_alive(method):
+    case = make_zoo()["cnn_bn"]
+    x = case.make_inputs(3, 0)
+    ntk.empirical_ntk(case.model, x, method=method)  # first call: lazy initialisation in torch
+    before = _live_tensor_count()
+    for _ in range(3):
+        ntk.empirical_ntk(case.model, x, method=method, per_layer=True)
+    assert _live_tensor_count() == before

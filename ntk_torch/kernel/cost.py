@@ -122,13 +122,17 @@ def profile_forward(fmodel: FunctionalModel, x_one: Inputs, num_outputs: int) ->
     """Measure :class:`ForwardProfile` on a batch of one example ``x_one``."""
     saved = [0]
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
+        # Count, and keep nothing: holding ``t`` here would tie it to its own graph in a
+        # reference cycle that Python's garbage collector cannot see.
         saved[0] += t.numel() * t.element_size()
-        return t
+
+    def unpack(_: None) -> torch.Tensor:
+        raise RuntimeError("profile_forward's graph is for measurement only")
 
     params = {n: p.detach().requires_grad_(True) for n, p in fmodel.params.items()}
     counter = FlopCounterMode(display=False)
-    with torch.enable_grad(), counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), counter, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         fmodel(params, x_one)
     itemsize = torch.empty((), dtype=fmodel.dtype).element_size()
     num_params = fmodel.num_params
