@@ -105,7 +105,8 @@ class ForwardProfile:
 
     Attributes:
         flops: matmul/convolution FLOPs counted by ``FlopCounterMode`` (at least ``2 P``).
-        activation_bytes: bytes autograd saves for the backward pass (at least the output).
+        activation_bytes: bytes autograd saves for the backward pass, excluding parameters
+            and buffers (shared by all examples); at least the output.
         num_params: P.
         num_outputs: O.
         itemsize: bytes per element of the compute dtype.
@@ -121,16 +122,19 @@ class ForwardProfile:
 def profile_forward(fmodel: FunctionalModel, x_one: Inputs, num_outputs: int) -> ForwardProfile:
     """Measure :class:`ForwardProfile` on a batch of one example ``x_one``."""
     saved = [0]
+    params = {n: p.detach().requires_grad_(True) for n, p in fmodel.params.items()}
+    # Parameters and buffers saved for backward are shared by all examples: not activations.
+    shared = {t.untyped_storage().data_ptr() for t in (*params.values(), *fmodel.constants.values())}
 
     def pack(t: torch.Tensor) -> None:
         # Count, and keep nothing: holding ``t`` here would tie it to its own graph in a
         # reference cycle that Python's garbage collector cannot see.
-        saved[0] += t.numel() * t.element_size()
+        if t.untyped_storage().data_ptr() not in shared:
+            saved[0] += t.numel() * t.element_size()
 
     def unpack(_: None) -> torch.Tensor:
         raise RuntimeError("profile_forward's graph is for measurement only")
 
-    params = {n: p.detach().requires_grad_(True) for n, p in fmodel.params.items()}
     counter = FlopCounterMode(display=False)
     with torch.enable_grad(), counter, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         fmodel(params, x_one)
