@@ -299,6 +299,18 @@ class RunWriter:
                     (directory / _kernel_name(previous)).unlink(missing_ok=True)
         return target
 
+    def update_meta(self, **fields: Any) -> None:
+        """Add or replace top-level fields of the user metadata (e.g. what is known only
+        once training starts); ``meta.json`` is rewritten atomically."""
+        self._require_open()
+        meta = {**self._header["meta"], **fields}
+        try:
+            encoded = _dumps({**self._header, "meta": meta}).encode()
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"meta is not JSON-serialisable: {error}") from error
+        self._header = {**self._header, "meta": meta}
+        _atomic_write(self._path / META_FILE, lambda file: file.write(encoded))
+
     def close(self, status: Optional[str] = None) -> None:
         """Close ``metrics.jsonl``; idempotent. Everything appended is already on disk.
 
@@ -535,6 +547,22 @@ class Run:
             array.close()
             raise ValueError(f"{file} is not a readable .npy kernel file: not a single array")
         return array
+
+    def predicted_vs_actual(self) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The tracker's actual and predicted loss curves: ``{split: (steps, actual,
+        predicted)}`` for ``"train"`` and ``"test"``, at the measurements that have both
+        (empty when the run has no forecast)."""
+        columns = self.metrics
+        curves = {}
+        for split in ("train", "test"):
+            actual = columns.get(f"{split}_loss")
+            predicted = columns.get(f"predicted_{split}_loss")
+            if actual is None or predicted is None:
+                continue
+            both = np.isfinite(actual) & np.isfinite(predicted)
+            if both.any():
+                curves[split] = (self.steps[both], actual[both], predicted[both])
+        return curves
 
     def __len__(self) -> int:
         return len(self.records)

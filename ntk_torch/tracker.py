@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from . import metrics
+from ._prediction import LinearisedForecast, current_lr, linearisation_gap, sgd_settings
 from ._probe import (
     Data,
     LabelledSet,
@@ -120,6 +121,15 @@ class Schedule:
             steps = _explicit_steps(schedule)
             self._steps = frozenset(steps) | {0}
             self.description = sorted(self._steps)
+
+    def steps_until(self, stop: int) -> List[int]:
+        """Every scheduled step ``<= stop``, in order (without advancing the lazy log
+        schedule that ``in`` walks)."""
+        if self._every is not None:
+            return list(range(0, stop + 1, self._every))
+        if self._steps is not None:
+            return sorted(step for step in self._steps if step <= stop)
+        return log_schedule(stop)
 
     def __contains__(self, step: int) -> bool:
         if self._every is not None:
@@ -251,6 +261,11 @@ class NTKTracker:
         progress: show a progress line (tqdm) with the step and drift.
         seed: seed of the private ``torch.Generator`` that draws the probe.
         overwrite: replace an existing run in ``run_dir``.
+        predict: forecast the training curve from the kernel at step 0 (see below) when
+            attached to a ``torch.optim.SGD`` optimizer.
+        max_predict_points: the forecast covers all of ``train`` up to this many
+            examples, else a subset of this size drawn with ``seed`` (recorded, and the
+            forecast is flagged approximate).
 
     Each record (a dict; see ``NTKTracker.measure``) holds:
 
@@ -266,7 +281,22 @@ class NTKTracker:
     * ``param_distance`` |theta - theta_0| / |theta_0|;
     * ``probe_loss``, ``test_loss`` and, for class labels, ``probe_accuracy``,
       ``test_accuracy``, evaluated in eval mode (BatchNorm on running statistics,
-      Dropout off), as the kernel is.
+      Dropout off), as the kernel is;
+    * with a forecast: ``train_loss`` (and ``train_accuracy``) of the network on the
+      forecast's training points, ``predicted_train_loss``, ``predicted_test_loss`` (and
+      ``predicted_*_accuracy``), and the linearisation gaps ``linearisation_gap`` =
+      |train_loss - predicted_train_loss| / train_loss at step 0 and
+      ``test_linearisation_gap`` (the same on the test set).
+
+    The forecast is what full-batch ``torch.optim.SGD`` (the optimizer's lr, momentum,
+    Nesterov and weight decay) would do to the network linearised at step 0 (Lee et al.
+    2019), computed by ``ntk_torch.predict.gd`` from the kernel at step 0 over the training
+    points: the ``full`` kernel (exact) while (N O)^2 <= 2^24, else the ``trace`` kernel
+    (the isotropic approximation, flagged in ``meta["prediction"]``). What it cannot
+    model — another optimizer such as Adam, per-group hyperparameters, dampening — is
+    named in a warning and no forecast is made; a learning rate that changes later (a
+    scheduler) is warned about once. Minibatch SGD follows the full-batch forecast only
+    on average.
 
     A metric that is undefined (e.g. alignment with constant targets) is None.
 
@@ -298,9 +328,14 @@ class NTKTracker:
         progress: bool = True,
         seed: int = 0,
         overwrite: bool = False,
+        predict: bool = True,
+        max_predict_points: int = 4096,
     ) -> None:
         self.model = _unwrap(model)
         probe_size = _check_int(probe_size, "probe_size", 1)
+        max_predict_points = _check_int(max_predict_points, "max_predict_points", 1)
+        if not isinstance(predict, bool):
+            raise TypeError(f"predict must be a bool, got {type(predict).__name__}")
         every = _check_int(every, "every", 1)
         seed = _check_int(seed, "seed", 0)
         if mode not in MODES:
@@ -323,6 +358,16 @@ class NTKTracker:
         self.probe: LabelledSet = probe.to(self.device)
         self.test: Optional[LabelledSet] = load_set(test, "test") if test is not None else None
         self._check_labels(train)
+        self._predict_points: Optional[LabelledSet] = None
+        self._predict_subset = False
+        if predict:
+            points = min(train_size, max_predict_points)
+            chosen, _ = choose_probe(train, points, seed, "train")
+            self._predict_points = chosen.to(self.device)
+            self._predict_subset = points < train_size
+        self.forecast: Optional[LinearisedForecast] = None
+        self._initial_losses: Dict[str, float] = {}
+        self._warned_lr = False
 
         self.records: List[Dict[str, Any]] = []
         self._main = _is_main_process()
@@ -371,7 +416,12 @@ class NTKTracker:
                 "num_tracked": sum(p.numel() for p in self._live_params().values()),
                 "device": str(self.device),
             },
-            "probe": {"size": len(self.probe), "indices": list(self.probe.indices), "train_size": train_size},
+            "probe": {
+                "size": len(self.probe),
+                "indices": list(self.probe.indices),
+                "train_size": train_size,
+                "labels": self._class_labels(),
+            },
             "test": {"size": len(self.test)} if self.test is not None else None,
             "config": {
                 "probe_size": probe_size,
@@ -388,6 +438,13 @@ class NTKTracker:
             "versions": _versions(),
             "created": time.time(),
         }
+
+    def _class_labels(self) -> Optional[List[int]]:
+        """The probe's class labels (for figures sorted by class), when it has classes."""
+        y = self.probe.y
+        if self.loss.kind == "classification" and y.dim() == 1:
+            return y.tolist()
+        return None
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
@@ -439,6 +496,8 @@ class NTKTracker:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not self._started:
+            if optimizer is not None and self._predict_points is not None:
+                self._start_forecast(optimizer)
             self._started = True
             self.measure()
         if optimizer is not None:
@@ -515,6 +574,33 @@ class NTKTracker:
             f"{len(self.records)} records, {state})"
         )
 
+    def _start_forecast(self, optimizer: torch.optim.Optimizer) -> None:
+        """Build the forecast from the kernel at step 0, or warn what cannot be modelled."""
+        if not self._main:
+            return
+        settings, names, problems = sgd_settings(optimizer, self.model)
+        if problems:
+            warnings.warn(
+                "NTKTracker: no predicted training curve: " + "; ".join(problems) + ". Kernel "
+                "drift is still tracked.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        self.forecast = LinearisedForecast(
+            self.model,
+            self._predict_points,
+            self.test,
+            self.loss,
+            settings,
+            names,
+            self.output_fn,
+            self._predict_subset,
+            self.schedule.steps_until,
+        )
+        if self._writer is not None:
+            self._writer.update_meta(prediction=self.forecast.describe())
+
     # ------------------------------------------------------------------ hooks
 
     def _require_open(self) -> None:
@@ -537,6 +623,7 @@ class NTKTracker:
         measured = self._measure_kernel()
         for fields in self._fields():
             record.update(fields(measured))
+        record.update(self._linearisation_gaps(record))
         if measured.kernel is not None:
             self._remember(measured.step, measured.kernel)
         record["measure_time"] = time.perf_counter() - started
@@ -551,6 +638,7 @@ class NTKTracker:
             self._layer_shares,
             self._parameter_distance,
             self._evaluation,
+            self._prediction,
         )
 
     def _measure_kernel(self) -> "_Kernels":
@@ -655,6 +743,41 @@ class NTKTracker:
                     result = evaluate(self.model, data, self.loss, self.output_fn, self.device)
                     fields.update({f"{prefix}_{key}": value for key, value in result.items()})
         return fields
+
+
+    def _prediction(self, measured: "_Kernels") -> Dict[str, Any]:
+        """Actual and predicted train/test losses, and the linearisation gaps."""
+        forecast = self.forecast
+        if forecast is None:
+            return {}
+        if not self._warned_lr and self.optimizer is not None:
+            if current_lr(self.optimizer) != forecast.settings.lr:
+                self._warned_lr = True
+                warnings.warn(
+                    f"NTKTracker: the learning rate changed from {forecast.settings.lr} to "
+                    f"{current_lr(self.optimizer)} by step {measured.step} (a scheduler?); the "
+                    "predicted curve keeps the initial learning rate",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        fields = forecast.actual(self.model, self.output_fn, self.device)
+        fields.update(forecast.at(measured.step))
+        return fields
+
+    def _linearisation_gaps(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """|actual - predicted| / actual at step 0, on the train points and the test set."""
+        if self.forecast is None:
+            return {}
+        if record["step"] == 0:
+            self._initial_losses = {"train": record["train_loss"], "test": record.get("test_loss")}
+        return {
+            f"{prefix}linearisation_gap": linearisation_gap(
+                record.get(f"{split}_loss"),
+                record.get(f"predicted_{split}_loss"),
+                self._initial_losses.get(split),
+            )
+            for prefix, split in (("", "train"), ("test_", "test"))
+        }
 
 
 @dataclass(frozen=True)
