@@ -672,7 +672,7 @@ def kernel_heatmaps(
             ax.set_ylabel("probe example")
         image = ax.imshow(K, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
         ax.set_title(f"step {step}  (÷ mean diagonal {scale:.3g})", fontsize=10)
-    figure.colorbar(image, ax=axes, shrink=0.8, label="K_ij / mean_i K_ii")
+    figure.colorbar(image, ax=axes, shrink=0.8, label=r"$K_{ij}\, /\, \mathrm{mean}_i\, K_{ii}$")
     arrangement = "sorted by class" if labels is not None else "in probe order (no class labels in the run)"
     figure.suptitle(f"Probe kernel, examples {arrangement} — {_name(run)}", fontsize=11)
     return figure
