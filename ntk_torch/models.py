@@ -46,6 +46,8 @@ from ._options import (
     lookup,
 )
 from .functional import group_of
+from .kernel.structured.rules import register_rule
+from .kernel.structured.terms import DenseFeatures, KroneckerTerm, Term
 
 __all__ = [
     "ACTIVATIONS",
@@ -154,6 +156,20 @@ class NTKLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, sigma_w={self.sigma_w}, sigma_b={self.sigma_b}"
         )
+
+
+@register_rule([NTKLinear])
+def _ntk_linear_rule(module: NTKLinear, x: Tensor, cotangent: Tensor) -> Dict[str, Term]:
+    """The structured-engine rule for :class:`NTKLinear`: ``nn.Linear``'s rule with the
+    features scaled, ``J_W = sum_t G_t (c_w x_t)^T`` and ``J_b = sum_t c_b G_t`` with
+    ``c_w = sigma_w / sqrt(n_in)``, ``c_b = sigma_b`` (the bias is the weight of the
+    constant feature ``c_b``)."""
+    n, o = cotangent.shape[:2]
+    scale = module.sigma_w / math.sqrt(module.in_features)
+    features = DenseFeatures(x.reshape(n, 1, -1, module.in_features) * scale)
+    u = cotangent.reshape(n, o, 1, -1, module.out_features)
+    constant = features.values.new_full((), module.sigma_b).expand(*features.values.shape[:3], 1)
+    return {"weight": KroneckerTerm(features, u), "bias": KroneckerTerm(DenseFeatures(constant), u)}
 
 
 def _standard_linear(fan_in: int, fan_out: int, bias: bool, sigma_w: float, sigma_b: float) -> nn.Linear:

@@ -305,3 +305,21 @@ def test_summary_counts_tied_weights_once(user_module):
     assert "config" not in info
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         models.summary(np.zeros(3))
+
+
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_structured_rule_for_ntk_linear_is_exact(mode, bias):
+    """NTKLinear has its own structured rule: no parameter falls back, and the kernel
+    equals the Jacobian engine's in float64."""
+    from ntk_torch.kernel import explain
+
+    model = MLP(5, 3, width=16, depth=2, parametrization="ntk", bias=bias, sigma_b=0.3, seed=0).double()
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x2 = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert "fall back" not in str(explain(model, x, mode=mode, method="structured"))
+    for second in (None, x2):
+        structured = ntk_torch.empirical_ntk(model, x, second, mode=mode, method="structured", per_layer=True)
+        jacobian = ntk_torch.empirical_ntk(model, x, second, mode=mode, method="jacobian", per_layer=True)
+        for group in jacobian:
+            torch.testing.assert_close(structured[group], jacobian[group], rtol=1e-10, atol=1e-12)
