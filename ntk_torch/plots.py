@@ -50,6 +50,7 @@ __all__ = [
     "eigenvalues",
     "figures",
     "fit_loglog_slope",
+    "forecast_figure",
     "kernel_heatmaps",
     "layer_share",
     "linearisation_gap",
@@ -530,6 +531,46 @@ def predicted_vs_actual(
     ax.set_title(f"{title} — {_name(run)}\n{detail}", fontsize=10)
     _legend(ax)
     return ax
+
+
+def forecast_figure(
+    steps: Sequence[int], rows: Sequence[Dict[str, Optional[float]]], *, title: str = "Predicted before training"
+) -> Figure:
+    """The curves the kernel at initialisation predicts, before any training
+    (``ntk-torch predict``): predicted train and test loss (dashed, as in
+    ``predicted_vs_actual``) and, when the rows have them, accuracies in a second panel.
+
+    Args:
+        steps: the optimizer steps.
+        rows: one dict per step with ``predicted_train_loss``, ``predicted_test_loss`` and
+            optionally ``predicted_train_accuracy`` / ``predicted_test_accuracy``.
+        title: the figure's title.
+    """
+    metrics = ["loss"] + (["accuracy"] if any(r.get("predicted_train_accuracy") is not None for r in rows) else [])
+    figure = Figure(figsize=(PANEL_SIZE[0] * len(metrics), PANEL_SIZE[1]), layout="constrained")
+    axes = figure.subplots(1, len(metrics), squeeze=False).ravel()
+    x = np.asarray(steps, dtype=float)
+    for ax, metric in zip(axes, metrics):
+        drawn = []
+        for index, split in enumerate(("train", "test")):
+            values = np.array([_or_nan(r.get(f"predicted_{split}_{metric}")) for r in rows])
+            keep = np.isfinite(values)
+            if keep.any():
+                _plot_line(ax, x[keep], values[keep], color=f"C{index}", linestyle="--", label=f"{split} (predicted)")
+                drawn.append(values[keep])
+        if metric == "loss" and drawn:
+            values = np.concatenate(drawn)
+            if (values > 0).all() and values.max() > 20 * values.min():
+                ax.set_yscale("log")
+        ax.set_ylabel(metric)
+        _finish_steps_axis(ax, "symlog")
+        _legend(ax)
+    figure.suptitle(title, fontsize=13)
+    return figure
+
+
+def _or_nan(value: Optional[float]) -> float:
+    return math.nan if value is None else float(value)
 
 
 def describe_prediction(prediction: object) -> str:

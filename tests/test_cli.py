@@ -1,0 +1,187 @@
+"""The ``ntk-torch`` command end to end, on small configs."""
+
+import html.parser
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import ntk_torch as ntk
+from ntk_torch import cli
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"name": "teacher", "options": {"n_train": 24, "n_test": 24, "input_dim": 4, "output_dim": 1}},
+    "model": {"name": "mlp", "options": {"width": 32, "depth": 1, "parametrization": "ntk", "activation": "tanh"}},
+    "train": {"optimizer": "sgd", "lr": 0.5, "batch_size": None, "steps": 12, "loss": "mse"},
+    "track": {"every": 4, "probe_size": 12, "mode": "trace", "keep_kernels": "all"},
+    "sweep": {"parameter": "model.options.width", "values": [16, 64, 256]},
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def ntk_torch_cli(*args):
+    return cli.main([str(a) for a in args])
+
+
+def final(run, column):
+    values = run.metrics[column]
+    return float(values[np.isfinite(values)][-1])
+
+
+class _Parser(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.images += tag == "img"
+
+
+def test_run_plot_report_compare_end_to_end(tiny_config, tmp_path, capsys):
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    assert ntk_torch_cli("run", tiny_config, "--out", out_a, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "final train loss (predicted)" in printed and "relative change" in printed
+    run = ntk.load_run(out_a)
+    assert list(run.steps) == [0, 4, 8, 12] and run.status == "completed"
+    assert yaml.safe_load((out_a / "config.yaml").read_text())["name"] == "tiny"
+    for png in (out_a / "figures").glob("*.png"):
+        assert png.read_bytes().startswith(PNG_MAGIC)
+    assert (out_a / "figures" / "predicted_vs_actual_loss.png").exists()
+    page = (out_a / "report.html").read_text()
+    parser = _Parser()
+    parser.feed(page)
+    assert parser.images >= 5 and "<script" not in page
+
+    assert ntk_torch_cli("run", tiny_config, "--out", out_b, "--no-progress", "--set", "train.lr=0.1") == 0
+    assert ntk.load_run(out_b).meta["prediction"]["lr"] == 0.1  # --set reached the optimizer
+    shutil.rmtree(out_a / "figures")
+    assert ntk_torch_cli("plot", out_a, "--formats", "png") == 0
+    assert (out_a / "figures" / "drift.png").read_bytes().startswith(PNG_MAGIC)
+    (out_a / "report.html").unlink()
+    assert ntk_torch_cli("report", out_a) == 0
+    assert (out_a / "report.html").exists()
+    assert ntk_torch_cli("compare", out_a, out_b, "--out", tmp_path / "cmp", "--labels", "lr 0.5", "lr 0.1") == 0
+    assert (tmp_path / "cmp" / "compare.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_existing_output_is_never_overwritten_silently(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ntk_torch_cli("run", tiny_config, "--out", out, "--no-progress") == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    assert ntk_torch_cli("run", tiny_config, "--out", out, "--no-progress") == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert ntk_torch_cli("run", tiny_config, "--out", out, "--no-progress", "--force", "--set", "train.steps=4") == 0
+    assert list(ntk.load_run(out).steps) == [0, 4]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("keep")
+    assert ntk_torch_cli("run", tiny_config, "--out", tmp_path / "other", "--force", "--no-progress") == 2
+    assert (tmp_path / "other" / "precious.txt").read_text() == "keep"  # not a run: never deleted
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "train.lrr=1"], r"unknown key 'train.lrr'"),
+        (["--set", "train.lr=fast"], r"train.lr must be a number"),
+        (["--set", "model.options.width=0"], r"model \(mlp\): width must be"),
+        (["--set", "data.options.colour=red"], r"data \(teacher\):.*colour"),
+        (["--set", "train.loss=cross_entropy"], r"regression task; use 'mse'"),
+    ],
+)
+def test_config_errors_exit_2_without_traceback(tiny_config, tmp_path, capsys, args, message):
+    assert ntk_torch_cli("run", tiny_config, "--out", tmp_path / "x", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ntk-torch: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in (["run"], ["frobnicate"], ["run", "a.yaml", "--bogus"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2
+    assert ntk_torch_cli("plot", "/nonexistent/run") == 2
+    assert "not an ntk_torch run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "predict", "plot", "report", "compare", "bench"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: ntk-torch " + command in capsys.readouterr().out
+
+
+def test_sweep_draws_the_lazy_regime_picture(tiny_config, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert ntk_torch_cli("sweep", tiny_config, "--out", out, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"relative change ~ model.options.width\^-\d", printed)
+    assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert runs == ["tiny-width16", "tiny-width256", "tiny-width64"]
+    gaps = [final(ntk.load_run(out / f"tiny-width{w}"), "linearisation_gap") for w in (16, 64, 256)]
+    assert gaps[0] > gaps[-1]
+
+
+def test_sweep_predict_only_ranks_without_training(tiny_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ntk_torch_cli("sweep", tiny_config, "--predict-only") == 0
+    printed = capsys.readouterr().out
+    assert "Ranking by predicted test loss" in printed
+    assert len(re.findall(r"^\s+\d\. model.options.width=", printed, re.M)) == 3
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+
+
+def test_predict_agrees_with_the_trained_wide_teacher_run(tmp_path, capsys):
+    """teacher_ntk_param: predicted and actual train loss within 10%, and `predict`
+    (before training) agrees with the trained run's curve within the same 10%."""
+    config = CONFIGS / "teacher_ntk_param.yaml"
+    smaller = ["--set", "train.steps=60", "--set", "track.every=20", "--set", "model.options.width=1024"]
+    assert ntk_torch_cli("predict", config, "--out", tmp_path / "pred", *smaller) == 0
+    printed = capsys.readouterr().out
+    predicted = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^\s+(\d+)\s+([\d.e-]+)", printed, re.M)}
+    assert (tmp_path / "pred" / "predicted.png").exists()
+    assert ntk_torch_cli("run", config, "--out", tmp_path / "run", "--no-progress", *smaller) == 0
+    run = ntk.load_run(tmp_path / "run")
+    actual = final(run, "train_loss")
+    assert final(run, "predicted_train_loss") == pytest.approx(actual, rel=0.1)
+    assert predicted[60] == pytest.approx(actual, rel=0.1)
+    assert actual < 0.2 * run.metrics["train_loss"][0]
+
+
+def test_digits_mlp_drifts_more_at_small_width(tmp_path):
+    config = CONFIGS / "digits_mlp.yaml"
+    short = ["--no-progress", "--set", "train.steps=60", "--set", "track.every=30", "--set", "track.probe_size=64"]
+    drift = {}
+    for width in (32, 512):
+        out = tmp_path / f"w{width}"
+        assert ntk_torch_cli("run", config, "--out", out, "--set", f"model.options.width={width}", *short) == 0
+        drift[width] = final(ntk.load_run(out), "relative_change")
+    assert drift[512] > 0
+    assert drift[32] > drift[512]
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "teacher_ntk_param", "width_sweep"])
+def test_shipped_configs_are_valid(name):
+    from ntk_torch.config import load_config
+
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert config.name == name
