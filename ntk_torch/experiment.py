@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import yaml
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import data as data_module
 from . import models as models_module

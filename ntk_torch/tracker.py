@@ -447,7 +447,7 @@ class NTKTracker:
         return None
 
     def _progress_bar(self):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         return tqdm(desc="NTK", unit=" measurements", leave=True)
 

@@ -17,7 +17,7 @@ import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..functional import Inputs, slice_inputs
 from .engine import Engine, block_shape, transpose_block
@@ -90,11 +90,14 @@ def compute_kernel(
     """
     fmodel, mode = engine.fmodel, engine.mode
     shape = block_shape(mode, n1, n2, engine.num_outputs)
-    kernels = {
-        group.name: torch.empty(shape, dtype=fmodel.dtype, device=fmodel.device)
-        for group in engine.groups
-    }
     row_tiles, col_tiles = tiles(n1, block_size), tiles(n2, block_size)
+    single = len(row_tiles) == 1 and len(col_tiles) == 1
+    kernels: Dict[str, torch.Tensor] = {}
+    if not single:
+        kernels = {
+            group.name: torch.empty(shape, dtype=fmodel.dtype, device=fmodel.device)
+            for group in engine.groups
+        }
     num_pairs = (
         len(row_tiles) * (len(row_tiles) + 1) // 2 if symmetric else len(row_tiles) * len(col_tiles)
     )
@@ -110,15 +113,31 @@ def compute_kernel(
                 else:
                     cols = engine.prepare_cols(slice_inputs(x2, c0, c1))
                 blocks = engine.contract(rows, cols)
-                bad = [name for name, block in blocks.items() if not torch.isfinite(block).all()]
+                del cols
+                bad = [name for name, block in blocks.items() if not all_finite(block)]
                 if bad:
                     raise NonFiniteBlock(bad, (r0, r1), (c0, c1))
-                for name, block in blocks.items():
-                    if symmetric and i == j:
+                for name in list(blocks):
+                    block = blocks.pop(name)
+                    if symmetric and i == j and not engine.exact_symmetric:
                         block = symmetrize(block, mode)
+                    if single:
+                        # The whole kernel is this block: no assembly copy.
+                        kernels[name] = block.contiguous()
+                        continue
                     kernels[name][r0:r1, c0:c1] = block
                     if symmetric and i != j:
                         kernels[name][c0:c1, r0:r1] = transpose_block(block, mode)
-                del cols, blocks
+                    del block
                 bar.update()
+            del rows
     return kernels
+
+
+def all_finite(block: torch.Tensor) -> bool:
+    """Whether every entry is finite: one reduction (a NaN or inf entry makes the sum
+    non-finite), and the element-wise test only when the sum is not finite (it may
+    overflow although every entry is finite)."""
+    if block.is_floating_point() and bool(torch.isfinite(block.sum())):
+        return True
+    return bool(torch.isfinite(block).all())
