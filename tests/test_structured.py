@@ -13,6 +13,7 @@ from ntk_torch.kernel import MODES, explain
 from ntk_torch.kernel.api import _make_engine, TOTAL
 from ntk_torch.functional import FunctionalModel, ParamGroup, evaluation_context, slice_inputs
 from ntk_torch.kernel.cost import profile_forward
+from ntk_torch.kernel.structured import analyse
 
 from reference import naive_ntk, reduce_mode
 from zoo import ZOO_NAMES, make_zoo
@@ -360,8 +361,10 @@ def _engine(model, x, mode, budget, x2=None):
     n = x.shape[0]
     with torch.no_grad(), evaluation_context(model, fmodel.device):
         profile = profile_forward(fmodel, slice_inputs(x, 0, 1), fmodel.output_size(x, n))
+        plan = analyse(fmodel, x, profile.num_outputs)
         engine = _make_engine(
-            "structured", fmodel, x, mode, [ParamGroup(TOTAL, tuple(fmodel.params))], profile, budget, n, n, True
+            "structured", fmodel, mode, [ParamGroup(TOTAL, tuple(fmodel.params))], profile, budget, n, n, True,
+            plan,
         )
     return engine, x
 
@@ -403,3 +406,182 @@ def test_block_bytes_bound_the_block_state(extras, mode):
         held += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     assert held <= engine.side_bytes(6)
     assert 2 * held + block[TOTAL].numel() * 8 <= engine.block_bytes(6, 6)
+
+
+# ---------------------------------------------------------------------------------------
+# Diagonal blocks of x2=None: upper block triangle in chunks, mirrored
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", EXTRA_NAMES)
+def test_symmetric_chunks_match_naive_reference(extras, name, monkeypatch):
+    """With one example per chunk (every chunk pair and the mirror exercised), every
+    strategy still matches the reference and the kernel is exactly symmetric."""
+    from ntk_torch.kernel.structured import terms
+
+    monkeypatch.setattr(terms, "SYMMETRIC_CHUNK_ROWS", 1)
+    model, x1, _, ref_same, _ = extras[name]
+    assert len(terms.symmetric_chunks(x1.shape[0] if isinstance(x1, torch.Tensor) else 4, "trace", 1)) > 1
+    for mode in MODES:
+        same = ntk.empirical_ntk(model, x1, mode=mode, method="structured", dtype=F64)
+        assert_close(same, reduce_mode(ref_same, mode))
+        assert torch.equal(same, same.transpose(0, 1) if mode != "full" else same.permute(1, 0, 3, 2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_symmetric_chunks_both_strategies(mode, monkeypatch):
+    """A convolution under each forced strategy, chunked, against the naive reference."""
+    from ntk_torch.kernel.structured import engine as engine_module, terms
+
+    monkeypatch.setattr(terms, "SYMMETRIC_CHUNK_ROWS", 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    x = torch.randn(7, 2, 4, 4)
+    ref = reduce_mode(naive_ntk(model, x), mode)
+    for forced in ("gram", "grads"):
+        def choose(shape, mode_, o, n1, n2, same, forced=forced):
+            flops = terms.strategy_flops(shape, mode_, o, n1, n2, same)
+            return (forced if forced in flops else "grads"), flops
+
+        monkeypatch.setattr(engine_module, "choose_strategy", choose)
+        ntk.kernel.clear_cache()
+        same = ntk.empirical_ntk(model, x, mode=mode, method="structured", dtype=F64)
+        assert_close(same, ref)
+        assert torch.equal(same, same.transpose(0, 1) if mode != "full" else same.permute(1, 0, 3, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# The analysis cache
+# ---------------------------------------------------------------------------------------
+
+def _analyses(monkeypatch):
+    """Count the coverage analyses and forward profiles empirical_ntk runs."""
+    from ntk_torch.kernel import api
+
+    counts = {"analyse": 0, "profile": 0}
+    real_analyse, real_profile = api.analyse, api.profile_forward
+
+    def analyse_(*args, **kwargs):
+        counts["analyse"] += 1
+        return real_analyse(*args, **kwargs)
+
+    def profile_(*args, **kwargs):
+        counts["profile"] += 1
+        return real_profile(*args, **kwargs)
+
+    monkeypatch.setattr(api, "analyse", analyse_)
+    monkeypatch.setattr(api, "profile_forward", profile_)
+    return counts
+
+
+def _check(model, x, **kwargs):
+    got = ntk.empirical_ntk(model, x, method="structured", dtype=F64, **kwargs)
+    assert_close(got, reduce_mode(naive_ntk(model, x), kwargs.get("mode", "full")))
+    return got
+
+
+def test_cache_reuses_analysis_and_survives_in_place_updates(monkeypatch):
+    counts = _analyses(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x = torch.randn(6, 5)
+    _check(model, x)
+    _check(model, x[:4])  # another N: same analysis
+    assert counts == {"analyse": 1, "profile": 1}
+    with torch.no_grad():  # an optimizer step: values change, tensors stay
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    _check(model, x)
+    assert counts == {"analyse": 1, "profile": 1}
+    _check(model, x, mode="trace")  # the mode is not part of the analysis
+    assert counts == {"analyse": 1, "profile": 1}
+
+
+def test_cache_is_invalidated_by_changes(monkeypatch):
+    counts = _analyses(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x = torch.randn(6, 5)
+    _check(model, x)
+    expected = 1
+
+    def changed():
+        nonlocal expected
+        expected += 1
+        assert counts["analyse"] == expected and counts["profile"] == expected
+
+    model[2] = nn.Linear(7, 4)  # a module replaced (O changes)
+    _check(model, x)
+    changed()
+    model[0].weight = nn.Parameter(torch.randn(7, 5))  # a parameter tensor swapped
+    _check(model, x)
+    changed()
+    model[0].bias.requires_grad_(False)  # a frozen parameter
+    got = _check(model, x)
+    changed()
+    assert got.shape == (6, 6, 4, 4)
+    model[0].bias.requires_grad_(True)
+    model[0] = nn.Linear(6, 7)  # the input feature shape changes
+    _check(model, torch.randn(6, 6))
+    changed()
+    model[1] = nn.Sigmoid()  # a parameter-free module replaced
+    _check(model, torch.randn(6, 6))
+    changed()
+    handle = model[2].register_forward_hook(lambda m, a, out: out * 2)  # a hook added
+    _check(model, torch.randn(6, 6))
+    changed()
+    handle.remove()
+    _check(model, torch.randn(6, 6))  # back to an analysed structure: still cached
+    assert counts["analyse"] == expected
+    _check(model, torch.randn(1, 6))  # one example: analysed on a duplicated example
+    changed()
+
+
+def test_cache_sees_forward_override_and_attribute_changes(monkeypatch):
+    """Covered parameters used outside their module after a change go to the fallback."""
+    counts = _analyses(monkeypatch)
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.fc(x)))
+
+    model = Net()
+    x = torch.randn(5, 4)
+    _check(model, x)
+    import types
+
+    def direct(self, x):
+        return F.linear(torch.tanh(self.fc(x)), self.out.weight, self.out.bias)
+
+    model.forward = types.MethodType(direct, model)
+    _check(model, x)
+    assert counts["analyse"] == 2
+    report = explain(model, x, method="structured", dtype=F64)
+    assert "out.weight" in report.fallback
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(3 * 4, 2))
+    xc = torch.randn(3, 2, 7, 7)
+    _check(conv, xc)
+    conv[0].stride = (2, 2)  # configuration shown by extra_repr; the call's output shape changes
+    _check(conv, xc)
+    assert counts["analyse"] == 4
+
+
+def test_cache_holds_no_model_or_tensors():
+    import gc
+    import weakref
+
+    from ntk_torch.kernel import analysis_cache
+
+    model = nn.Linear(3, 2)  # the covered module is the model itself
+    ntk.empirical_ntk(model, torch.randn(4, 3), method="structured")
+    assert model in analysis_cache._CACHE
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+    assert len(analysis_cache._CACHE) == 0 or all(m is not None for m in analysis_cache._CACHE.keys())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from ..functional import (
     evaluation_context,
     slice_inputs,
 )
+from . import analysis_cache
 from .cost import (
     ForwardProfile,
     default_memory_budget,
@@ -144,10 +145,10 @@ def empirical_ntk(
     budget = budget_bytes if budget_bytes is not None else default_memory_budget(fmodel.device)
 
     with torch.no_grad(), evaluation_context(model, fmodel.device):
-        num_outputs = fmodel.output_size(slice_inputs(x1, 0, min(n1, 2)), min(n1, 2))
-        profile = profile_forward(fmodel, slice_inputs(x1, 0, 1), num_outputs)
+        need_plan = method in ("auto", StructuredEngine.name)
+        num_outputs, profile, plan = measure(fmodel, x1, n1, need_plan)
         groups = fmodel.groups if per_layer else [ParamGroup(TOTAL, tuple(fmodel.params))]
-        engine = _make_engine(method, fmodel, x1, mode, groups, profile, budget, n1, n2, symmetric)
+        engine = _make_engine(method, fmodel, mode, groups, profile, budget, n1, n2, symmetric, plan)
         block = plan_block_size(engine, n1, n2, budget, batch_size)
         logger.debug(
             "empirical_ntk: method=%s mode=%s N1=%d N2=%d O=%d P=%d block=%d budget=%d",
@@ -204,10 +205,31 @@ def choose_method(
     return min(costs, key=costs.get)
 
 
+def measure(
+    fmodel: FunctionalModel, x1: Inputs, n1: int, need_plan: bool
+) -> Tuple[int, ForwardProfile, Optional[StructuredPlan]]:
+    """``O``, the forward profile and (when ``need_plan``) the structured engine's coverage
+    analysis, from the first examples of ``x1``; reused from :mod:`.analysis_cache` while
+    the model's structure, its tensors and the inputs' feature shapes are unchanged."""
+    key = analysis_cache.signature(fmodel, x1, n1)
+    entry = analysis_cache.lookup(fmodel.model, key)
+    if entry is None:
+        num_outputs = fmodel.output_size(slice_inputs(x1, 0, min(n1, 2)), min(n1, 2))
+        profile = profile_forward(fmodel, slice_inputs(x1, 0, 1), num_outputs)
+        entry = {"num_outputs": num_outputs, "profile": profile}
+        analysis_cache.store(fmodel.model, key, entry)
+    if not need_plan:
+        return entry["num_outputs"], entry["profile"], None
+    if "plan" not in entry:
+        plan = analyse(fmodel, x1, entry["num_outputs"])
+        entry["plan"] = analysis_cache.detach_plan(plan)
+        return entry["num_outputs"], entry["profile"], plan
+    return entry["num_outputs"], entry["profile"], analysis_cache.bind_plan(entry["plan"], fmodel.model)
+
+
 def _make_engine(
     method: str,
     fmodel: FunctionalModel,
-    x1: Inputs,
     mode: str,
     groups: Sequence[ParamGroup],
     profile: ForwardProfile,
@@ -215,10 +237,8 @@ def _make_engine(
     n1: int,
     n2: int,
     symmetric: bool,
+    plan: Optional[StructuredPlan],
 ) -> Engine:
-    plan = None
-    if method in ("auto", StructuredEngine.name):
-        plan = analyse(fmodel, x1, profile.num_outputs)
     if method == "auto":
         method = choose_method(profile, mode, n1, n2, symmetric, plan, fmodel)
     if method == StructuredEngine.name:

@@ -59,6 +59,9 @@ class Engine(ABC):
     """
 
     name: str = ""
+    #: ``contract(rows, cols_from_rows(rows, x))`` is exactly symmetric already, so the
+    #: tiling need not symmetrise diagonal blocks of ``x2=None``.
+    exact_symmetric: bool = False
 
     def __init__(
         self,
@@ -90,7 +93,8 @@ class Engine(ABC):
 
     @abstractmethod
     def contract(self, rows: Any, cols: Any) -> Dict[str, torch.Tensor]:
-        """The kernel block of each group: ``{group name: block}``."""
+        """The kernel block of each group: ``{group name: block}`` (may be a view; the
+        tiling copies it into the kernel)."""
 
     @abstractmethod
     def block_bytes(self, n_rows: int, n_cols: int) -> int:

@@ -15,13 +15,18 @@ from ..engine import Engine, block_shape
 from .plan import StructuredPlan, assemble, capture
 from .terms import (
     GradientTerm,
+    KroneckerTerm,
     Term,
     TermShape,
     add_term,
     choose_strategy,
     finish,
+    mirror_upper,
     strategy_bytes,
     strategy_flops,
+    symmetric_chunks,
+    take_examples,
+    upper_view,
     work_shape,
 )
 
@@ -124,17 +129,40 @@ class StructuredEngine(Engine):
         return labels + [("fallback", (name,)) for name in self.fallback_names]
 
     def contract(self, rows: _Side, cols: _Side) -> Dict[str, torch.Tensor]:
+        """Each group's block (a view of the work layout, see :func:`.terms.finish`).
+
+        With ``rows is cols`` (a diagonal block of ``x2=None``) only the upper block
+        triangle is computed, in example chunks, and mirrored: the block is exactly
+        symmetric (:attr:`exact_symmetric`) for about ``(k + 1) / 2k`` of the work.
+        """
         same = rows is cols
         fmodel, o = self.fmodel, self.num_outputs
         accs = [
             torch.zeros(work_shape(self.mode, rows.n, cols.n, o), dtype=fmodel.dtype, device=fmodel.device)
             for _ in self.groups
         ]
-        for term1, term2, group, strategy in zip(
-            rows.terms, cols.terms, self.term_groups, self.strategies(rows.n, cols.n, same)
-        ):
-            add_term(accs[group], term1, term2, self.mode, strategy)
+        strategies = self.strategies(rows.n, cols.n, same)
+        if not same:
+            for term1, term2, group, strategy in zip(rows.terms, cols.terms, self.term_groups, strategies):
+                add_term(accs[group], term1, term2, self.mode, strategy)
+        else:
+            bounds = symmetric_chunks(rows.n, self.mode, o)
+            for term, group, strategy in zip(rows.terms, self.term_groups, strategies):
+                if strategy == "grads" and isinstance(term, KroneckerTerm):
+                    term.grads()  # formed once for the whole side, then sliced
+                for a, b in bounds:
+                    add_term(
+                        upper_view(accs[group], self.mode, a, b),
+                        take_examples(term, a, b),
+                        take_examples(term, a, rows.n),
+                        self.mode,
+                        strategy,
+                    )
+            for acc in accs:
+                mirror_upper(acc, self.mode, o, bounds)
         return {g.name: finish(acc, self.mode) for g, acc in zip(self.groups, accs)}
+
+    exact_symmetric = True
 
     # --- cost ---------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 from torch.func import jacrev, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -220,6 +221,8 @@ def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredP
                 fallback.setdefault(name, f"no rule for {type(module).__name__}")
             elif attr not in rule.roles:
                 fallback.setdefault(name, f"the {rule.name} rule does not cover .{attr}")
+            elif module._forward_hooks or _module_hooks._global_forward_hooks:
+                fallback.setdefault(name, f"{type(module).__name__} has forward hooks, which may change its output")
             elif rule.applies(module) is not None:
                 fallback.setdefault(name, f"{type(module).__name__} rule does not apply: {rule.applies(module)}")
             else:

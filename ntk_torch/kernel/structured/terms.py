@@ -80,6 +80,10 @@ class DenseFeatures:
         right = b.transpose(0, 1).reshape(g, -1, d)
         return torch.matmul(left, right.transpose(1, 2))
 
+    def take(self, start: int, stop: int) -> "DenseFeatures":
+        """The features of examples ``start:stop`` (a view)."""
+        return DenseFeatures(self.values[start:stop])
+
     def expand(self, cotangent: torch.Tensor) -> torch.Tensor:
         """Per-example gradients ``sum_t u_iagt (x) v_igt`` as ``(n, O, g d_out d_in)``,
         laid out like a weight ``(g d_out, d_in)`` (a fused bias is its last column)."""
@@ -120,6 +124,10 @@ class IndexFeatures:
 
     def gram_flops(self) -> int:
         return 1
+
+    def take(self, start: int, stop: int) -> "IndexFeatures":
+        """The features of examples ``start:stop`` (a view)."""
+        return IndexFeatures(self.indices[start:stop], self._width, self.padding_idx, self.dtype)
 
     def _live(self) -> Optional[torch.Tensor]:
         return None if self.padding_idx is None else self.indices != self.padding_idx
@@ -224,6 +232,14 @@ class GradientTerm:
 Term = Union[KroneckerTerm, GradientTerm]
 
 
+def take_examples(term: Term, start: int, stop: int) -> Term:
+    """The term of examples ``start:stop`` (views; cached gradients are sliced too)."""
+    if isinstance(term, GradientTerm):
+        return GradientTerm(term.grads[start:stop])
+    grads = None if term._grads is None else term._grads[start:stop]
+    return KroneckerTerm(term.features.take(start, stop), term.cotangent[start:stop], grads)
+
+
 # ---------------------------------------------------------------------------------------
 # Cost model (FLOPs and transient bytes of one block pair)
 # ---------------------------------------------------------------------------------------
@@ -284,12 +300,54 @@ def work_shape(mode: str, n1: int, n2: int, o: int) -> Tuple[int, ...]:
 
 
 def finish(acc: torch.Tensor, mode: str) -> torch.Tensor:
-    """The kernel block from its work layout: ``(n1, n2, O, O)``, ``(n1, n2)`` or ``(n1, n2, O)``."""
+    """The kernel block from its work layout: ``(n1, n2, O, O)``, ``(n1, n2)`` or
+    ``(n1, n2, O)``, as a view (the tiling copies it into the kernel once)."""
     if mode == "full":
-        return acc.permute(0, 2, 1, 3).contiguous()
+        return acc.permute(0, 2, 1, 3)
     if mode == "diagonal":
-        return acc.permute(1, 2, 0).contiguous()
+        return acc.permute(1, 2, 0)
     return acc
+
+
+# Diagonal blocks of x2=None: the upper block triangle in example chunks, then a mirror.
+SYMMETRIC_CHUNK_ROWS = 128  # at least this many matmul rows (examples x outputs) per chunk
+MAX_SYMMETRIC_CHUNKS = 8
+
+
+def symmetric_chunks(n: int, mode: str, o: int) -> List[Tuple[int, int]]:
+    """Example ranges splitting a diagonal block: ``k`` chunks cost ``(k + 1) / 2k`` of
+    the full block's products; chunks are kept large enough for efficient matmuls."""
+    rows_per_example = o if mode == "full" else 1
+    k = max(1, min(MAX_SYMMETRIC_CHUNKS, n * rows_per_example // SYMMETRIC_CHUNK_ROWS, n))
+    size = -(-n // k)
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def upper_view(acc: torch.Tensor, mode: str, a: int, b: int) -> torch.Tensor:
+    """The work-layout view of rows ``a:b`` against columns ``a:``."""
+    if mode == "full":
+        return acc[a:b, :, a:, :]
+    if mode == "trace":
+        return acc[a:b, a:]
+    return acc[:, a:b, a:]
+
+
+def mirror_upper(acc: torch.Tensor, mode: str, o: int, bounds: List[Tuple[int, int]]) -> None:
+    """Fill the lower block triangle from the upper one and make each diagonal chunk
+    ``(D + D^T) / 2``, so the block is exactly symmetric."""
+    if mode == "full":
+        n = acc.shape[0]
+        m = acc.view(n * o, n * o)
+        scale = o
+    else:
+        m = acc
+        scale = 1
+    for a, b in bounds:
+        r0, r1 = a * scale, b * scale
+        d = m[..., r0:r1, r0:r1]
+        d.copy_((d + d.transpose(-1, -2)) / 2)
+        if r0 > 0:
+            m[..., r0:r1, :r0].copy_(m[..., :r0, r0:r1].transpose(-1, -2))
 
 
 def add_gradient_products(acc: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, mode: str) -> None:
