@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -51,6 +52,7 @@ __all__ = [
     "figures",
     "fit_loglog_slope",
     "forecast_figure",
+    "kernel_cosine",
     "kernel_heatmaps",
     "layer_share",
     "linearisation_gap",
@@ -528,6 +530,7 @@ def predicted_vs_actual(
     else:
         title = f"Actual {metric} only"
         detail = "no kernel prediction recorded in this run"
+    detail = "\n".join(textwrap.wrap(detail, width=70))
     ax.set_title(f"{title} — {_name(run)}\n{detail}", fontsize=10)
     _legend(ax)
     return ax
@@ -610,6 +613,19 @@ def display_kernel(K: np.ndarray) -> np.ndarray:
     )
 
 
+def kernel_cosine(K: np.ndarray) -> np.ndarray:
+    """``K_ij / sqrt(K_ii K_jj)`` for a square (N, N) kernel: the cosine of the angle
+    between the examples' gradient features, in [-1, 1] for a PSD kernel. Rows and
+    columns of examples with a zero diagonal stay 0."""
+    K = np.asarray(K, dtype=np.float64)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"kernel_cosine needs a square (N, N) kernel, got shape {K.shape}")
+    norms = np.sqrt(np.clip(np.diagonal(K), 0.0, None))
+    scale = np.outer(norms, norms)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale > 0, K / np.where(scale > 0, scale, 1.0), 0.0)
+
+
 def class_order(run: RunLike, n: Optional[int] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """The order that groups the probe's examples by class, and their labels in it.
 
@@ -651,11 +667,11 @@ def kernel_heatmaps(
 ) -> Figure:
     """Heatmaps of the probe kernel at saved steps (default: the first and the last).
 
-    Each kernel is reduced to (N, N) (``display_kernel``) and divided by its mean
-    diagonal, ``K_ij / mean_i K_ii``, so that every panel shows the kernel's *shape* on
-    one shared colour scale (a diverging map centred at 0, one colour bar): the overall
-    scale of the kernel often changes several-fold in training and would otherwise wash
-    out the earlier panel; each panel's title gives the mean diagonal it was divided by.
+    Each kernel is reduced to (N, N) (``display_kernel``) and shown as its cosine
+    similarity ``K_ij / sqrt(K_ii K_jj)`` (``kernel_cosine``), in [-1, 1] on one shared
+    diverging colour scale: the overall scale of the kernel often changes several-fold
+    in training, and a few examples with large gradients would otherwise dominate the
+    colours. Each panel's title gives the kernel's mean diagonal, its overall scale.
     Examples are sorted by class (``class_order``) when the run has probe labels, with
     thin lines between classes, so that block structure (the kernel learning the task)
     is visible; otherwise they are in probe order and the figure says so.
@@ -695,13 +711,10 @@ def kernel_heatmaps(
         figure = axes[0].figure
 
     kernels = [display_kernel(run.kernel(step)) for step in steps]
-    scales = []
-    for K in kernels:
-        diagonal = np.diagonal(K).mean() if K.shape[0] == K.shape[1] else np.abs(K).max()
-        scales.append(diagonal if np.isfinite(diagonal) and diagonal != 0 else 1.0)
-    normalised = [K / scale for K, scale in zip(kernels, scales)]
+    scales = [float(np.diagonal(K).mean()) for K in kernels]
+    normalised = [kernel_cosine(K) for K in kernels]
     order, labels = class_order(run, kernels[0].shape[0]) if sort_by_class else (None, None)
-    limit = max(float(np.nanmax(np.abs(K))) if np.isfinite(K).any() else 1.0 for K in normalised)
+    limit = 1.0
 
     image = None
     for ax, step, K, scale in zip(axes, steps, normalised, scales):
@@ -712,8 +725,8 @@ def kernel_heatmaps(
             ax.set_xlabel("probe example")
             ax.set_ylabel("probe example")
         image = ax.imshow(K, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-        ax.set_title(f"step {step}  (÷ mean diagonal {scale:.3g})", fontsize=10)
-    figure.colorbar(image, ax=axes, shrink=0.8, label=r"$K_{ij}\, /\, \mathrm{mean}_i\, K_{ii}$")
+        ax.set_title(f"step {step}  (mean diagonal {scale:.3g})", fontsize=10)
+    figure.colorbar(image, ax=axes, shrink=0.8, label=r"$K_{ij}\, /\, \sqrt{K_{ii} K_{jj}}$")
     arrangement = "sorted by class" if labels is not None else "in probe order (no class labels in the run)"
     figure.suptitle(f"Probe kernel, examples {arrangement} — {_name(run)}", fontsize=11)
     return figure

@@ -167,8 +167,10 @@ class RunWriter:
 
             * ``"all"``: every kernel;
             * ``"log"``: calls m = 0 and m a power of two (1, 2, 4, 8, ...), so kernels
-              log-spaced in measurements (and in steps, for a regular schedule), about
-              log2(M) + 2 files for M measurements;
+              log-spaced in measurements (and in steps, for a regular schedule), and the
+              most recent one (so the last measurement is always on disk; it replaces
+              the previous most recent unless that one is log-spaced): about
+              log2(M) + 3 files for M measurements;
             * ``"first_last"``: the first kernel, and the most recent one, which replaces
               the previous most recent (written before the previous is deleted);
             * ``"none"``: no kernel.
@@ -212,7 +214,6 @@ class RunWriter:
         self._path = Path(path)
         self._keep_kernels = keep_kernels
         self._kernel_calls = 0
-        self._first_kernel: Optional[int] = None
         self._last_kernel: Optional[int] = None
 
         _prepare_directory(self._path, overwrite)
@@ -258,12 +259,13 @@ class RunWriter:
         _write_line(self._metrics_fd, (line + "\n").encode())
 
     def _keeps(self, m: int) -> bool:
+        """Whether the m-th kernel stays on disk for good (not only as the latest)."""
         policy = self._keep_kernels
-        return (
-            policy == "all"
-            or policy == "first_last"
-            or (policy == "log" and (m == 0 or _is_power_of_two(m)))
-        )
+        if policy == "all":
+            return True
+        if policy == "log":
+            return m == 0 or _is_power_of_two(m)
+        return policy == "first_last" and m == 0
 
     def save_kernel(self, step: int, K: Union[torch.Tensor, np.ndarray]) -> Optional[Path]:
         """Save the kernel measured at ``step`` as ``kernels/step_{step:08d}.npy``, if the
@@ -275,11 +277,12 @@ class RunWriter:
                 only when the kernel is kept. A call that raises is not counted in m.
 
         Returns:
-            The file written, or None if the policy dropped this kernel.
+            The file written (it stays at least until the next kernel is saved), or None
+            with ``keep_kernels="none"``.
         """
         self._require_open()
         step = _check_step(step, "step")
-        if not self._keeps(self._kernel_calls):
+        if self._keep_kernels == "none":
             self._kernel_calls += 1
             return None
 
@@ -288,15 +291,14 @@ class RunWriter:
         directory.mkdir(exist_ok=True)
         target = directory / _kernel_name(step)
         _atomic_write(target, lambda file: np.save(file, array, allow_pickle=False))
+        permanent = self._keeps(self._kernel_calls)
         self._kernel_calls += 1
 
-        if self._keep_kernels == "first_last":
-            if self._first_kernel is None:
-                self._first_kernel = step
-            else:
-                previous, self._last_kernel = self._last_kernel, step
-                if previous is not None and previous not in (step, self._first_kernel):
-                    (directory / _kernel_name(previous)).unlink(missing_ok=True)
+        # The latest kernel is always on disk; a previous latest that the policy does not
+        # keep for good is deleted once the new one is written.
+        previous, self._last_kernel = self._last_kernel, (None if permanent else step)
+        if previous is not None and previous != step:
+            (directory / _kernel_name(previous)).unlink(missing_ok=True)
         return target
 
     def update_meta(self, **fields: Any) -> None:

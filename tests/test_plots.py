@@ -339,20 +339,27 @@ def test_heatmap_sorts_examples_by_class(run):
     first, last = figure.axes[:2]
     assert first.get_title().startswith("step 0") and last.get_title().startswith("step 32")
     K = run.kernel(0)
-    expected = (K / np.diagonal(K).mean())[np.ix_(order, order)]
-    np.testing.assert_allclose(first.images[0].get_array(), expected)
+    cosine = K / np.sqrt(np.outer(np.diagonal(K), np.diagonal(K)))
+    np.testing.assert_allclose(first.images[0].get_array(), cosine[np.ix_(order, order)])
     assert [t.get_text() for t in first.get_xticklabels()] == ["0", "1", "2"]
     assert "sorted by class" in figure._suptitle.get_text()
     # both panels on one colour scale, centred at zero
     assert first.images[0].get_clim() == last.images[0].get_clim()
-    assert first.images[0].get_clim()[0] == -first.images[0].get_clim()[1]
+    assert first.images[0].get_clim() == (-1.0, 1.0)
+
+
+def test_kernel_cosine():
+    K = np.array([[4.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(plots.kernel_cosine(K), [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="square"):
+        plots.kernel_cosine(np.zeros((2, 3)))
 
 
 def test_heatmap_without_labels_keeps_probe_order(tmp_path):
     run = synthetic_run(tmp_path / "regression", labels=None)
     figure = plots.kernel_heatmaps(run)
     K = run.kernel(0)
-    np.testing.assert_allclose(figure.axes[0].images[0].get_array(), K / np.diagonal(K).mean())
+    np.testing.assert_allclose(figure.axes[0].images[0].get_array(), plots.kernel_cosine(K))
     assert "probe order" in figure._suptitle.get_text()
 
 

@@ -111,8 +111,8 @@ def _save_at(path, keep_kernels, steps):
     "policy, expected",
     [
         ("all", list(range(0, 100, 10))),
-        # Measurement indices 0, 1, 2, 4, 8 (steps 10 apart).
-        ("log", [0, 10, 20, 40, 80]),
+        # Measurement indices 0, 1, 2, 4, 8 (steps 10 apart), and the latest.
+        ("log", [0, 10, 20, 40, 80, 90]),
         ("first_last", [0, 90]),
         ("none", []),
     ],
@@ -123,8 +123,8 @@ def test_keep_kernels_policies(tmp_path, policy, expected):
     run = load_run(tmp_path / "run")
     assert run.kernel_steps.tolist() == expected
     assert run.keep_kernels == policy
-    if policy != "first_last":  # first_last writes every kernel, then deletes the older last
-        assert [s for s, k in zip(steps, kept) if k] == expected
+    # every kernel is written (the latest is always on disk) except with "none"
+    assert all(kept) == (policy != "none") and any(kept) == (policy != "none")
     for step in expected:
         np.testing.assert_array_equal(run.kernel(step), np.eye(2) * step)
 
@@ -284,7 +284,9 @@ def test_log_policy_counts_only_successful_calls(tmp_path):
         writer.save_kernel(0, np.eye(2))  # m = 0, kept
         with pytest.raises(TypeError):
             writer.save_kernel(1, "not a kernel")  # raises: not counted
-        assert writer.save_kernel(2, np.eye(2)) is not None  # m = 1, kept
-        assert writer.save_kernel(3, np.eye(2)) is not None  # m = 2, kept
-        assert writer.save_kernel(4, np.eye(2)) is None  # m = 3, dropped
-    assert load_run(tmp_path / "run").kernel_steps.tolist() == [0, 2, 3]
+        writer.save_kernel(2, np.eye(2))  # m = 1, kept
+        writer.save_kernel(3, np.eye(2))  # m = 2, kept
+        writer.save_kernel(4, np.eye(2))  # m = 3, kept only while it is the latest
+        assert _kernel_files(tmp_path / "run")[-1] == "step_00000004.npy"
+        writer.save_kernel(5, np.eye(2))  # m = 4, kept; step 4 is deleted
+    assert load_run(tmp_path / "run").kernel_steps.tolist() == [0, 2, 3, 5]

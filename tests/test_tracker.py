@@ -379,7 +379,7 @@ def test_run_directory_round_trip(tmp_path):
     run = load_run(tmp_path / "run")
     assert tracker.run.records == run.records == tracker.records
     assert run.status == "completed"
-    assert run.kernel_steps.tolist() == [0, 1, 2, 4]  # "log": the m-th kernel, m = 0 or 2**k
+    assert run.kernel_steps.tolist() == [0, 1, 2, 4, 6]  # "log": m = 0 or 2**k, and the latest
     np.testing.assert_array_equal(run.kernel(0), tracker.initial_kernel.numpy())
     assert run.metrics["relative_change"][0] == 0.0
     assert run.steps.tolist() == list(range(7))
