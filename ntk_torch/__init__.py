@@ -10,6 +10,16 @@ from .tracker import NTKTracker
 
 __version__ = "0.1.0"
 
+_LAZY_MODULES = ("plots", "report")  # matplotlib is imported only when figures are asked for
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "LinearizedModel",
     "NTKTracker",
@@ -25,5 +35,7 @@ __all__ = [
     "predict",
     "data",
     "models",
+    "plots",
+    "report",
     "__version__",
 ]
