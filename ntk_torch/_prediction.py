@@ -207,6 +207,23 @@ class LinearisedForecast:
             "assumes": "full-batch SGD on the linearised network (Lee et al. 2019)",
         }
 
+    def max_learning_rate(self) -> Optional[float]:
+        """The largest stable lr of the linearised model under this loss and momentum
+        (:func:`ntk_torch.predict.max_learning_rate`); None for a custom loss."""
+        if not isinstance(self._predict_loss, str):
+            return None
+        s = self.settings
+        return float(
+            predict.max_learning_rate(
+                self._k_train,
+                loss=self._predict_loss,
+                momentum=s.momentum,
+                nesterov=s.nesterov,
+                weight_decay=s.weight_decay,
+                n_outputs=self._f0.shape[1],
+            )
+        )
+
     def at(self, step: int) -> Dict[str, Optional[float]]:
         """Predicted ``train_loss``/``test_loss`` (and accuracies) at optimizer step ``step``."""
         if step > self._horizon:
