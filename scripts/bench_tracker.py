@@ -6,7 +6,7 @@ for a few epochs, tracked with a 256-example probe every 10 optimizer steps in t
 (``method="auto"``), writing a run directory. Plain and tracked runs alternate, each
 ``--repeats`` times, from the same seeds; the table reports medians.
 
-    python scripts/bench_tracker.py [--epochs 5] [--repeats 3] [--threads N]
+    python scripts/bench_tracker.py [--epochs 5] [--repeats 3] [--threads N] [--no-predict]
 
 Prints a markdown table: machine, torch version, threads, training time with and without
 the tracker, the overhead in percent, and the time per measurement with its kernel part.
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace, train_set: Split, test_set: Split, tracked: bo
             tracker = NTKTracker(
                 model, train_set, test=test_set, probe_size=args.probe_size, every=args.every,
                 mode="trace", method=args.method, run_dir=Path(directory) / "run", progress=False,
+                predict=not args.no_predict,
             )
             with tracker.attach(optimizer):
                 steps = train(model, optimizer, train_set, args.epochs)
@@ -123,6 +124,8 @@ def main() -> None:
     parser.add_argument("--probe-size", type=int, default=256)
     parser.add_argument("--method", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-predict", action="store_true",
+                        help="track the kernel only, without the predicted training curve")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -146,7 +149,8 @@ def main() -> None:
         ("threads", str(torch.get_num_threads())),
         ("workload", f"digits MLP 64-256-256-10, batch 64 SGD, {args.epochs} epochs = {last['steps']} steps"),
         ("tracking", f"probe {args.probe_size}, every {args.every}, trace, method={args.method!r}, "
-                     f"{last['measurements']} measurements"),
+                     f"{last['measurements']} measurements, "
+                     f"{'no forecast' if args.no_predict else 'with the predicted training curve'}"),
         ("training without tracker", f"{t_plain:.3f} s ({1e3 * t_plain / last['steps']:.2f} ms/step)"),
         ("training with tracker", f"{t_tracked:.3f} s"),
         ("overhead", f"{100 * (t_tracked - t_plain) / t_plain:.1f} %"),
