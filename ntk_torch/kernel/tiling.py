@@ -8,7 +8,12 @@ a block's matmuls (tested to agree to round-off).
 
 With ``x2=None`` only blocks ``J >= I`` are computed; block ``(J, I)`` is the transpose of
 ``(I, J)``, and diagonal blocks are symmetrised as ``(B + B^T) / 2``, which is exactly
-symmetric in floating point because addition commutes.
+symmetric in floating point because addition commutes -- unless the engine already
+returns exactly symmetric diagonal blocks (:attr:`Engine.exact_symmetric`; the structured
+engine computes their upper block triangle and mirrors it).
+
+Each block is checked for non-finite entries with one reduction and copied into the
+kernel once; when one block covers the whole kernel it is the kernel (no assembly copy).
 """
 
 from __future__ import annotations
