@@ -585,3 +585,14 @@ def test_cache_holds_no_model_or_tensors():
     gc.collect()
     assert ref() is None
     assert len(analysis_cache._CACHE) == 0 or all(m is not None for m in analysis_cache._CACHE.keys())
+
+
+def test_finiteness_check_is_exact_when_the_sum_overflows():
+    from ntk_torch.kernel.tiling import all_finite
+
+    big = torch.full((3, 3), 3e38)  # every entry finite, the float32 sum is inf
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    big[1, 2] = float("nan")
+    assert not all_finite(big)
+    assert not all_finite(torch.tensor([1.0, float("inf"), -float("inf")]))
+    assert all_finite(torch.zeros(4, 4, 2, 2).permute(1, 0, 3, 2))
