@@ -218,7 +218,7 @@ def forecast(config: RunConfig, steps: Optional[List[int]] = None) -> Forecast:
         names,
         None,
         False,
-        lambda stop: log_schedule(stop),
+        log_schedule,
     )
     if steps is None:
         steps = log_schedule(config.train.steps) + [config.train.steps]
