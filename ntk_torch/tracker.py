@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from . import metrics
+from ._options import check_int
 from ._prediction import LinearisedForecast, current_lr, linearisation_gap, sgd_settings
 from ._probe import (
     Data,
@@ -198,14 +199,6 @@ def _or_none(metric: Callable[..., float], *args: Any) -> Optional[float]:
         return None
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _versions() -> Dict[str, str]:
     from . import __version__
 
@@ -332,12 +325,12 @@ class NTKTracker:
         max_predict_points: int = 4096,
     ) -> None:
         self.model = _unwrap(model)
-        probe_size = _check_int(probe_size, "probe_size", 1)
-        max_predict_points = _check_int(max_predict_points, "max_predict_points", 1)
+        probe_size = check_int("probe_size", probe_size, minimum=1)
+        max_predict_points = check_int("max_predict_points", max_predict_points, minimum=1)
         if not isinstance(predict, bool):
             raise TypeError(f"predict must be a bool, got {type(predict).__name__}")
-        every = _check_int(every, "every", 1)
-        seed = _check_int(seed, "seed", 0)
+        every = check_int("every", every, minimum=1)
+        seed = check_int("seed", seed, minimum=0)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
         if method not in METHODS:

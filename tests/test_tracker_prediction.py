@@ -194,7 +194,7 @@ def test_no_forecast_without_an_optimizer_or_when_disabled():
     disabled = NTKTracker(model, (x, y), loss="mse", probe_size=8, progress=False, predict=False)
     disabled.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     assert disabled.forecast is None
-    with pytest.raises(ValueError, match="max_predict_points must be >= 1"):
+    with pytest.raises(ValueError, match="max_predict_points must be at least 1"):
         NTKTracker(mlp(), (x, y), loss="mse", probe_size=8, progress=False, max_predict_points=0)
     with pytest.raises(TypeError, match="predict must be a bool"):
         NTKTracker(mlp(), (x, y), loss="mse", probe_size=8, progress=False, predict="yes")
