@@ -86,16 +86,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_configs(config: RunConfig) -> List[Tuple[Any, RunConfig]]:
+def _sweep_configs(config: RunConfig) -> List[Tuple[Any, List[RunConfig]]]:
+    """``(value, [one config per seed])`` for each sweep value."""
     if config.sweep is None:
         raise UserError(f"config {config.name!r} has no sweep section (sweep: {{parameter: ..., values: [...]}})")
-    parameter = config.sweep.parameter
+    parameter, seeds = config.sweep.parameter, config.sweep.seeds
     configs = []
     for value in config.sweep.values:
         swept = set_by_path(config, parameter, value, source=f"sweep {parameter}={value}")
-        swept.name = f"{config.name}-{parameter.rsplit('.', 1)[-1]}{value}"
-        configs.append((value, swept))
+        name = f"{config.name}-{parameter.rsplit('.', 1)[-1]}{value}"
+        repeats = []
+        for offset in range(seeds):
+            repeat = set_by_path(swept, "seed", config.seed + offset) if offset else swept
+            repeat.name = name if seeds == 1 else f"{name}-seed{config.seed + offset}"
+            repeats.append(repeat)
+        configs.append((value, repeats))
     return configs
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -109,13 +120,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / config.name
     _fresh_output(out, args.force)
     results = []
-    for value, swept in configs:
-        run_dir = out / swept.name
-        run = experiment.run(swept, run_dir, force=args.force, progress=not args.no_progress)
-        change = experiment.final_value(run, "relative_change")
-        gap = experiment.final_value(run, "linearisation_gap")
+    for value, repeats in configs:
+        runs = [
+            experiment.run(swept, out / swept.name, force=args.force, progress=not args.no_progress)
+            for swept in repeats
+        ]
+        change = _mean([experiment.final_value(run, "relative_change") for run in runs])
+        gap = _mean([experiment.final_value(run, "linearisation_gap") for run in runs])
         results.append((value, change, gap))
-        print(f"  {parameter}={value}: relative kernel change {_format(change)}, linearisation gap {_format(gap)}")
+        over = f" (mean of {len(runs)} seeds)" if len(runs) > 1 else ""
+        print(f"  {parameter}={value}: relative kernel change {_format(change)}, "
+              f"linearisation gap {_format(gap)}{over}")
     _sweep_figure(results, out, parameter)
     return 0
 
@@ -151,16 +166,20 @@ def _predict_sweep(configs, parameter: str) -> int:
     from . import experiment
 
     ranked = []
-    for value, swept in configs:
-        result = experiment.forecast(swept, steps=[swept.train.steps])
-        row = result.rows[-1]
+    for value, repeats in configs:
+        forecasts = [experiment.forecast(swept, steps=[swept.train.steps]) for swept in repeats]
+        rows = [f.rows[-1] for f in forecasts]
+        row = {name: _mean([r[name] for r in rows]) if rows[0].get(name) is not None else None for name in rows[0]}
         score = row.get("predicted_test_accuracy")
         key = ("predicted_test_accuracy", score) if score is not None else ("predicted_test_loss", row["predicted_test_loss"])
-        ranked.append((value, key, row, result.max_learning_rate))
+        max_lr = _mean([f.max_learning_rate for f in forecasts])
+        ranked.append((value, key, row, max_lr))
     by_accuracy = all(key[0] == "predicted_test_accuracy" for _, key, _, _ in ranked)
     ranked.sort(key=lambda item: (-item[1][1]) if by_accuracy else item[1][1])
     metric = "predicted test accuracy" if by_accuracy else "predicted test loss"
-    print(f"Ranking by {metric} after {configs[0][1].train.steps} steps (no training):")
+    seeds = len(configs[0][1])
+    over = f", mean of {seeds} seeds" if seeds > 1 else ""
+    print(f"Ranking by {metric} after {configs[0][1][0].train.steps} steps (no training{over}):")
     for place, (value, key, row, max_lr) in enumerate(ranked, start=1):
         print(
             f"  {place}. {parameter}={value}: {metric} {_format(key[1])}, predicted train loss "
@@ -269,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     sweep = commands.add_parser("sweep", help="run a config over its sweep values (e.g. widths)",
-                                description="Run the config for each value of its sweep section and draw kernel "
-                                "drift and linearisation gap against the swept value (log-log, fitted slopes).")
+                                description="Run the config for each value of its sweep section (sweep.seeds "
+                                "runs per value, averaged) and draw kernel drift and linearisation gap against the "
+                                "swept value (log-log, fitted slopes).")
     _add_config_options(sweep, "output directory (default runs/<config name>)")
     sweep.add_argument("--force", action="store_true", help="replace an existing output directory")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")

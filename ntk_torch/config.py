@@ -8,7 +8,7 @@ A config has five sections (all optional but ``train.steps`` has a default too):
     model: {name: mlp, options: {width: 256, depth: 2}}
     train: {optimizer: sgd, lr: 0.1, momentum: 0.0, batch_size: 64, steps: 600, loss: cross_entropy}
     track: {every: 10, probe_size: 256, mode: trace}
-    sweep: {parameter: model.options.width, values: [64, 256, 1024]}
+    sweep: {parameter: model.options.width, values: [64, 256, 1024], seeds: 2}
 
 Every key is checked: an unknown key or a value of the wrong type is a
 :class:`ConfigError` that names the file and the dotted key
@@ -72,6 +72,7 @@ class TrackConfig:
 class SweepConfig:
     parameter: str = "model.options.width"
     values: List[Any] = field(default_factory=list)
+    seeds: int = 1  # runs per value, with seeds seed, seed + 1, ...; results averaged
 
 
 @dataclass
@@ -96,7 +97,7 @@ CHOICES = {
     "track.mode": ("full", "trace", "diagonal"),
     "track.keep_kernels": ("all", "log", "first_last", "none"),
 }
-POSITIVE = {"train.steps", "train.batch_size", "track.every", "track.probe_size"}
+POSITIVE = {"train.steps", "train.batch_size", "track.every", "track.probe_size", "sweep.seeds"}
 NON_NEGATIVE = {"train.lr", "train.momentum", "train.weight_decay"}
 
 
@@ -237,7 +238,7 @@ def _check_values(config: RunConfig, source: str) -> None:
                 f"{source}: {key} must be one of {', '.join(allowed)}, got {flat[key]!r}"
             )
     for key in POSITIVE:
-        if flat[key] is not None and flat[key] < 1:
+        if flat.get(key) is not None and flat[key] < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {flat[key]!r}")
     for key in NON_NEGATIVE:
         if flat[key] < 0:

@@ -148,6 +148,20 @@ def test_sweep_predict_only_ranks_without_training(tiny_config, tmp_path, capsys
     assert "Ranking by predicted test loss" in printed
     assert len(re.findall(r"^\s+\d\. model.options.width=", printed, re.M)) == 3
     assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+    assert ntk_torch_cli("sweep", tiny_config, "--predict-only", "--set", "sweep.seeds=2") == 0
+    assert "mean of 2 seeds" in capsys.readouterr().out
+
+
+def test_sweep_with_several_seeds_runs_each_value_per_seed(tiny_config, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    overrides = ["--set", "sweep.seeds=2", "--set", "sweep.values=[16, 64]", "--set", "train.steps=4"]
+    assert ntk_torch_cli("sweep", tiny_config, "--out", out, "--no-progress", *overrides) == 0
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert runs == ["tiny-width16-seed0", "tiny-width16-seed1", "tiny-width64-seed0", "tiny-width64-seed1"]
+    assert ntk.load_run(out / "tiny-width16-seed1").meta["config"]["seed"] == 1
+    printed = capsys.readouterr().out
+    changes = [final(ntk.load_run(out / f"tiny-width16-seed{s}"), "relative_change") for s in (0, 1)]
+    assert f"relative kernel change {np.mean(changes):.4g}" in printed and "(mean of 2 seeds)" in printed
 
 
 def test_predict_agrees_with_the_trained_wide_teacher_run(tmp_path, capsys):

@@ -42,6 +42,7 @@ def test_unknown_key_names_file_and_key(tmp_path):
         ("model: {options: 3}", "model.options must be a mapping"),
         ("data: 5", "data must be a mapping"),
         ("sweep: {values: []}", "sweep.values must list at least one value"),
+        ("sweep: {values: [1], seeds: 0}", "sweep.seeds must be at least 1"),
         ("- a list", "the top level must be a mapping"),
     ],
 )
