@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from .kernel import METHODS, MODES
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the file and key."""
@@ -94,7 +96,8 @@ CHOICES = {
     "train.optimizer": ("sgd", "adam"),
     "train.loss": ("cross_entropy", "mse"),
     "train.dtype": ("float32", "float64"),
-    "track.mode": ("full", "trace", "diagonal"),
+    "track.mode": MODES,
+    "track.method": METHODS,
     "track.keep_kernels": ("all", "log", "first_last", "none"),
 }
 POSITIVE = {"train.steps", "train.batch_size", "track.every", "track.probe_size", "sweep.seeds"}
