@@ -337,6 +337,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UserError, ConfigError, FileExistsError, FileNotFoundError) as error:
         print(f"ntk-torch: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # runs already written stay loadable
+        print("\nntk-torch: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -199,3 +199,17 @@ def test_shipped_configs_are_valid(name):
 
     config = load_config(CONFIGS / f"{name}.yaml")
     assert config.name == name
+
+
+def test_ctrl_c_during_a_run_leaves_a_loadable_run(tiny_config, tmp_path, monkeypatch, capsys):
+    from ntk_torch import experiment
+
+    def interrupted_loop(setup, progress=True):
+        setup.optimizer.step()  # one real step, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "train_loop", interrupted_loop)
+    assert ntk_torch_cli("run", tiny_config, "--out", tmp_path / "run", "--no-progress") == 130
+    assert "interrupted" in capsys.readouterr().err
+    run = ntk.load_run(tmp_path / "run")
+    assert run.status == "interrupted" and list(run.steps) == [0]
