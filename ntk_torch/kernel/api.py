@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -131,18 +132,11 @@ def empirical_ntk(
         ValueError / TypeError: naming the argument at fault.
         NonFiniteKernelError: the kernel has NaN/inf entries; names the parameter groups.
     """
-    _check_options(mode, method, per_layer, batch_size, progress)
-    budget_bytes = None if memory_budget is None else parse_memory(memory_budget)
-    fmodel = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
-
-    n1 = _batch_size(x1, "x1")
-    symmetric = x2 is None
-    if not symmetric:
-        check_compatible(x1, x2)
-    n2 = n1 if symmetric else _batch_size(x2, "x2")
-    x1 = fmodel.prepare_inputs(x1)
-    x2 = x1 if symmetric else fmodel.prepare_inputs(x2)
-    budget = budget_bytes if budget_bytes is not None else default_memory_budget(fmodel.device)
+    request = prepare_request(
+        model, x1, x2, mode, method, params, output_fn, per_layer, batch_size, memory_budget, dtype, progress
+    )
+    fmodel, x1, x2, n1, n2 = request.fmodel, request.x1, request.x2, request.n1, request.n2
+    symmetric, budget = request.symmetric, request.budget
 
     with torch.no_grad(), evaluation_context(model, fmodel.device):
         need_plan = method in ("auto", StructuredEngine.name)
@@ -166,6 +160,46 @@ def empirical_ntk(
     for part in parts:
         total += part
     return PerLayerKernels(kernels, total)
+
+
+@dataclass(frozen=True)
+class KernelRequest:
+    """The checked arguments of one kernel computation.
+
+    Attributes:
+        fmodel: the functional view of the model.
+        x1, x2: the inputs on the model's device in the compute dtype (``x2 is x1`` when
+            symmetric).
+        n1, n2: the batch sizes.
+        symmetric: ``x2=None`` was given.
+        budget: the memory budget in bytes (the default filled in).
+    """
+
+    fmodel: FunctionalModel
+    x1: Inputs
+    x2: Inputs
+    n1: int
+    n2: int
+    symmetric: bool
+    budget: int
+
+
+def prepare_request(
+    model, x1, x2, mode, method, params, output_fn, per_layer, batch_size, memory_budget, dtype, progress
+) -> KernelRequest:
+    """Check every argument of ``empirical_ntk`` (and ``explain``) and prepare the inputs."""
+    _check_options(mode, method, per_layer, batch_size, progress)
+    budget_bytes = None if memory_budget is None else parse_memory(memory_budget)
+    fmodel = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
+    n1 = _batch_size(x1, "x1")
+    symmetric = x2 is None
+    if not symmetric:
+        check_compatible(x1, x2)
+    n2 = n1 if symmetric else _batch_size(x2, "x2")
+    x1 = fmodel.prepare_inputs(x1)
+    x2 = x1 if symmetric else fmodel.prepare_inputs(x2)
+    budget = budget_bytes if budget_bytes is not None else default_memory_budget(fmodel.device)
+    return KernelRequest(fmodel, x1, x2, n1, n2, symmetric, budget)
 
 
 def method_costs(

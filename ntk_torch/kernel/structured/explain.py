@@ -8,21 +8,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ...functional import (
-    FunctionalModel,
-    Inputs,
-    ParamGroup,
-    ParamSelector,
-    batch_size as _batch_size,
-    check_compatible,
-    evaluation_context,
-    slice_inputs,
-)
-from ..api import TOTAL, _check_options, method_costs
-from ..cost import default_memory_budget, parse_memory, profile_forward
+from ...functional import Inputs, ParamGroup, ParamSelector, evaluation_context
+from ..api import TOTAL, measure, method_costs, prepare_request
 from ..tiling import plan_block_size
 from .engine import StructuredEngine
-from .plan import analyse
 from .terms import strategy_flops
 
 
@@ -119,20 +108,13 @@ def explain(
     (Novak et al. 2022), which parameters fall back to Jacobian contraction and why, and
     the method ``method`` resolves to. ``str(report)`` is a readable table.
     """
-    _check_options(mode, method, per_layer, batch_size, progress)
-    fmodel = FunctionalModel(model, params=params, output_fn=output_fn, dtype=dtype)
-    n1 = _batch_size(x1, "x1")
-    symmetric = x2 is None
-    if not symmetric:
-        check_compatible(x1, x2)
-    n2 = n1 if symmetric else _batch_size(x2, "x2")
-    x1 = fmodel.prepare_inputs(x1)
-    budget = parse_memory(memory_budget) if memory_budget is not None else default_memory_budget(fmodel.device)
+    request = prepare_request(
+        model, x1, x2, mode, method, params, output_fn, per_layer, batch_size, memory_budget, dtype, progress
+    )
+    fmodel, n1, n2, symmetric, budget = request.fmodel, request.n1, request.n2, request.symmetric, request.budget
 
     with torch.no_grad(), evaluation_context(model, fmodel.device):
-        num_outputs = fmodel.output_size(slice_inputs(x1, 0, min(n1, 2)), min(n1, 2))
-        profile = profile_forward(fmodel, slice_inputs(x1, 0, 1), num_outputs)
-        plan = analyse(fmodel, x1, num_outputs)
+        num_outputs, profile, plan = measure(fmodel, request.x1, n1, need_plan=True)
         costs = method_costs(profile, mode, n1, n2, symmetric, plan, fmodel)
         chosen = min(costs, key=costs.get) if method == "auto" else method
         groups = fmodel.groups if per_layer else [ParamGroup(TOTAL, tuple(fmodel.params))]
