@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from .functional import Inputs, input_tensors, map_inputs
+from .functional import Inputs, call_arguments, input_tensors, map_inputs, select_output
 
 __all__ = [
     "LOSSES",
@@ -263,20 +263,8 @@ def call_model(
     model: nn.Module, x: Inputs, output_fn: Optional[Callable[[Any], torch.Tensor]]
 ) -> torch.Tensor:
     """``model(x)`` (``model(*x)`` for a tuple, ``model(**x)`` for a dict), then ``output_fn``."""
-    if isinstance(x, torch.Tensor):
-        out = model(x)
-    elif isinstance(x, dict):
-        out = model(**x)
-    else:
-        out = model(*x)
-    if output_fn is not None:
-        out = output_fn(out)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(
-            f"the model returned a {type(out).__name__}, not a Tensor; pass output_fn to "
-            "select one (e.g. output_fn=lambda out: out['logits'])"
-        )
-    return out
+    args, kwargs = call_arguments(x)
+    return select_output(model(*args, **kwargs), output_fn)
 
 
 def evaluate(

@@ -111,6 +111,29 @@ def map_inputs(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
     return tuple(fn(t) for t in x)
 
 
+def call_arguments(x: Inputs) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
+    """``(args, kwargs)`` of the model call for ``x``: ``model(x)`` for a Tensor,
+    ``model(*x)`` for a tuple, ``model(**x)`` for a dict."""
+    if isinstance(x, torch.Tensor):
+        return (x,), {}
+    if isinstance(x, Mapping):
+        return (), dict(x)
+    return tuple(x), {}
+
+
+def select_output(out: Any, output_fn: Optional[Callable[[Any], torch.Tensor]]) -> torch.Tensor:
+    """``output_fn(out)`` (or ``out``), checked to be a Tensor."""
+    if output_fn is not None:
+        out = output_fn(out)
+    if not isinstance(out, torch.Tensor):
+        hint = "" if output_fn is not None else "; pass output_fn to select a Tensor"
+        raise TypeError(
+            f"the model returned a {type(out).__name__}, not a Tensor{hint} "
+            "(e.g. output_fn=lambda out: out['logits'])"
+        )
+    return out
+
+
 def slice_inputs(x: Inputs, start: int, stop: int) -> Inputs:
     """Examples ``start:stop`` of every tensor in ``x``."""
     return map_inputs(x, lambda t: t[start:stop])
@@ -249,22 +272,9 @@ class FunctionalModel:
 
     def raw_output(self, params: Mapping[str, torch.Tensor], x: Inputs) -> torch.Tensor:
         """The model's output after ``output_fn``, checked to be a Tensor."""
-        tensors = {**self.constants, **params}
-        if isinstance(x, torch.Tensor):
-            out = functional_call(self.model, tensors, (x,))
-        elif isinstance(x, Mapping):
-            out = functional_call(self.model, tensors, (), dict(x))
-        else:
-            out = functional_call(self.model, tensors, tuple(x))
-        if self.output_fn is not None:
-            out = self.output_fn(out)
-        if not isinstance(out, torch.Tensor):
-            hint = "" if self.output_fn is not None else "; pass output_fn to select a Tensor"
-            raise TypeError(
-                f"the model returned a {type(out).__name__}, not a Tensor{hint} "
-                "(e.g. output_fn=lambda out: out['logits'])"
-            )
-        return out
+        args, kwargs = call_arguments(x)
+        out = functional_call(self.model, {**self.constants, **params}, args, kwargs)
+        return select_output(out, self.output_fn)
 
     def __call__(self, params: Mapping[str, torch.Tensor], x: Inputs) -> torch.Tensor:
         """``f(params, x)``: the output flattened to ``(N, O)``."""
