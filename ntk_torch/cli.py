@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from . import __version__, bench
 from .config import ConfigError, RunConfig, load_config, set_by_path
@@ -104,6 +104,12 @@ def _sweep_configs(config: RunConfig) -> List[Tuple[Any, List[RunConfig]]]:
     return configs
 
 
+def _final(run, column: str) -> float:
+    """The last finite value of a run's column (NaN when there is none)."""
+    last = run.last_finite(column)
+    return math.nan if last is None else last[0]
+
+
 def _mean(values: Sequence[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
@@ -125,8 +131,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             experiment.run(swept, out / swept.name, force=args.force, progress=not args.no_progress)
             for swept in repeats
         ]
-        change = _mean([experiment.final_value(run, "relative_change") for run in runs])
-        gap = _mean([experiment.final_value(run, "linearisation_gap") for run in runs])
+        change = _mean([_final(run, "relative_change") for run in runs])
+        gap = _mean([_final(run, "linearisation_gap") for run in runs])
         results.append((value, change, gap))
         over = f" (mean of {len(runs)} seeds)" if len(runs) > 1 else ""
         print(f"  {parameter}={value}: relative kernel change {_format(change)}, "

@@ -16,7 +16,6 @@ config reproduces its run exactly.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -225,12 +224,3 @@ def forecast(config: RunConfig, steps: Optional[List[int]] = None) -> Forecast:
     steps = sorted(set(steps))
     rows = [result.at(step) for step in steps]
     return Forecast(steps, rows, result.max_learning_rate(), result.describe())
-
-
-def final_value(run: Run, column: str) -> float:
-    """The last finite value of a run's column (NaN when there is none)."""
-    values = run.metrics.get(column)
-    if values is None:
-        return math.nan
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return finite[-1] if finite else math.nan

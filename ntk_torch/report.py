@@ -55,18 +55,6 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _last(run: Run, column: str) -> Optional[Tuple[float, int]]:
-    """The last finite value of a numeric column and its step, or None."""
-    values = run.metrics.get(column)
-    if values is None or values.dtype == object or values.ndim != 1:
-        return None
-    finite = np.flatnonzero(np.isfinite(values))
-    if not len(finite):
-        return None
-    row = finite[-1]
-    return float(values[row]), int(run.steps[row])
-
-
 def _first(run: Run, column: str) -> Optional[float]:
     values = run.metrics.get(column)
     if values is None or values.dtype == object or values.ndim != 1:
@@ -100,13 +88,13 @@ def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
     rows.append(("measurements", f"{len(run)} (steps {int(run.steps[0])}–{last_step})"))
 
     def final(name: str, column: str) -> None:
-        found = _last(run, column)
+        found = run.last_finite(column)
         if found is not None:
             value, step = found
             where = "" if step == last_step else f" (step {step})"
             rows.append((name, format_value(value) + where))
 
-    train = "train" if _last(run, "train_loss") is not None else "probe"
+    train = "train" if run.last_finite("train_loss") is not None else "probe"
     for metric in ("loss", "accuracy"):
         final(f"final {train} {metric}", f"{train}_{metric}")
         final(f"final train {metric} (predicted)", f"predicted_train_{metric}")
@@ -118,7 +106,7 @@ def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
     final("final kernel distance from K₀", "kernel_distance")
     final("final parameter distance", "param_distance")
     for name, column in (("target alignment", "target_alignment"), ("effective rank", "effective_rank")):
-        first, found = _first(run, column), _last(run, column)
+        first, found = _first(run, column), run.last_finite(column)
         if found is not None:
             rows.append((f"{name} (first → last)", f"{format_value(first)} → {format_value(found[0])}"))
 

@@ -550,6 +550,18 @@ class Run:
             raise ValueError(f"{file} is not a readable .npy kernel file: not a single array")
         return array
 
+    def last_finite(self, column: str) -> Optional[Tuple[float, int]]:
+        """The last finite value of a numeric column and its step, or None (no such
+        column, not numeric, or no finite value)."""
+        values = self.metrics.get(column)
+        if values is None or values.dtype == object or values.ndim != 1:
+            return None
+        finite = np.flatnonzero(np.isfinite(values))
+        if not len(finite):
+            return None
+        row = finite[-1]
+        return float(values[row]), int(self.steps[row])
+
     def predicted_vs_actual(self) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The tracker's actual and predicted loss curves: ``{split: (steps, actual,
         predicted)}`` for ``"train"`` and ``"test"``, at the measurements that have both

@@ -39,8 +39,7 @@ def ntk_torch_cli(*args):
 
 
 def final(run, column):
-    values = run.metrics[column]
-    return float(values[np.isfinite(values)][-1])
+    return run.last_finite(column)[0]
 
 
 class _Parser(html.parser.HTMLParser):

@@ -290,3 +290,13 @@ def test_log_policy_counts_only_successful_calls(tmp_path):
         assert _kernel_files(tmp_path / "run")[-1] == "step_00000004.npy"
         writer.save_kernel(5, np.eye(2))  # m = 4, kept; step 4 is deleted
     assert load_run(tmp_path / "run").kernel_steps.tolist() == [0, 2, 3, 5]
+
+
+def test_last_finite_skips_missing_and_non_finite_values(tmp_path):
+    with RunWriter(tmp_path / "run", META) as writer:
+        writer.append({"step": 0, "loss": 1.0, "note": "a"})
+        writer.append({"step": 5, "loss": 0.5})
+        writer.append({"step": 9, "loss": float("nan")})
+    run = load_run(tmp_path / "run")
+    assert run.last_finite("loss") == (0.5, 5)
+    assert run.last_finite("note") is None and run.last_finite("absent") is None
