@@ -2,13 +2,12 @@
 
 from . import data, metrics, models, predict
 from .errors import NonFiniteKernelError
-from .kernel import PerLayerKernels, empirical_ntk
+from ._version import __version__
+from .kernel import NTK, PerLayerKernels, empirical_ntk
 from .linearize import LinearizedModel, linearize
 from .predict import Prediction
 from .runs import Run, RunWriter, load_run
 from .tracker import NTKTracker
-
-__version__ = "0.1.0"
 
 _LAZY_MODULES = ("plots", "report")  # matplotlib is imported only when figures are asked for
 
@@ -22,6 +21,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "LinearizedModel",
+    "NTK",
     "NTKTracker",
     "NonFiniteKernelError",
     "PerLayerKernels",

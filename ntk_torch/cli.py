@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from . import __version__, bench
+from . import bench
+from ._version import __version__
 from .config import ConfigError, RunConfig, load_config, set_by_path
 
 DEFAULT_RUNS_DIR = Path("runs")

@@ -27,11 +27,13 @@ from tqdm import tqdm
 
 from . import data as data_module
 from . import models as models_module
-from ._prediction import LinearisedForecast, sgd_settings
-from ._probe import LabelledSet, resolve_loss
 from .config import ConfigError, RunConfig
+from .forecast import LinearisedForecast, sgd_settings
+from .losses import resolve
+from .probe import LabelledSet
 from .runs import Run, load_run
-from .tracker import NTKTracker, log_schedule
+from .schedule import Schedule, log_schedule
+from .tracker import NTKTracker
 
 CONFIG_FILE = "config.yaml"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -147,7 +149,7 @@ def run(
 def train_loop(setup: Setup, *, progress: bool = True) -> None:
     """``config.train.steps`` optimizer steps of minibatch (or full-batch) training."""
     config, split, model, optimizer = setup.config, setup.split, setup.model, setup.optimizer
-    loss_fn = resolve_loss(config.train.loss).fn
+    loss_fn = resolve(config.train.loss).fn
     n = split.x_train.shape[0]
     batch = n if config.train.batch_size is None else min(config.train.batch_size, n)
     generator = torch.Generator().manual_seed(config.seed)
@@ -209,15 +211,15 @@ def forecast(config: RunConfig, steps: Optional[List[int]] = None) -> Forecast:
     points = LabelledSet(split.x_train, split.y_train, tuple(range(n)))
     test = LabelledSet(split.x_test, split.y_test)
     result = LinearisedForecast(
-        setup.model,
-        points,
-        test,
-        resolve_loss(config.train.loss),
-        settings,
-        names,
-        None,
-        False,
-        log_schedule,
+        model=setup.model,
+        points=points,
+        test=test,
+        loss=resolve(config.train.loss),
+        settings=settings,
+        param_names=names,
+        output_fn=None,
+        approximate_points=False,
+        schedule=Schedule(schedule="log"),
     )
     if steps is None:
         steps = log_schedule(config.train.steps) + [config.train.steps]

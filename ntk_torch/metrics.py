@@ -4,19 +4,13 @@ Pure functions of kernel tensors (``torch.Tensor`` or ``numpy.ndarray``, any rea
 They compute in float64, return Python floats for scalars and float64 tensors (on the
 kernel's device) for vectors, and never build an autograd graph.
 
-How a kernel tensor is read as a matrix, by layout (see ``empirical_ntk``):
-
-``full`` (N1, N2, O, O)
-    the (N1*O) x (N2*O) matrix with rows indexed by (i, a) and columns by (j, b), i.e.
-    ``K.permute(0, 2, 1, 3).reshape(N1 * O, N2 * O)``; row (i, a) is row ``i * O + a``.
-``trace`` (N1, N2)
-    as is.
-``diagonal`` (N1, N2, O)
-    the output-diagonal D[i, j, a] = K[i, j, a, a] of a full kernel, read as the
-    block-diagonal full kernel K[i, j, a, b] = D[i, j, a] * delta_ab: the cross-output
-    blocks are taken to be zero. Every metric is the metric of that matrix. Spectra are
-    computed per output (the union of the O spectra of the N x N blocks); centring and
-    target alignment materialise the (N*O) x (N*O) matrix.
+How a kernel tensor is read as a matrix is its layout's business (:mod:`ntk_torch.layout`):
+``full`` (N1, N2, O, O) as the (N1*O) x (N2*O) matrix with row (i, a) at ``i * O + a``;
+``trace`` (N1, N2) as is; ``diagonal`` (N1, N2, O) as the block-diagonal full kernel
+K[i, j, a, b] = D[i, j, a] * delta_ab (the cross-output blocks taken to be zero), so that
+every metric of a diagonal kernel is the metric of that matrix: spectra are the union of
+the O spectra of the N x N blocks, and centring and target alignment materialise the
+(N*O) x (N*O) matrix.
 
 The Frobenius inner product <A, B>_F = sum_ij A_ij B_ij and norm |A|_F do not depend on
 this reading (it only moves entries around, and the zero blocks add nothing), so drift and
@@ -37,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .layout import layout_of
+
 __all__ = [
     "relative_change",
     "kernel_distance",
@@ -54,8 +50,6 @@ KernelLike = Union[Tensor, np.ndarray]
 # A kernel whose antisymmetric part exceeds this fraction of its Frobenius norm is taken
 # to be K(x1, x2) of two different sets rather than a round-off-perturbed symmetric kernel.
 _SYMMETRY_RTOL = 1e-5
-
-_LAYOUTS = "(N1, N2) trace, (N1, N2, O) diagonal or (N1, N2, O, O) full"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -82,15 +76,9 @@ def _check_finite(x: Tensor, name: str) -> None:
 def _kernel(K: KernelLike, name: str) -> Tensor:
     """Validate a kernel of any layout and return it in float64."""
     K = _tensor(K, name).to(torch.float64)
-    if K.ndim not in (2, 3, 4):
-        raise ValueError(f"{name} has shape {tuple(K.shape)} but a kernel is {_LAYOUTS}")
+    layout_of(K, name)
     if K.numel() == 0:
         raise ValueError(f"{name} has shape {tuple(K.shape)} and is empty")
-    if K.ndim == 4 and K.shape[2] != K.shape[3]:
-        raise ValueError(
-            f"{name} has shape {tuple(K.shape)} but a full kernel is (N1, N2, O, O) "
-            "with equal output dimensions"
-        )
     _check_finite(K, name)
     return K
 
@@ -115,12 +103,7 @@ def _require_square(K: Tensor, name: str, purpose: str) -> None:
 
 def _matrix(K: Tensor) -> Tensor:
     """The 2-D matrix a kernel stands for: (N1*O, N2*O) for full/diagonal, (N1, N2) for trace."""
-    if K.ndim == 2:
-        return K
-    if K.ndim == 3:
-        K = torch.diag_embed(K)  # (N1, N2, O) -> block-diagonal (N1, N2, O, O)
-    n1, n2, o, _ = K.shape
-    return K.permute(0, 2, 1, 3).reshape(n1 * o, n2 * o)
+    return layout_of(K).matrix(K)
 
 
 def _center(M: Tensor) -> Tensor:
@@ -142,13 +125,11 @@ def _symmetric(M: Tensor, name: str) -> Tensor:
 
 
 def _eigenvalues(K: Tensor, name: str) -> Tensor:
-    """All eigenvalues of the symmetric matrix K stands for, ascending, float64, shape (N*O,)."""
+    """All eigenvalues of the symmetric matrix K stands for, ascending, float64, shape (N*O,):
+    the union of the spectra of its diagonal blocks (one, or one per output)."""
     _require_square(K, name, "a spectrum")
-    if K.ndim == 3:
-        # Block-diagonal over outputs: the spectrum is the union of the O blocks' spectra.
-        blocks = _symmetric(K.permute(2, 0, 1), name)  # (O, N, N)
-        return torch.linalg.eigvalsh(blocks).flatten().sort().values
-    return torch.linalg.eigvalsh(_symmetric(_matrix(K), name))
+    blocks = _symmetric(layout_of(K).blocks(K), name)
+    return torch.linalg.eigvalsh(blocks).flatten().sort().values
 
 
 def _cosine(A: Tensor, B: Tensor, name_a: str, name_b: str, centered: bool) -> float:
@@ -321,9 +302,9 @@ def target_alignment(K: KernelLike, y: KernelLike, centered: bool = True) -> flo
     """
     K = _kernel(K, "K")
     _require_square(K, "K", "target alignment")
-    n = K.shape[0]
-    Y = _targets(y, n, outputs=None if K.ndim == 2 else K.shape[2]).to(K.device)
-    if K.ndim == 2:
+    outputs = layout_of(K).num_outputs(K)
+    Y = _targets(y, K.shape[0], outputs).to(K.device)
+    if outputs is None:
         target = Y @ Y.T
     else:
         y_flat = Y.reshape(-1)  # index i * O + a, matching the rows of _matrix(K)

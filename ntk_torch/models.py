@@ -46,8 +46,7 @@ from ._options import (
     lookup,
 )
 from .functional import group_of
-from .kernel.structured.rules import register_rule
-from .kernel.structured.terms import DenseFeatures, KroneckerTerm, Term
+from .kernel.rules import DenseFeatures, KroneckerTerm, Term, register_rule
 
 __all__ = [
     "ACTIVATIONS",

@@ -27,142 +27,26 @@ import os
 import platform
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
+from . import records
 from ._options import check_int
-from ._prediction import LinearisedForecast, current_lr, linearisation_gap, sgd_settings
-from ._probe import (
-    Data,
-    LabelledSet,
-    check_targets,
-    choose_probe,
-    evaluate,
-    load_set,
-    resolve_loss,
-    sample_output,
-)
+from ._version import __version__
+from .drift import KernelDrift
 from .errors import NonFiniteKernelError
-from .functional import FunctionalModel, ParamSelector, evaluation_context
-from .kernel import MODES, METHODS, PerLayerKernels, empirical_ntk
+from .forecast import LinearisedForecast, current_lr, sgd_settings
+from .functional import ParamSelector, evaluation_context
+from .kernel import NTK
+from .losses import resolve
+from .probe import Data, LabelledSet, choose_probe, evaluate, load_set, sample_output
 from .runs import KEEP_KERNELS, Run, RunWriter, load_run
+from .schedule import Schedule
 
-__all__ = ["NTKTracker", "Schedule", "log_schedule"]
-
-TOP_EIGENVALUES = 10
-"""How many of the largest kernel eigenvalues each record keeps."""
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-def _log_step(k: int) -> int:
-    """The k-th step of the log schedule, 2**(k/2) rounded to the nearest integer."""
-    return math.floor(2.0 ** (k / 2) + 0.5)
-
-
-def _log_steps() -> Iterator[int]:
-    """0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, ...: two steps per doubling."""
-    yield 0
-    last, k = 0, 0
-    while True:
-        step = _log_step(k)
-        if step > last:
-            yield step
-            last = step
-        k += 1
-
-
-def log_schedule(stop: int) -> List[int]:
-    """The steps of ``schedule="log"`` up to and including ``stop``.
-
-    Step 0, then ``round(2 ** (k / 2))`` for k = 0, 1, 2, ... without repeats:
-    0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, ... Dense early, where the kernel
-    moves most, and two measurements per doubling of the step count after that, so
-    about ``2 * log2(stop) + 2`` measurements in all.
-    """
-    steps = []
-    for step in _log_steps():
-        if step > stop:
-            return steps
-        steps.append(step)
-    raise AssertionError("unreachable: the log schedule is unbounded")  # pragma: no cover
-
-
-class Schedule:
-    """The optimizer steps at which the kernel is measured; step 0 always is.
-
-    Built from ``every`` (steps 0, every, 2 * every, ...), an explicit collection of steps,
-    or ``"log"`` (see ``log_schedule``; unbounded). Steps are queried in increasing order
-    as training advances, so the log schedule is generated lazily.
-    """
-
-    def __init__(self, every: int, schedule: Union[None, str, Iterable[int]]) -> None:
-        self._every: Optional[int] = None
-        self._steps: Optional[frozenset] = None
-        self._log: Optional[Iterator[int]] = None
-        self._log_next = 0
-        if schedule is None:
-            self._every = every
-            self.description: Union[str, List[int]] = f"every {every}"
-        elif isinstance(schedule, str):
-            if schedule != "log":
-                raise ValueError(
-                    f"schedule must be None (use every), 'log' or a list of steps, got {schedule!r}"
-                )
-            self._log = _log_steps()
-            self._log_next = next(self._log)
-            self.description = "log"
-        else:
-            steps = _explicit_steps(schedule)
-            self._steps = frozenset(steps) | {0}
-            self.description = sorted(self._steps)
-
-    def steps_until(self, stop: int) -> List[int]:
-        """Every scheduled step ``<= stop``, in order (without advancing the lazy log
-        schedule that ``in`` walks)."""
-        if self._every is not None:
-            return list(range(0, stop + 1, self._every))
-        if self._steps is not None:
-            return sorted(step for step in self._steps if step <= stop)
-        return log_schedule(stop)
-
-    def __contains__(self, step: int) -> bool:
-        if self._every is not None:
-            return step % self._every == 0
-        if self._steps is not None:
-            return step in self._steps
-        while self._log_next < step:
-            self._log_next = next(self._log)
-        return self._log_next == step
-
-    def __repr__(self) -> str:
-        return f"Schedule({self.description!r})"
-
-
-def _explicit_steps(schedule: Any) -> List[int]:
-    try:
-        steps = list(schedule)
-    except TypeError:
-        raise TypeError(
-            f"schedule must be None, 'log' or a list of steps, got {type(schedule).__name__}"
-        ) from None
-    if not steps:
-        raise ValueError("schedule is an empty list; give the steps to measure, or None")
-    for step in steps:
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-            raise TypeError(f"schedule must hold int steps, got {step!r}")
-        if step < 0:
-            raise ValueError(f"schedule must hold steps >= 0, got {step}")
-    return [int(step) for step in steps]
-
-
-# --------------------------------------------------------------------------- helpers
+__all__ = ["NTKTracker"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -181,27 +65,7 @@ def _is_main_process() -> bool:
     return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
 
 
-def _matrix_trace(K: torch.Tensor) -> float:
-    """The trace of the matrix a kernel of any layout stands for (see ``metrics``):
-    sum_i K[i, i] (trace), sum_i,a K[i, i, a] (diagonal), sum_i,a K[i, i, a, a] (full)."""
-    diagonal = K.diagonal(dim1=0, dim2=1)  # (..., N)
-    if K.ndim == 4:
-        diagonal = diagonal.diagonal(dim1=0, dim2=1)
-    return float(diagonal.sum(dtype=torch.float64))
-
-
-def _or_none(metric: Callable[..., float], *args: Any) -> Optional[float]:
-    """``metric(*args)``, or None where it is undefined (a zero-norm kernel, constant
-    targets): the metrics raise ``ValueError`` for those."""
-    try:
-        return metric(*args)
-    except ValueError:
-        return None
-
-
 def _versions() -> Dict[str, str]:
-    from . import __version__
-
     return {
         "ntk_torch": __version__,
         "torch": torch.__version__,
@@ -219,9 +83,6 @@ def _describe(value: Any) -> Any:
     if isinstance(value, nn.Module):
         return type(value).__name__
     return getattr(value, "__qualname__", type(value).__name__)
-
-
-# --------------------------------------------------------------------------- tracker
 
 
 class NTKTracker:
@@ -242,7 +103,7 @@ class NTKTracker:
             (an ``nn.CrossEntropyLoss``/``nn.MSELoss`` instance is checked like its name).
         every: measure after every ``every``-th optimizer step (and at step 0).
         schedule: replaces ``every`` when given: an explicit list of steps, or ``"log"``
-            (steps 0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, ...; see ``log_schedule``).
+            (steps 0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, ...; see :mod:`ntk_torch.schedule`).
         mode, method, params, output_fn: as for ``empirical_ntk``; ``method="auto"`` picks
             the fastest applicable engine. ``output_fn`` also applies to the outputs the
             loss sees; ``params`` also narrows the parameter distance.
@@ -261,6 +122,8 @@ class NTKTracker:
             forecast is flagged approximate).
 
     Each record (a dict; see ``NTKTracker.measure``) holds:
+
+    (field names and meanings: :mod:`ntk_torch.records`)
 
     * ``step``, ``time`` (Unix seconds), ``measure_time`` (seconds spent measuring);
     * ``finite``, and ``nonfinite_groups`` when the kernel had NaN/inf entries (the other
@@ -283,7 +146,7 @@ class NTKTracker:
 
     The forecast is what full-batch ``torch.optim.SGD`` (the optimizer's lr, momentum,
     Nesterov and weight decay) would do to the network linearised at step 0 (Lee et al.
-    2019), computed by ``ntk_torch.predict.gd`` from the kernel at step 0 over the training
+    2019), computed by :mod:`ntk_torch.forecast` from the kernel at step 0 over the training
     points: the ``full`` kernel (exact) while (N O)^2 <= 2^24, else the ``trace`` kernel
     (the isotropic approximation, flagged in ``meta["prediction"]``). What it cannot
     model — another optimizer such as Adam, per-group hyperparameters, dampening — is
@@ -325,61 +188,39 @@ class NTKTracker:
         max_predict_points: int = 4096,
     ) -> None:
         self.model = _unwrap(model)
-        probe_size = check_int("probe_size", probe_size, minimum=1)
-        max_predict_points = check_int("max_predict_points", max_predict_points, minimum=1)
-        if not isinstance(predict, bool):
-            raise TypeError(f"predict must be a bool, got {type(predict).__name__}")
-        every = check_int("every", every, minimum=1)
-        seed = check_int("seed", seed, minimum=0)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-        if keep_kernels not in KEEP_KERNELS:
-            options = ", ".join(map(repr, KEEP_KERNELS))
-            raise ValueError(f"keep_kernels must be one of {options}, got {keep_kernels!r}")
-        if not isinstance(progress, bool):
-            raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
-
+        _check_options(probe_size, max_predict_points, predict, seed, keep_kernels, progress)
         self.schedule = Schedule(every, schedule)
-        self.mode, self.method, self.params, self.output_fn = mode, method, params, output_fn
-        self.loss = resolve_loss(loss)
-        selected = FunctionalModel(self.model, params=params, output_fn=output_fn).params
+        self.ntk = NTK(self.model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=True)
+        self.output_fn = output_fn
+        self.loss = resolve(loss)
+        selected = self.ntk.view().params
         self.device = next(iter(selected.values())).device
 
         probe, train_size = choose_probe(train, probe_size, seed, "train")
         self.probe: LabelledSet = probe.to(self.device)
         self.test: Optional[LabelledSet] = load_set(test, "test") if test is not None else None
         self._check_labels(train)
-        self._predict_points: Optional[LabelledSet] = None
-        self._predict_subset = False
-        if predict:
-            points = min(train_size, max_predict_points)
-            chosen, _ = choose_probe(train, points, seed, "train")
-            self._predict_points = chosen.to(self.device)
-            self._predict_subset = points < train_size
+        self._train_size = train_size
+        self._forecast_points = (
+            self._choose_forecast_points(train, min(train_size, max_predict_points), seed) if predict else None
+        )
         self.forecast: Optional[LinearisedForecast] = None
-        self._initial_losses: Dict[str, float] = {}
-        self._warned_lr = False
+        self.drift = KernelDrift(self.ntk.options.layout, self.probe.y)
 
         self.records: List[Dict[str, Any]] = []
-        self._main = _is_main_process()
-        self._step = 0
-        self._started = False
-        self._closed = False
-        self._hook = None
         self.optimizer: Optional[torch.optim.Optimizer] = None  # while attached
-        self._warned_nonfinite = False
-        self._kernel0: Optional[torch.Tensor] = None
-        self._previous: Optional[tuple] = None  # (step, kernel) of the last finite measurement
+        self._main = _is_main_process()
+        self._step, self._started, self._closed, self._hook = 0, False, False, None
+        self._warned_nonfinite = self._warned_lr = False
         self._param_names = list(selected)
         self._theta0 = {n: p.detach().clone() for n, p in self._live_params().items()} if self._main else {}
 
         self.run_dir = run_dir
         self._writer: Optional[RunWriter] = None
         if run_dir is not None and self._main:
-            meta = self._meta(train_size, every, probe_size, seed, keep_kernels)
-            self._writer = RunWriter(run_dir, meta, keep_kernels=keep_kernels, overwrite=overwrite)
+            config = dict(probe_size=probe_size, every=every, seed=seed, keep_kernels=keep_kernels)
+            self._writer = RunWriter(run_dir, self._meta(train_size, config), keep_kernels=keep_kernels,
+                                     overwrite=overwrite)
         self._progress = self._progress_bar() if progress and self._main else None
 
     # ------------------------------------------------------------------ set-up
@@ -389,17 +230,24 @@ class NTKTracker:
         with torch.no_grad(), evaluation_context(self.model, self.device):
             output = sample_output(self.model, self.probe, self.output_fn)
         labels = train[1] if isinstance(train, (tuple, list)) else self.probe.y
-        check_targets(self.loss, output, labels, "train")
+        self.loss.check_targets(labels, output, "train", probabilities=False)
         if self.test is not None:
-            check_targets(self.loss, output, self.test.y, "test")
+            self.loss.check_targets(self.test.y, output, "test", probabilities=False)
+
+    def _choose_forecast_points(self, train: Data, size: int, seed: int) -> LabelledSet:
+        """The training examples the forecast covers: ``size`` of them drawn with ``seed``
+        (all of them when ``size`` is the training set's)."""
+        points, _ = choose_probe(train, size, seed, "train")
+        return points.to(self.device)
 
     def _live_params(self) -> Dict[str, torch.Tensor]:
         """The model's current tracked parameters, by name."""
         named = dict(self.model.named_parameters())
         return {name: named[name] for name in self._param_names}
 
-    def _meta(self, train_size: int, every: int, probe_size: int, seed: int, keep_kernels: str) -> dict:
+    def _meta(self, train_size: int, config: Dict[str, Any]) -> dict:
         all_params = list(self.model.parameters())
+        options = self.ntk.options
         return {
             "model": {
                 "class": type(self.model).__name__,
@@ -417,16 +265,16 @@ class NTKTracker:
             },
             "test": {"size": len(self.test)} if self.test is not None else None,
             "config": {
-                "probe_size": probe_size,
-                "every": every,
+                "probe_size": config["probe_size"],
+                "every": config["every"],
                 "schedule": self.schedule.description,
-                "mode": self.mode,
-                "method": self.method,
-                "params": _describe(self.params),
+                "mode": self.ntk.mode,
+                "method": self.ntk.method,
+                "params": _describe(options.params),
                 "output_fn": _describe(self.output_fn),
                 "loss": self.loss.name,
-                "keep_kernels": keep_kernels,
-                "seed": seed,
+                "keep_kernels": config["keep_kernels"],
+                "seed": config["seed"],
             },
             "versions": _versions(),
             "created": time.time(),
@@ -447,6 +295,18 @@ class NTKTracker:
     # ------------------------------------------------------------------ public API
 
     @property
+    def mode(self) -> str:
+        return self.ntk.mode
+
+    @property
+    def method(self) -> str:
+        return self.ntk.method
+
+    @property
+    def params(self) -> ParamSelector:
+        return self.ntk.options.params
+
+    @property
     def step_count(self) -> int:
         """Optimizer steps taken since the tracker started (step 0 is before training)."""
         return self._step
@@ -455,7 +315,7 @@ class NTKTracker:
     def initial_kernel(self) -> Optional[torch.Tensor]:
         """The probe kernel at step 0 (None before it is measured, off rank 0, or if it
         was not finite)."""
-        return self._kernel0
+        return self.drift.initial
 
     @property
     def probe_indices(self) -> List[int]:
@@ -489,7 +349,7 @@ class NTKTracker:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not self._started:
-            if optimizer is not None and self._predict_points is not None:
+            if optimizer is not None and self._forecast_points is not None:
                 self._start_forecast(optimizer)
             self._started = True
             self.measure()
@@ -533,14 +393,15 @@ class NTKTracker:
         self._started = True
         if not self._main:
             return None
-        if self.records and self.records[-1]["step"] == self._step:
+        if self.records and self.records[-1][records.STEP] == self._step:
             return self.records[-1]
         record = self._measurement()
         self.records.append(record)
         if self._writer is not None:
             self._writer.append(record)
         if self._progress is not None:
-            self._progress.set_postfix(step=record["step"], drift=record["relative_change"], refresh=False)
+            self._progress.set_postfix(step=record[records.STEP], drift=record[records.RELATIVE_CHANGE],
+                                       refresh=False)
             self._progress.update()
         return record
 
@@ -581,15 +442,15 @@ class NTKTracker:
             )
             return
         self.forecast = LinearisedForecast(
-            self.model,
-            self._predict_points,
-            self.test,
-            self.loss,
-            settings,
-            names,
-            self.output_fn,
-            self._predict_subset,
-            self.schedule.steps_until,
+            model=self.model,
+            points=self._forecast_points,
+            test=self.test,
+            loss=self.loss,
+            settings=settings,
+            param_names=names,
+            output_fn=self.output_fn,
+            approximate_points=len(self._forecast_points) < self._train_size,
+            schedule=self.schedule,
         )
         if self._writer is not None:
             self._writer.update_meta(prediction=self.forecast.describe())
@@ -610,43 +471,32 @@ class NTKTracker:
     # ------------------------------------------------------------------ measurement
 
     def _measurement(self) -> Dict[str, Any]:
-        """One record: the step, then each group of fields in ``_fields`` order."""
+        """One record: the step, the kernel's fields, the parameter distance, the losses
+        and the forecast (see :mod:`ntk_torch.records`)."""
         started = time.perf_counter()
-        record: Dict[str, Any] = {"step": self._step, "time": time.time()}
-        measured = self._measure_kernel()
-        for fields in self._fields():
-            record.update(fields(measured))
-        record.update(self._linearisation_gaps(record))
-        if measured.kernel is not None:
-            self._remember(measured.step, measured.kernel)
-        record["measure_time"] = time.perf_counter() - started
+        record: Dict[str, Any] = {records.STEP: self._step, records.TIME: time.time()}
+        kernels, nonfinite_groups = self._measure_kernel()
+        if kernels is None:
+            record.update({records.FINITE: False, records.NONFINITE_GROUPS: nonfinite_groups})
+            record.update(self.drift.nonfinite())
+        else:
+            record[records.FINITE] = True
+            record.update(self.drift.fields(self._step, kernels))
+            if self._writer is not None:
+                self._writer.save_kernel(self._step, kernels.total)
+        record[records.PARAM_DISTANCE] = self._parameter_distance()
+        record.update(self._evaluation())
+        if self.forecast is not None:
+            self._warn_if_lr_changed()
+            record.update(self.forecast.fields(self._step, self.model, self.device, record))
+        record[records.MEASURE_TIME] = time.perf_counter() - started
         return record
 
-    def _fields(self) -> Iterable[Callable[["_Kernels"], Dict[str, Any]]]:
-        """The record's fields, group by group: a new measurement is one more entry."""
-        return (
-            self._finiteness,
-            self._kernel_statistics,
-            self._drift,
-            self._layer_shares,
-            self._parameter_distance,
-            self._evaluation,
-            self._prediction,
-        )
-
-    def _measure_kernel(self) -> "_Kernels":
-        """The per-layer probe kernels at this step; when they are not finite, the groups
-        at fault (and a ``RuntimeWarning``, the first time)."""
+    def _measure_kernel(self):
+        """The per-layer probe kernels at this step and no groups, or, when they are not
+        finite, None and the groups at fault (and a ``RuntimeWarning``, the first time)."""
         try:
-            kernels = empirical_ntk(
-                self.model,
-                self.probe.x,
-                mode=self.mode,
-                method=self.method,
-                params=self.params,
-                output_fn=self.output_fn,
-                per_layer=True,
-            )
+            return self.ntk(self.probe.x), []
         except NonFiniteKernelError as error:
             if not self._warned_nonfinite:
                 self._warned_nonfinite = True
@@ -657,67 +507,9 @@ class NTKTracker:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            return _Kernels(self._step, None, list(error.groups))
-        return _Kernels(self._step, kernels, [])
+            return None, list(error.groups)
 
-    def _remember(self, step: int, K: torch.Tensor) -> None:
-        """Keep K as the reference (at step 0) and as the previous kernel; save it."""
-        if step == 0:
-            self._kernel0 = K
-        self._previous = (step, K)
-        if self._writer is not None:
-            self._writer.save_kernel(step, K)
-
-    # Each field group below maps the step's kernels to some of the record's fields; the
-    # kernel fields are None at a non-finite step.
-
-    def _finiteness(self, measured: "_Kernels") -> Dict[str, Any]:
-        if measured.kernel is not None:
-            return {"finite": True}
-        return {"finite": False, "nonfinite_groups": measured.nonfinite_groups}
-
-    def _kernel_statistics(self, measured: "_Kernels") -> Dict[str, Any]:
-        """Trace, Frobenius norm, top eigenvalues, effective rank, target alignment."""
-        K = measured.kernel
-        if K is None:
-            names = ("trace", "frobenius", "top_eigenvalues", "effective_rank", "target_alignment")
-            return dict.fromkeys(names)
-        eigenvalues = metrics.spectrum(K)  # one eigendecomposition serves both
-        return {
-            "trace": _matrix_trace(K),
-            "frobenius": float(torch.linalg.vector_norm(K, dtype=torch.float64)),
-            "top_eigenvalues": eigenvalues[:TOP_EIGENVALUES].tolist(),
-            "effective_rank": _or_none(metrics.effective_rank_of_spectrum, eigenvalues),
-            "target_alignment": _or_none(metrics.target_alignment, K, self.probe.y),
-        }
-
-    def _drift(self, measured: "_Kernels") -> Dict[str, Any]:
-        """Relative change and kernel distance from step 0; velocity since the previous
-        finite measurement (kernel distance per optimizer step)."""
-        fields = dict.fromkeys(("relative_change", "kernel_distance", "velocity"))
-        K = measured.kernel
-        if K is None:
-            return fields
-        if measured.step == 0:
-            fields["relative_change"] = fields["kernel_distance"] = 0.0
-        elif self._kernel0 is not None:
-            fields["relative_change"] = _or_none(metrics.relative_change, K, self._kernel0)
-            fields["kernel_distance"] = _or_none(metrics.kernel_distance, K, self._kernel0)
-        if self._previous is not None:
-            previous_step, previous = self._previous
-            steps = measured.step - previous_step
-            fields["velocity"] = _or_none(metrics.kernel_velocity, previous, K, steps)
-        return fields
-
-    def _layer_shares(self, measured: "_Kernels") -> Dict[str, Any]:
-        """Each parameter group's share of the kernel's trace."""
-        if measured.kernel is None:
-            return {"layer_share": None}
-        total = _matrix_trace(measured.kernel)
-        parts = measured.kernels.items()
-        return {"layer_share": {g: _matrix_trace(K) / total if total else None for g, K in parts}}
-
-    def _parameter_distance(self, measured: "_Kernels") -> Dict[str, Any]:
+    def _parameter_distance(self) -> Optional[float]:
         """|theta - theta_0| / |theta_0| over the tracked parameters, in float64."""
         moved = reference = 0.0
         with torch.no_grad():
@@ -725,67 +517,44 @@ class NTKTracker:
                 p0 = self._theta0[name]
                 moved += float(torch.linalg.vector_norm(p - p0, dtype=torch.float64)) ** 2
                 reference += float(torch.linalg.vector_norm(p0, dtype=torch.float64)) ** 2
-        return {"param_distance": math.sqrt(moved / reference) if reference > 0 else None}
+        return math.sqrt(moved / reference) if reference > 0 else None
 
-    def _evaluation(self, measured: "_Kernels") -> Dict[str, Any]:
+    def _evaluation(self) -> Dict[str, Any]:
         """Loss (and accuracy) on the probe and the test set, in eval mode, without grad."""
         fields: Dict[str, Any] = {}
         with torch.no_grad(), evaluation_context(self.model, self.device):
-            for prefix, data in (("probe", self.probe), ("test", self.test)):
+            for split, data in ((records.PROBE, self.probe), (records.TEST, self.test)):
                 if data is not None:
                     result = evaluate(self.model, data, self.loss, self.output_fn, self.device)
-                    fields.update({f"{prefix}_{key}": value for key, value in result.items()})
+                    fields.update({records.actual(split, key): value for key, value in result.items()})
         return fields
 
-
-    def _prediction(self, measured: "_Kernels") -> Dict[str, Any]:
-        """Actual and predicted train/test losses, and the linearisation gaps."""
-        forecast = self.forecast
-        if forecast is None:
-            return {}
-        if not self._warned_lr and self.optimizer is not None:
-            if current_lr(self.optimizer) != forecast.settings.lr:
-                self._warned_lr = True
-                warnings.warn(
-                    f"NTKTracker: the learning rate changed from {forecast.settings.lr} to "
-                    f"{current_lr(self.optimizer)} by step {measured.step} (a scheduler?); the "
-                    "predicted curve keeps the initial learning rate",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        fields = forecast.actual(self.model, self.output_fn, self.device)
-        fields.update(forecast.at(measured.step))
-        return fields
-
-    def _linearisation_gaps(self, record: Dict[str, Any]) -> Dict[str, Any]:
-        """|actual - predicted| / actual at step 0, on the train points and the test set."""
-        if self.forecast is None:
-            return {}
-        if record["step"] == 0:
-            self._initial_losses = {"train": record["train_loss"], "test": record.get("test_loss")}
-        return {
-            f"{prefix}linearisation_gap": linearisation_gap(
-                record.get(f"{split}_loss"),
-                record.get(f"predicted_{split}_loss"),
-                self._initial_losses.get(split),
-            )
-            for prefix, split in (("", "train"), ("test_", "test"))
-        }
+    def _warn_if_lr_changed(self) -> None:
+        """Warn once when the optimizer's learning rate has left the forecast's."""
+        initial = self.forecast.settings.lr
+        if self._warned_lr or self.optimizer is None or current_lr(self.optimizer) == initial:
+            return
+        self._warned_lr = True
+        warnings.warn(
+            f"NTKTracker: the learning rate changed from {initial} to "
+            f"{current_lr(self.optimizer)} by step {self._step} (a scheduler?); the "
+            "predicted curve keeps the initial learning rate",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
-@dataclass(frozen=True)
-class _Kernels:
-    """The probe kernels measured at ``step``: per layer (None if not finite) and, when
-    not finite, the parameter groups at fault."""
-
-    step: int
-    kernels: Optional[PerLayerKernels]
-    nonfinite_groups: List[str]
-
-    @property
-    def kernel(self) -> Optional[torch.Tensor]:
-        """The total kernel, or None if not finite."""
-        return None if self.kernels is None else self.kernels.total
+def _check_options(probe_size, max_predict_points, predict, seed, keep_kernels, progress) -> None:
+    check_int("probe_size", probe_size, minimum=1)
+    check_int("max_predict_points", max_predict_points, minimum=1)
+    if not isinstance(predict, bool):
+        raise TypeError(f"predict must be a bool, got {type(predict).__name__}")
+    check_int("seed", seed, minimum=0)
+    if keep_kernels not in KEEP_KERNELS:
+        options = ", ".join(map(repr, KEEP_KERNELS))
+        raise ValueError(f"keep_kernels must be one of {options}, got {keep_kernels!r}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
 
 
 class _Attachment:

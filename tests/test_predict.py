@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from ntk_torch import predict
+from ntk_torch.losses import CROSS_ENTROPY
+from ntk_torch.predict import solvers
 from ntk_torch.linearize import linearize
 from ntk_torch.predict import gd, gradient_flow, kernel_regression, max_learning_rate
 
@@ -259,12 +261,12 @@ def test_geometric_sum_is_accurate_for_small_and_zero_eigenvalues():
     x = torch.tensor([0.0, 1e-300, 1e-17, 1e-9, 1e-3, 0.3, 0.7, 1.0, 1.5, 1.99], dtype=DTYPE)
     for t in (0, 1, 7, 100):
         direct = sum((1 - x) ** s for s in range(t)) if t else torch.zeros_like(x)
-        torch.testing.assert_close(predict._geometric_sum(x, t), direct, rtol=1e-13, atol=0)
+        torch.testing.assert_close(solvers.geometric_sum(x, t), direct, rtol=1e-13, atol=0)
     z = torch.tensor([0.0, 1e-300, 1e-12, 1e-3, 2.0, 50.0], dtype=DTYPE)
     expected = torch.tensor([1.0, 1.0, 1.0 - 5e-13, (1 - torch.exp(torch.tensor(-1e-3,
                              dtype=DTYPE))) / 1e-3, (1 - torch.exp(torch.tensor(-2.0,
                              dtype=DTYPE))) / 2, 1 / 50], dtype=DTYPE)
-    torch.testing.assert_close(predict._phi(z), expected, rtol=1e-13, atol=0)
+    torch.testing.assert_close(solvers.phi(z), expected, rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
@@ -453,7 +455,7 @@ def test_cross_entropy_max_learning_rate_is_sharp_at_the_worst_case(momentum, ne
         """SGD in function space on the state (f, K b), b the momentum buffer."""
         def step(state: Tensor) -> Tensor:
             f, kb = state[: 2 * N], state[2 * N:]
-            kg = matrix @ predict._ce_gradient(f.reshape(N, 2), y).reshape(-1)
+            kg = matrix @ CROSS_ENTROPY.gradient(f.reshape(N, 2), y).reshape(-1)
             kb = momentum * kb + kg
             update = kg + momentum * kb if nesterov else (kb if momentum else kg)
             return torch.cat([f - lr * update, kb])
@@ -508,9 +510,9 @@ def bad_input_cases() -> dict:
         "kernel not square": (lambda: gd(kt, y, f0, **run),
                               "k_train_train must be a full kernel"),
         "mse target shape": (lambda: gd(k, y[:, :1], f0, **run),
-                             r"y_train has shape \(12, 1\) but the outputs have shape \(12, 3\)"),
+                             r"y_train has targets of shape \(12, 1\) but the outputs have shape \(12, 3\)"),
         "class labels": (lambda: gd(k, labels(N) + 1, f0, loss="cross_entropy", **run),
-                         r"y_train holds class labels in \[1, 3\] but the outputs have 3 classes"),
+                         r"y_train has class label 3 but there are 3 outputs"),
         "test kernel mode": (lambda: gd(k, y, f0, k_test_train=kt.diagonal(dim1=2, dim2=3).sum(-1),
                                         f0_test=f0t, **run),
                              r"k_test_train is a trace kernel \(M, N\) but k_train_train is "

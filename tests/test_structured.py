@@ -10,7 +10,9 @@ from torch import nn
 
 import ntk_torch as ntk
 from ntk_torch.kernel import MODES, explain
-from ntk_torch.kernel.api import _make_engine, TOTAL
+from ntk_torch.kernel.analysis import MAX_ENTRIES, Analysis
+from ntk_torch.kernel.planning import TOTAL, make_engine
+from ntk_torch.layout import TRACE, layout
 from ntk_torch.functional import FunctionalModel, ParamGroup, evaluation_context, slice_inputs
 from ntk_torch.kernel.cost import profile_forward
 from ntk_torch.kernel.structured import analyse
@@ -362,9 +364,9 @@ def _engine(model, x, mode, budget, x2=None):
     with torch.no_grad(), evaluation_context(model, fmodel.device):
         profile = profile_forward(fmodel, slice_inputs(x, 0, 1), fmodel.output_size(x, n))
         plan = analyse(fmodel, x, profile.num_outputs)
-        engine = _make_engine(
-            "structured", fmodel, mode, [ParamGroup(TOTAL, tuple(fmodel.params))], profile, budget, n, n, True,
-            plan,
+        engine = make_engine(
+            "structured", fmodel, layout(mode), [ParamGroup(TOTAL, tuple(fmodel.params))],
+            Analysis(profile.num_outputs, profile, plan), budget,
         )
     return engine, x
 
@@ -420,7 +422,7 @@ def test_symmetric_chunks_match_naive_reference(extras, name, monkeypatch):
 
     monkeypatch.setattr(terms, "SYMMETRIC_CHUNK_ROWS", 1)
     model, x1, _, ref_same, _ = extras[name]
-    assert len(terms.symmetric_chunks(x1.shape[0] if isinstance(x1, torch.Tensor) else 4, "trace", 1)) > 1
+    assert len(terms.symmetric_chunks(x1.shape[0] if isinstance(x1, torch.Tensor) else 4, TRACE, 1)) > 1
     for mode in MODES:
         same = ntk.empirical_ntk(model, x1, mode=mode, method="structured", dtype=F64)
         assert_close(same, reduce_mode(ref_same, mode))
@@ -443,22 +445,21 @@ def test_symmetric_chunks_both_strategies(mode, monkeypatch):
             return (forced if forced in flops else "grads"), flops
 
         monkeypatch.setattr(engine_module, "choose_strategy", choose)
-        ntk.kernel.clear_cache()
         same = ntk.empirical_ntk(model, x, mode=mode, method="structured", dtype=F64)
         assert_close(same, ref)
         assert torch.equal(same, same.transpose(0, 1) if mode != "full" else same.permute(1, 0, 3, 2))
 
 
 # ---------------------------------------------------------------------------------------
-# The analysis cache
+# The analysis memo of an NTK
 # ---------------------------------------------------------------------------------------
 
 def _analyses(monkeypatch):
-    """Count the coverage analyses and forward profiles empirical_ntk runs."""
-    from ntk_torch.kernel import api
+    """Count the coverage analyses and forward profiles an NTK runs."""
+    from ntk_torch.kernel import analysis
 
     counts = {"analyse": 0, "profile": 0}
-    real_analyse, real_profile = api.analyse, api.profile_forward
+    real_analyse, real_profile = analysis.analyse, analysis.profile_forward
 
     def analyse_(*args, **kwargs):
         counts["analyse"] += 1
@@ -468,40 +469,50 @@ def _analyses(monkeypatch):
         counts["profile"] += 1
         return real_profile(*args, **kwargs)
 
-    monkeypatch.setattr(api, "analyse", analyse_)
-    monkeypatch.setattr(api, "profile_forward", profile_)
+    monkeypatch.setattr(analysis, "analyse", analyse_)
+    monkeypatch.setattr(analysis, "profile_forward", profile_)
     return counts
 
 
-def _check(model, x, **kwargs):
-    got = ntk.empirical_ntk(model, x, method="structured", dtype=F64, **kwargs)
-    assert_close(got, reduce_mode(naive_ntk(model, x), kwargs.get("mode", "full")))
-    return got
+def _checker(model, **kwargs):
+    """An NTK of ``model`` whose calls are checked against the naive reference."""
+    kernel = ntk.NTK(model, method="structured", dtype=F64, **kwargs)
+
+    def check(x):
+        got = kernel(x)
+        assert_close(got, reduce_mode(naive_ntk(model, x), kwargs.get("mode", "full")))
+        return got
+
+    return check
 
 
-def test_cache_reuses_analysis_and_survives_in_place_updates(monkeypatch):
+def test_memo_reuses_analysis_and_survives_in_place_updates(monkeypatch):
     counts = _analyses(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     x = torch.randn(6, 5)
-    _check(model, x)
-    _check(model, x[:4])  # another N: same analysis
+    check = _checker(model)
+    check(x)
+    check(x[:4])  # another N: same analysis
     assert counts == {"analyse": 1, "profile": 1}
     with torch.no_grad():  # an optimizer step: values change, tensors stay
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    _check(model, x)
+    check(x)
     assert counts == {"analyse": 1, "profile": 1}
-    _check(model, x, mode="trace")  # the mode is not part of the analysis
-    assert counts == {"analyse": 1, "profile": 1}
+    check_trace = _checker(model, mode="trace")  # another NTK has a memo of its own
+    check_trace(x)
+    check_trace(x)
+    assert counts == {"analyse": 2, "profile": 2}
 
 
-def test_cache_is_invalidated_by_changes(monkeypatch):
+def test_memo_is_invalidated_by_changes(monkeypatch):
     counts = _analyses(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     x = torch.randn(6, 5)
-    _check(model, x)
+    check = _checker(model)
+    check(x)
     expected = 1
 
     def changed():
@@ -510,33 +521,33 @@ def test_cache_is_invalidated_by_changes(monkeypatch):
         assert counts["analyse"] == expected and counts["profile"] == expected
 
     model[2] = nn.Linear(7, 4)  # a module replaced (O changes)
-    _check(model, x)
+    check(x)
     changed()
     model[0].weight = nn.Parameter(torch.randn(7, 5))  # a parameter tensor swapped
-    _check(model, x)
+    check(x)
     changed()
     model[0].bias.requires_grad_(False)  # a frozen parameter
-    got = _check(model, x)
+    got = check(x)
     changed()
     assert got.shape == (6, 6, 4, 4)
     model[0].bias.requires_grad_(True)
     model[0] = nn.Linear(6, 7)  # the input feature shape changes
-    _check(model, torch.randn(6, 6))
+    check(torch.randn(6, 6))
     changed()
     model[1] = nn.Sigmoid()  # a parameter-free module replaced
-    _check(model, torch.randn(6, 6))
+    check(torch.randn(6, 6))
     changed()
     handle = model[2].register_forward_hook(lambda m, a, out: out * 2)  # a hook added
-    _check(model, torch.randn(6, 6))
+    check(torch.randn(6, 6))
     changed()
     handle.remove()
-    _check(model, torch.randn(6, 6))  # back to an analysed structure: still cached
+    check(torch.randn(6, 6))  # back to an analysed structure: still remembered
     assert counts["analyse"] == expected
-    _check(model, torch.randn(1, 6))  # one example: analysed on a duplicated example
+    check(torch.randn(1, 6))  # one example: analysed on a duplicated example
     changed()
 
 
-def test_cache_sees_forward_override_and_attribute_changes(monkeypatch):
+def test_memo_sees_forward_override_and_attribute_changes(monkeypatch):
     """Covered parameters used outside their module after a change go to the fallback."""
     counts = _analyses(monkeypatch)
     torch.manual_seed(0)
@@ -552,39 +563,44 @@ def test_cache_sees_forward_override_and_attribute_changes(monkeypatch):
 
     model = Net()
     x = torch.randn(5, 4)
-    _check(model, x)
+    check = _checker(model)
+    check(x)
     import types
 
     def direct(self, x):
         return F.linear(torch.tanh(self.fc(x)), self.out.weight, self.out.bias)
 
     model.forward = types.MethodType(direct, model)
-    _check(model, x)
+    check(x)
     assert counts["analyse"] == 2
     report = explain(model, x, method="structured", dtype=F64)
     assert "out.weight" in report.fallback
     conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(3 * 4, 2))
     xc = torch.randn(3, 2, 7, 7)
-    _check(conv, xc)
+    check_conv = _checker(conv)
+    check_conv(xc)
     conv[0].stride = (2, 2)  # configuration shown by extra_repr; the call's output shape changes
-    _check(conv, xc)
-    assert counts["analyse"] == 4
+    check_conv(xc)
+    assert counts["analyse"] == 5
 
 
-def test_cache_holds_no_model_or_tensors():
+def test_memo_holds_no_tensors_and_is_bounded():
     import gc
-    import weakref
 
-    from ntk_torch.kernel import analysis_cache
-
-    model = nn.Linear(3, 2)  # the covered module is the model itself
-    ntk.empirical_ntk(model, torch.randn(4, 3), method="structured")
-    assert model in analysis_cache._CACHE
-    ref = weakref.ref(model)
-    del model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    kernel = ntk.NTK(model, method="structured")
     gc.collect()
-    assert ref() is None
-    assert len(analysis_cache._CACHE) == 0 or all(m is not None for m in analysis_cache._CACHE.keys())
+    before = sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+    for width in range(3, 3 + 2 * MAX_ENTRIES):  # a new input shape each time
+        model[0] = nn.Linear(width, 4)
+        kernel(torch.randn(4, width))
+    del width
+    gc.collect()
+    live = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    # only the parameters of the current model remain: 2 tensors per Linear
+    assert len(live) - before <= 2
+    assert len(kernel._memo) == MAX_ENTRIES
 
 
 def test_finiteness_check_is_exact_when_the_sum_overflows():

@@ -16,7 +16,8 @@ from torch.utils.data import TensorDataset
 
 import ntk_torch
 from ntk_torch import load_run
-from ntk_torch.tracker import NTKTracker, log_schedule
+from ntk_torch.schedule import log_schedule
+from ntk_torch.tracker import NTKTracker
 
 CUDA = pytest.param("cuda", marks=[
     pytest.mark.cuda,

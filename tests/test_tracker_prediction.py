@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ntk_torch as ntk
-from ntk_torch import _prediction
+from ntk_torch import forecast as forecast_module
 from ntk_torch.tracker import NTKTracker
 
 
@@ -159,7 +159,7 @@ def test_large_training_sets_use_a_recorded_seeded_subset(tmp_path):
 
 
 def test_trace_kernel_when_the_full_one_is_too_large(monkeypatch):
-    monkeypatch.setattr(_prediction, "MAX_FULL_ENTRIES", 10)
+    monkeypatch.setattr(forecast_module, "MAX_FULL_ENTRIES", 10)
     x, y = regression_data()
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)

@@ -1,17 +1,17 @@
-"""eNTK engines behind one entry point, :func:`empirical_ntk`."""
+"""eNTK engines behind one configured kernel function, :class:`NTK` (and :func:`empirical_ntk`)."""
 
-from .analysis_cache import clear_cache
-from .api import METHODS, PerLayerKernels, choose_method, empirical_ntk
-from .engine import MODES
-from .structured.explain import StructuredReport, explain
+from ..layout import MODES
+from .api import NTK, PerLayerKernels, empirical_ntk, explain
+from .explain import StructuredReport
+from .planning import METHODS, choose_method
 
 __all__ = [
     "MODES",
     "METHODS",
+    "NTK",
     "PerLayerKernels",
     "StructuredReport",
     "choose_method",
-    "clear_cache",
     "empirical_ntk",
     "explain",
 ]

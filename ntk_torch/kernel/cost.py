@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..functional import FunctionalModel, Inputs
+from ..layout import Layout
 
 _UNITS = {
     "": 1,
@@ -149,16 +150,16 @@ def profile_forward(fmodel: FunctionalModel, x_one: Inputs, num_outputs: int) ->
     )
 
 
-def jacobian_cost(profile: ForwardProfile, mode: str, n1: int, n2: int, symmetric: bool) -> float:
+def jacobian_cost(profile: ForwardProfile, layout: Layout, n1: int, n2: int, symmetric: bool) -> float:
     """Estimated FLOPs of Jacobian contraction (see the module docstring)."""
     o, p, f = profile.num_outputs, profile.num_params, profile.flops
     examples = n1 if symmetric else n1 + n2
     pairs = n1 * n2 / (2 if symmetric else 1)
-    contraction = 2 * pairs * p * (o * o if mode == "full" else o)
+    contraction = 2 * pairs * p * layout.output_pairs(o)
     return examples * o * 3 * f + contraction
 
 
-def ntk_vp_cost(profile: ForwardProfile, mode: str, n1: int, n2: int, symmetric: bool) -> float:
+def ntk_vp_cost(profile: ForwardProfile, layout: Layout, n1: int, n2: int, symmetric: bool) -> float:
     """Estimated FLOPs of NTK-vector products (see the module docstring)."""
     o, f = profile.num_outputs, profile.flops
     pairs = n1 * n2 / (2 if symmetric else 1)

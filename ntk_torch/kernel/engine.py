@@ -1,4 +1,4 @@
-"""What every eNTK engine provides, and the kernel modes they all share.
+"""What every eNTK engine provides.
 
 An engine computes one block of the kernel, ``K[I, J]`` for a block of rows ``x1[I]`` and
 a block of columns ``x2[J]``, separately for each requested parameter group. The tiling
@@ -6,41 +6,21 @@ layer (:mod:`ntk_torch.kernel.tiling`) decides the blocks and assembles the resu
 engine only knows how to prepare the per-block state of one side (e.g. its Jacobians) and
 how to contract a row state with a column state.
 
-Kernel modes, for outputs flattened to ``O`` values per example and the Jacobian
-``J[i, a, p] = d f_a(x_i) / d theta_p``:
-
-* ``full``      ``K[i, j, a, b] = sum_p J1[i, a, p] J2[j, b, p]``    shape (N1, N2, O, O)
-* ``trace``     ``K[i, j]       = sum_a sum_p J1[i, a, p] J2[j, a, p]`` shape (N1, N2)
-* ``diagonal``  ``K[i, j, a]    = sum_p J1[i, a, p] J2[j, a, p]``    shape (N1, N2, O)
+The kernel's layout (``full``, ``trace`` or ``diagonal``) is a
+:class:`~ntk_torch.layout.Layout`, which owns the shapes and the matrix views.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Sequence
 
 import torch
 
 from ..functional import FunctionalModel, Inputs, ParamGroup
+from ..layout import Layout
 from .cost import ForwardProfile
-
-MODES = ("full", "trace", "diagonal")
-
-
-def block_shape(mode: str, n1: int, n2: int, num_outputs: int) -> Tuple[int, ...]:
-    """The shape of a kernel (block) of ``n1`` rows and ``n2`` columns in ``mode``."""
-    if mode == "full":
-        return (n1, n2, num_outputs, num_outputs)
-    if mode == "trace":
-        return (n1, n2)
-    return (n1, n2, num_outputs)
-
-
-def transpose_block(block: torch.Tensor, mode: str) -> torch.Tensor:
-    """``K(x2, x1)`` from ``K(x1, x2)``: swap examples (and outputs in ``full`` mode)."""
-    if mode == "full":
-        return block.permute(1, 0, 3, 2)
-    return block.transpose(0, 1)
 
 
 class Engine(ABC):
@@ -48,7 +28,7 @@ class Engine(ABC):
 
     Args:
         fmodel: the functional view of the model.
-        mode: one of :data:`MODES`.
+        layout: the kernel's layout.
         groups: the parameter groups to compute separately; each block result maps a
             group's name to its contribution, and the contributions sum to the kernel of
             all the groups' parameters.
@@ -66,13 +46,13 @@ class Engine(ABC):
     def __init__(
         self,
         fmodel: FunctionalModel,
-        mode: str,
+        layout: Layout,
         groups: Sequence[ParamGroup],
         profile: ForwardProfile,
         memory_budget: int,
     ):
         self.fmodel = fmodel
-        self.mode = mode
+        self.layout = layout
         self.groups = list(groups)
         self.profile = profile
         self.num_outputs = profile.num_outputs
@@ -99,3 +79,9 @@ class Engine(ABC):
     @abstractmethod
     def block_bytes(self, n_rows: int, n_cols: int) -> int:
         """Estimated peak extra memory of one block of ``n_rows`` x ``n_cols`` examples."""
+
+    def kernel_bytes(self, n_rows: int, n_cols: int) -> int:
+        """Bytes of one block's kernels, twice over (the block and its copy into the
+        kernel), for every group."""
+        entries = math.prod(self.layout.shape(n_rows, n_cols, self.num_outputs))
+        return len(self.groups) * 2 * entries * self.profile.itemsize

@@ -12,14 +12,13 @@ largest transient is one block's Jacobians (Novak et al. 2022, "Jacobian contrac
 
 from __future__ import annotations
 
-import math
 from typing import Dict
 
 import torch
 from torch.func import jacrev, vmap
 
 from ..functional import FunctionalModel, Inputs
-from .engine import Engine, block_shape
+from .engine import Engine
 
 
 class JacobianEngine(Engine):
@@ -40,13 +39,15 @@ class JacobianEngine(Engine):
     def contract(
         self, rows: Dict[str, torch.Tensor], cols: Dict[str, torch.Tensor]
     ) -> Dict[str, torch.Tensor]:
+        layout, fmodel = self.layout, self.fmodel
+        n1, n2 = next(iter(rows.values())).shape[0], next(iter(cols.values())).shape[0]
+        shape = layout.work_shape(n1, n2, self.num_outputs)
         blocks = {}
         for group in self.groups:
-            block = None
+            acc = torch.zeros(shape, dtype=fmodel.dtype, device=fmodel.device)
             for name in group.param_names:
-                part = _contract_one(rows[name], cols[name], self.mode)
-                block = part if block is None else block.add_(part)
-            blocks[group.name] = block
+                layout.add_gradient_products(acc, rows[name], cols[name])
+            blocks[group.name] = layout.from_work(acc)
         return blocks
 
     def block_bytes(self, n_rows: int, n_cols: int) -> int:
@@ -55,8 +56,7 @@ class JacobianEngine(Engine):
         # vmap(jacrev) keeps each example's activations and O cotangents of them.
         jacobians = (n_rows + n_cols) * o * profile.num_params * s
         transient = max(n_rows, n_cols) * o * profile.activation_bytes
-        kernel = len(self.groups) * 2 * math.prod(block_shape(self.mode, n_rows, n_cols, o)) * s
-        return jacobians + transient + kernel
+        return jacobians + transient + self.kernel_bytes(n_rows, n_cols)
 
 
 def per_example_jacobians(fmodel: FunctionalModel, x: Inputs) -> Dict[str, torch.Tensor]:
@@ -67,17 +67,4 @@ def per_example_jacobians(fmodel: FunctionalModel, x: Inputs) -> Dict[str, torch
     """
     per_example = vmap(jacrev(fmodel.single), in_dims=(None, 0), randomness="different")
     return per_example(fmodel.params, x)
-
-
-def _contract_one(j1: torch.Tensor, j2: torch.Tensor, mode: str) -> torch.Tensor:
-    """The contribution of one parameter tensor; ``j1`` (n1, O, p), ``j2`` (n2, O, p)."""
-    n1, o, p = j1.shape
-    n2 = j2.shape[0]
-    if mode == "full":
-        product = j1.reshape(n1 * o, p) @ j2.reshape(n2 * o, p).T
-        return product.view(n1, o, n2, o).permute(0, 2, 1, 3).contiguous()
-    if mode == "trace":
-        return j1.reshape(n1, o * p) @ j2.reshape(n2, o * p).T
-    product = torch.bmm(j1.transpose(0, 1), j2.permute(1, 2, 0))  # (O, n1, n2)
-    return product.permute(1, 2, 0).contiguous()
 

@@ -14,7 +14,6 @@ only the entries ``K[i, j, a, a]``, so the full block is never held.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict
 
@@ -22,7 +21,8 @@ import torch
 from torch.func import jvp, vmap
 
 from ..functional import Inputs, batch_size
-from .engine import Engine, block_shape
+from ..layout import Layout
+from .engine import Engine
 from .jacobian import per_example_jacobians
 
 
@@ -58,24 +58,12 @@ class NTKVPEngine(Engine):
         def column(tangent):
             return jvp(f_group, (primals,), (tangent,))[1]  # (n1, O)
 
-        n2, o = next(iter(cols.values())).shape[:2]
+        n2 = next(iter(cols.values())).shape[0]
         chunk = self._chunk_size(rows.n, n2)
         # Every tangent differentiates the same function: random draws are shared.
         columns = vmap(column, chunk_size=chunk, randomness="same")
-        if self.mode == "full":
-            tangents = {name: cols[name].flatten(0, 1) for name in names}  # (n2 O, *param)
-            result = columns(tangents).view(n2, o, rows.n, o)  # [j, b, i, a]
-            return result.permute(2, 0, 3, 1).contiguous()
-        block = torch.zeros(
-            block_shape(self.mode, rows.n, n2, o), dtype=self.fmodel.dtype, device=self.fmodel.device
-        )
-        for a in range(o):
-            entries = columns({name: cols[name][:, a] for name in names})[:, :, a]  # (n2, n1)
-            if self.mode == "trace":
-                block += entries.T
-            else:
-                block[:, :, a] = entries.T
-        return block
+        build = self.layout.choose(full=_all_columns, trace=_by_output, diagonal=_by_output)
+        return build(self.layout, columns, {name: cols[name] for name in names}, rows.n)
 
     def _chunk_size(self, n_rows: int, n_cols: int) -> int:
         """Tangents per vmapped jvp so that the transient fits the memory budget."""
@@ -88,11 +76,28 @@ class NTKVPEngine(Engine):
         profile = self.profile
         o, s = profile.num_outputs, profile.itemsize
         tangents = n_cols * o * (profile.num_params * s + profile.activation_bytes)
-        kernel = len(self.groups) * 2 * math.prod(block_shape(self.mode, n_rows, n_cols, o)) * s
-        return tangents + kernel
+        return tangents + self.kernel_bytes(n_rows, n_cols)
 
     def block_bytes(self, n_rows: int, n_cols: int) -> int:
         profile = self.profile
         one_tangent = 2 * n_rows * profile.activation_bytes
         return self._fixed_bytes(n_rows, n_cols) + one_tangent
 
+
+
+def _all_columns(layout: Layout, columns, tangents: Dict[str, torch.Tensor], n1: int) -> torch.Tensor:
+    """A full block from every column ``(j, b)`` at once: ``(n1, n2, O, O)``."""
+    n2, o = next(iter(tangents.values())).shape[:2]
+    result = columns({name: t.flatten(0, 1) for name, t in tangents.items()}).view(n2, o, n1, o)  # [j, b, i, a]
+    return result.permute(2, 0, 3, 1).contiguous()
+
+
+def _by_output(layout: Layout, columns, tangents: Dict[str, torch.Tensor], n1: int) -> torch.Tensor:
+    """A trace or diagonal block one output ``a`` at a time, keeping only ``K[:, :, a, a]``."""
+    first = next(iter(tangents.values()))
+    n2, o = first.shape[:2]
+    block = first.new_zeros(layout.shape(n1, n2, o))
+    for a in range(o):
+        entries = columns({name: t[:, a] for name, t in tangents.items()})[:, :, a]  # (n2, n1)
+        layout.add_output_entries(block, a, entries.T)
+    return block

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..functional import Inputs, slice_inputs
-from .engine import Engine, block_shape, transpose_block
+from .engine import Engine
 
 Tile = Tuple[int, int]
 
@@ -73,11 +73,6 @@ def tiles(n: int, size: int) -> List[Tile]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def symmetrize(block: torch.Tensor, mode: str) -> torch.Tensor:
-    """``(B + B^T) / 2`` for a diagonal block: exactly symmetric."""
-    return (block + transpose_block(block, mode)) / 2
-
-
 def compute_kernel(
     engine: Engine,
     x1: Inputs,
@@ -90,11 +85,11 @@ def compute_kernel(
 ) -> Dict[str, torch.Tensor]:
     """Every group's kernel over ``x1 x x2``, block by block.
 
-    Returns ``{group name: kernel}`` with kernels of :func:`block_shape` ``(mode, n1, n2, O)``.
+    Returns ``{group name: kernel}`` with kernels of the engine layout's shape ``(n1, n2, O)``.
     Raises :class:`NonFiniteBlock` at the first block with a non-finite contribution.
     """
-    fmodel, mode = engine.fmodel, engine.mode
-    shape = block_shape(mode, n1, n2, engine.num_outputs)
+    fmodel, layout = engine.fmodel, engine.layout
+    shape = layout.shape(n1, n2, engine.num_outputs)
     row_tiles, col_tiles = tiles(n1, block_size), tiles(n2, block_size)
     single = len(row_tiles) == 1 and len(col_tiles) == 1
     kernels: Dict[str, torch.Tensor] = {}
@@ -125,14 +120,14 @@ def compute_kernel(
                 for name in list(blocks):
                     block = blocks.pop(name)
                     if symmetric and i == j and not engine.exact_symmetric:
-                        block = symmetrize(block, mode)
+                        block = layout.symmetrize(block)
                     if single:
                         # The whole kernel is this block: no assembly copy.
                         kernels[name] = block.contiguous()
                         continue
                     kernels[name][r0:r1, c0:c1] = block
                     if symmetric and i != j:
-                        kernels[name][c0:c1, r0:r1] = transpose_block(block, mode)
+                        kernels[name][c0:c1, r0:r1] = layout.transpose(block)
                     del block
                 bar.update()
             del rows

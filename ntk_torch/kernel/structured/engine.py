@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from ...functional import FunctionalModel, Inputs, ParamGroup, batch_size
+from ...layout import Layout
 from ..cost import ForwardProfile
-from ..engine import Engine, block_shape
+from ..engine import Engine
 from .plan import StructuredPlan, assemble, capture
 from .terms import (
     GradientTerm,
@@ -20,14 +20,9 @@ from .terms import (
     TermShape,
     add_term,
     choose_strategy,
-    finish,
-    mirror_upper,
     strategy_bytes,
-    strategy_flops,
     symmetric_chunks,
     take_examples,
-    upper_view,
-    work_shape,
 )
 
 logger = logging.getLogger("ntk_torch.kernel")
@@ -62,14 +57,14 @@ class StructuredEngine(Engine):
     def __init__(
         self,
         fmodel: FunctionalModel,
-        mode: str,
+        layout: Layout,
         groups: Sequence[ParamGroup],
         profile: ForwardProfile,
         memory_budget: int,
         *,
         plan: StructuredPlan,
     ):
-        super().__init__(fmodel, mode, groups, profile, memory_budget)
+        super().__init__(fmodel, layout, groups, profile, memory_budget)
         self.plan = plan
         group_of_param = {name: i for i, g in enumerate(self.groups) for name in g.param_names}
         self.fallback_names = list(plan.fallback)
@@ -114,7 +109,7 @@ class StructuredEngine(Engine):
         if key not in self._choices:
             chosen = []
             for shape, (label, _) in zip(self.term_shapes, self.term_labels()):
-                strategy, flops = choose_strategy(shape, self.mode, self.num_outputs, n1, n2, same)
+                strategy, flops = choose_strategy(shape, self.layout, self.num_outputs, n1, n2, same)
                 chosen.append(strategy)
                 logger.debug(
                     "structured: %s -> %s for %dx%d blocks (%s)", label, strategy, n1, n2,
@@ -136,31 +131,31 @@ class StructuredEngine(Engine):
         symmetric (:attr:`exact_symmetric`) for about ``(k + 1) / 2k`` of the work.
         """
         same = rows is cols
-        fmodel, o = self.fmodel, self.num_outputs
+        fmodel, layout, o = self.fmodel, self.layout, self.num_outputs
         accs = [
-            torch.zeros(work_shape(self.mode, rows.n, cols.n, o), dtype=fmodel.dtype, device=fmodel.device)
+            torch.zeros(layout.work_shape(rows.n, cols.n, o), dtype=fmodel.dtype, device=fmodel.device)
             for _ in self.groups
         ]
         strategies = self.strategies(rows.n, cols.n, same)
         if not same:
             for term1, term2, group, strategy in zip(rows.terms, cols.terms, self.term_groups, strategies):
-                add_term(accs[group], term1, term2, self.mode, strategy)
+                add_term(accs[group], term1, term2, layout, strategy)
         else:
-            bounds = symmetric_chunks(rows.n, self.mode, o)
+            bounds = symmetric_chunks(rows.n, layout, o)
             for term, group, strategy in zip(rows.terms, self.term_groups, strategies):
                 if strategy == "grads" and isinstance(term, KroneckerTerm):
                     term.grads()  # formed once for the whole side, then sliced
                 for a, b in bounds:
                     add_term(
-                        upper_view(accs[group], self.mode, a, b),
+                        layout.work_upper(accs[group], a, b),
                         take_examples(term, a, b),
                         take_examples(term, a, rows.n),
-                        self.mode,
+                        layout,
                         strategy,
                     )
             for acc in accs:
-                mirror_upper(acc, self.mode, o, bounds)
-        return {g.name: finish(acc, self.mode) for g, acc in zip(self.groups, accs)}
+                layout.mirror_work(acc, o, bounds)
+        return {g.name: layout.from_work(acc) for g, acc in zip(self.groups, accs)}
 
     exact_symmetric = True
 
@@ -183,24 +178,23 @@ class StructuredEngine(Engine):
         s, o = self.profile.itemsize, self.num_outputs
         contraction = max(
             sum(
-                strategy_bytes(shape, strategy, self.mode, o, n_rows, n_cols, s)
+                strategy_bytes(shape, strategy, self.layout, o, n_rows, n_cols, s)
                 for shape, strategy in zip(self.term_shapes, self.strategies(n_rows, n_cols, same))
             )
             for same in ((False, True) if n_rows == n_cols else (False,))
         )
-        kernel = len(self.groups) * 2 * math.prod(block_shape(self.mode, n_rows, n_cols, o)) * s
-        return self.side_bytes(n_rows) + self.side_bytes(n_cols) + contraction + kernel
+        return self.side_bytes(n_rows) + self.side_bytes(n_cols) + contraction + self.kernel_bytes(n_rows, n_cols)
 
     def estimated_flops(self, n1: int, n2: int, symmetric: bool) -> float:
         """FLOPs of the whole kernel: the capture (one forward and ``O`` backward passes
         per example, about ``3 O F``) and every term's cheaper strategy."""
-        return structured_cost(self.plan, self.profile, self.mode, n1, n2, symmetric, self.term_shapes)
+        return structured_cost(self.plan, self.profile, self.layout, n1, n2, symmetric, self.term_shapes)
 
 
 def structured_cost(
     plan: StructuredPlan,
     profile: ForwardProfile,
-    mode: str,
+    layout: Layout,
     n1: int,
     n2: int,
     symmetric: bool,
@@ -219,6 +213,6 @@ def structured_cost(
     total = examples * f * (1.0 + o * (1.0 + fallback / max(p, 1)))
     scale = 0.5 if symmetric else 1.0
     for shape in shapes:
-        _, flops = choose_strategy(shape, mode, o, n1, n2, symmetric)
+        _, flops = choose_strategy(shape, layout, o, n1, n2, symmetric)
         total += min(flops.values()) * scale
     return total

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ...functional import FunctionalModel, Inputs, batch_size, group_of, map_inputs, slice_inputs
-from .rules import Rule, rule_for
+from .registry import Rule, rule_for
 from .terms import DenseFeatures, GradientTerm, KroneckerTerm, Term, TermShape, can_join
 
 CallKey = Tuple[str, int]  # (module path, index of the call within one forward)

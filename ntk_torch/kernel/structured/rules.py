@@ -1,79 +1,21 @@
-"""One small rule per module type: what a module's parameters contribute to the kernel.
+"""The built-in rules: ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` and the affine
+parameters of ``nn.LayerNorm``, ``nn.GroupNorm`` and eval-mode ``nn.BatchNorm*d``.
 
-A :class:`Rule` has two halves:
-
-* ``record(module, args, output)`` runs inside the module's forward (so ``module``'s
-  tensors are the ones the kernel differentiates, in the compute dtype) and keeps what the
-  rule needs from one call: the input, or the normalised input of a norm layer;
-* ``terms(module, recorded, cotangent)`` runs afterwards on a block of ``n`` examples with
-  ``recorded`` batched on dim 0 and the cotangent ``(n, O, *output feature shape)`` of
-  the call's output, and returns ``{parameter attribute: term}`` (see
-  :mod:`.terms`). Terms of one call that share the cotangent object (a weight and its
-  bias) are fused by the engine into one Kronecker term.
-
-Rules are looked up by module type (:func:`rule_for`); a subclass that overrides
-``forward`` does not inherit its parent's rule. ``applies(module)`` returns why a rule
-does not apply to a particular instance (e.g. BatchNorm on batch statistics), or None.
+Each is registered with :func:`.registry.register_rule` exactly as a user's rule is (see
+:mod:`ntk_torch.kernel.rules` for the contract a rule fulfils).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple, Type
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import register_rule
 from .terms import DenseFeatures, GradientTerm, IndexFeatures, KroneckerTerm, Term
-
-Recorder = Callable[[nn.Module, Tuple, torch.Tensor], torch.Tensor]
-TermsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Dict[str, Term]]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """How the parameters ``roles`` of a ``module_type`` contribute (see module docstring)."""
-
-    name: str
-    module_type: Type[nn.Module]
-    roles: Tuple[str, ...]
-    record: Recorder
-    terms: TermsFn
-    applies: Callable[[nn.Module], Optional[str]]
-
-
-RULES: Dict[Type[nn.Module], Rule] = {}
-
-
-def register_rule(
-    module_types: Sequence[Type[nn.Module]],
-    *,
-    roles: Sequence[str] = ("weight", "bias"),
-    record: Recorder = lambda module, args, output: args[0],
-    applies: Callable[[nn.Module], Optional[str]] = lambda module: None,
-) -> Callable[[TermsFn], TermsFn]:
-    """Decorator registering ``terms`` as the rule for each of ``module_types``."""
-
-    def decorate(terms: TermsFn) -> TermsFn:
-        for module_type in module_types:
-            RULES[module_type] = Rule(
-                terms.__name__, module_type, tuple(roles), record, terms, applies
-            )
-        return terms
-
-    return decorate
-
-
-def rule_for(module: nn.Module) -> Optional[Rule]:
-    """The rule of ``module``'s type, or of the nearest registered base class whose
-    ``forward`` it does not override."""
-    for cls in type(module).__mro__:
-        rule = RULES.get(cls)
-        if rule is not None:
-            return rule if type(module).forward is cls.forward else None
-    return None
 
 
 def _bias_of(cotangent_term: torch.Tensor, features: DenseFeatures) -> KroneckerTerm:

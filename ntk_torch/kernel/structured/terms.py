@@ -28,9 +28,8 @@ module) and the cotangent ``u[i, a] = d f_a(x_i) / d y`` of the layer's output `
   whose Jacobian has no Kronecker structure) and for parameters no rule covers (computed
   by ``vmap(jacrev)``, the Jacobian-contraction fallback).
 
-Contractions accumulate into a *work layout* chosen so every update is one BLAS call or
-one fused element-wise pass: ``full`` ``(n1, O, n2, O)``, ``trace`` ``(n1, n2)``,
-``diagonal`` ``(O, n1, n2)``; :func:`finish` turns it into the kernel's block layout.
+Contractions accumulate into the layout's *work layout* (:mod:`ntk_torch.layout`), where
+every update is one BLAS call or one fused element-wise pass.
 """
 
 from __future__ import annotations
@@ -39,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+
+from ...layout import Layout
 
 STRATEGIES = ("gram", "grads")
 
@@ -244,30 +245,25 @@ def take_examples(term: Term, start: int, stop: int) -> Term:
 # Cost model (FLOPs and transient bytes of one block pair)
 # ---------------------------------------------------------------------------------------
 
-def _cotangent_factor(mode: str, o: int) -> int:
-    return o * o if mode == "full" else o
-
-
-def strategy_flops(shape: TermShape, mode: str, o: int, n1: int, n2: int, same: bool) -> Dict[str, float]:
+def strategy_flops(shape: TermShape, layout: Layout, o: int, n1: int, n2: int, same: bool) -> Dict[str, float]:
     """Estimated FLOPs of each applicable strategy for an ``n1 x n2`` block.
 
     ``same``: rows and columns are the same examples (per-example work done once).
     """
-    k = _cotangent_factor(mode, o)
+    pairs = layout.output_pairs(o)
     sides = n1 if same else n1 + n2
-    contraction = 2.0 * n1 * n2 * k * shape.num_params
+    contraction = 2.0 * n1 * n2 * pairs * shape.num_params
     if shape.kind == "gradient":
         return {"grads": contraction}
     t, g = shape.positions, shape.groups
     entries = float(n1 * t) * (n2 * t) * g
-    combine = {"full": o * o, "trace": 1, "diagonal": o}[mode]
-    gram = entries * (shape.gram_flops + 2 * (o * o if mode == "full" else o) * shape.d_out + combine)
+    gram = entries * (shape.gram_flops + 2 * pairs * shape.d_out + layout.entries_per_pair(o))
     grads = 2.0 * o * t * shape.num_params * sides + contraction
     return {"gram": gram, "grads": grads}
 
 
 def strategy_bytes(
-    shape: TermShape, strategy: str, mode: str, o: int, n1: int, n2: int, itemsize: int
+    shape: TermShape, strategy: str, layout: Layout, o: int, n1: int, n2: int, itemsize: int
 ) -> int:
     """Transient bytes of contracting one term with ``strategy`` (incl. cached gradients)."""
     if strategy == "grads":
@@ -275,136 +271,90 @@ def strategy_bytes(
         return cached * itemsize
     t, g = shape.positions, shape.groups
     entries = n1 * t * n2 * t * g
-    cotangent_gram = entries * (o * o if mode == "full" else o if mode == "diagonal" else 1)
+    cotangent_gram = entries * layout.entries_per_pair(o)
     products = 0 if t == 1 and g == 1 else 2 * cotangent_gram  # the product and its permuted copy
     return (entries + cotangent_gram + products) * itemsize
 
 
-def choose_strategy(shape: TermShape, mode: str, o: int, n1: int, n2: int, same: bool) -> Tuple[str, Dict[str, float]]:
+def choose_strategy(
+    shape: TermShape, layout: Layout, o: int, n1: int, n2: int, same: bool
+) -> Tuple[str, Dict[str, float]]:
     """The cheaper strategy by :func:`strategy_flops`, and every strategy's FLOPs."""
-    flops = strategy_flops(shape, mode, o, n1, n2, same)
+    flops = strategy_flops(shape, layout, o, n1, n2, same)
     return min(flops, key=flops.get), flops
 
 
 # ---------------------------------------------------------------------------------------
-# Contractions
+# Contractions (into the layout's work layout, see :mod:`ntk_torch.layout`)
 # ---------------------------------------------------------------------------------------
-
-def work_shape(mode: str, n1: int, n2: int, o: int) -> Tuple[int, ...]:
-    """The accumulator layout of a block (see the module docstring)."""
-    if mode == "full":
-        return (n1, o, n2, o)
-    if mode == "trace":
-        return (n1, n2)
-    return (o, n1, n2)
-
-
-def finish(acc: torch.Tensor, mode: str) -> torch.Tensor:
-    """The kernel block from its work layout: ``(n1, n2, O, O)``, ``(n1, n2)`` or
-    ``(n1, n2, O)``, as a view (the tiling copies it into the kernel once)."""
-    if mode == "full":
-        return acc.permute(0, 2, 1, 3)
-    if mode == "diagonal":
-        return acc.permute(1, 2, 0)
-    return acc
-
 
 # Diagonal blocks of x2=None: the upper block triangle in example chunks, then a mirror.
 SYMMETRIC_CHUNK_ROWS = 128  # at least this many matmul rows (examples x outputs) per chunk
 MAX_SYMMETRIC_CHUNKS = 8
 
 
-def symmetric_chunks(n: int, mode: str, o: int) -> List[Tuple[int, int]]:
+def symmetric_chunks(n: int, layout: Layout, o: int) -> List[Tuple[int, int]]:
     """Example ranges splitting a diagonal block: ``k`` chunks cost ``(k + 1) / 2k`` of
     the full block's products; chunks are kept large enough for efficient matmuls."""
-    rows_per_example = o if mode == "full" else 1
-    k = max(1, min(MAX_SYMMETRIC_CHUNKS, n * rows_per_example // SYMMETRIC_CHUNK_ROWS, n))
+    k = max(1, min(MAX_SYMMETRIC_CHUNKS, n * layout.work_rows(o) // SYMMETRIC_CHUNK_ROWS, n))
     size = -(-n // k)
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def upper_view(acc: torch.Tensor, mode: str, a: int, b: int) -> torch.Tensor:
-    """The work-layout view of rows ``a:b`` against columns ``a:``."""
-    if mode == "full":
-        return acc[a:b, :, a:, :]
-    if mode == "trace":
-        return acc[a:b, a:]
-    return acc[:, a:b, a:]
-
-
-def mirror_upper(acc: torch.Tensor, mode: str, o: int, bounds: List[Tuple[int, int]]) -> None:
-    """Fill the lower block triangle from the upper one and make each diagonal chunk
-    ``(D + D^T) / 2``, so the block is exactly symmetric."""
-    if mode == "full":
-        n = acc.shape[0]
-        m = acc.view(n * o, n * o)
-        scale = o
-    else:
-        m = acc
-        scale = 1
-    for a, b in bounds:
-        r0, r1 = a * scale, b * scale
-        d = m[..., r0:r1, r0:r1]
-        d.copy_((d + d.transpose(-1, -2)) / 2)
-        if r0 > 0:
-            m[..., r0:r1, :r0].copy_(m[..., :r0, r0:r1].transpose(-1, -2))
-
-
-def add_gradient_products(acc: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, mode: str) -> None:
-    """``acc += J1 J2^T`` in the work layout, for ``J`` ``(n, O, p)``: one BLAS call."""
-    n1, o, p = g1.shape
-    n2 = g2.shape[0]
-    if mode == "full":
-        acc.view(n1 * o, n2 * o).addmm_(g1.reshape(n1 * o, p), g2.reshape(n2 * o, p).T)
-    elif mode == "trace":
-        acc.addmm_(g1.reshape(n1, o * p), g2.reshape(n2, o * p).T)
-    else:
-        acc.baddbmm_(g1.transpose(0, 1), g2.permute(1, 2, 0))
-
-
-def add_gram_products(acc: torch.Tensor, rows: KroneckerTerm, cols: KroneckerTerm, mode: str) -> None:
-    """``acc += sum_g sum_{t,s} <v_igt, v'_jgs> <u_iagt, u'_jbgs>`` (traced/diagonal per mode)."""
-    gv = rows.features.gram(cols.features)  # (g, n1 T1, n2 T2)
-    u1, u2 = rows.cotangent, cols.cotangent  # (n, O, g, T, d)
+def _gram_full(acc: torch.Tensor, gv: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor) -> None:
     n1, o, g, t1, d = u1.shape
     n2, t2 = u2.shape[0], u2.shape[3]
-    single = t1 == 1 and t2 == 1
-    if mode == "full":
-        if single:
-            # (g, n O, d) Gram -> (g, n1 O, n2 O), scaled by the feature Gram per (i, j)
-            left = u1[:, :, :, 0].permute(2, 0, 1, 3).reshape(g, n1 * o, d)
-            right = u2[:, :, :, 0].permute(2, 0, 1, 3).reshape(g, n2 * o, d)
-            gu = torch.matmul(left, right.transpose(1, 2))
-            for k in range(g):
-                acc.addcmul_(gu[k].view(n1, o, n2, o), gv[k].view(n1, 1, n2, 1))
-            return
-        left = u1.permute(2, 0, 1, 3, 4).reshape(g, n1 * o * t1, d)
-        right = u2.permute(2, 0, 1, 3, 4).reshape(g, n2 * o * t2, d)
-        gu = torch.matmul(left, right.transpose(1, 2)).view(g, n1, o, t1, n2, o, t2)
-        acc += torch.einsum("kiatjbs,kitjs->iajb", gu, gv.view(g, n1, t1, n2, t2))
-    elif mode == "trace":
-        left = u1.permute(2, 0, 3, 1, 4).reshape(g, n1 * t1, o * d)
-        right = u2.permute(2, 0, 3, 1, 4).reshape(g, n2 * t2, o * d)
-        gu = torch.matmul(left, right.transpose(1, 2))  # sum over outputs inside the matmul
-        if single and g == 1:
-            acc.addcmul_(gu[0], gv[0])
-        else:
-            acc += (gu * gv).view(g, n1, t1, n2, t2).sum(dim=(0, 2, 4))
+    if t1 == 1 and t2 == 1:
+        # (g, n O, d) Gram -> (g, n1 O, n2 O), scaled by the feature Gram per (i, j)
+        left = u1[:, :, :, 0].permute(2, 0, 1, 3).reshape(g, n1 * o, d)
+        right = u2[:, :, :, 0].permute(2, 0, 1, 3).reshape(g, n2 * o, d)
+        gu = torch.matmul(left, right.transpose(1, 2))
+        for k in range(g):
+            acc.addcmul_(gu[k].view(n1, o, n2, o), gv[k].view(n1, 1, n2, 1))
+        return
+    left = u1.permute(2, 0, 1, 3, 4).reshape(g, n1 * o * t1, d)
+    right = u2.permute(2, 0, 1, 3, 4).reshape(g, n2 * o * t2, d)
+    gu = torch.matmul(left, right.transpose(1, 2)).view(g, n1, o, t1, n2, o, t2)
+    acc += torch.einsum("kiatjbs,kitjs->iajb", gu, gv.view(g, n1, t1, n2, t2))
+
+
+def _gram_trace(acc: torch.Tensor, gv: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor) -> None:
+    n1, o, g, t1, d = u1.shape
+    n2, t2 = u2.shape[0], u2.shape[3]
+    left = u1.permute(2, 0, 3, 1, 4).reshape(g, n1 * t1, o * d)
+    right = u2.permute(2, 0, 3, 1, 4).reshape(g, n2 * t2, o * d)
+    gu = torch.matmul(left, right.transpose(1, 2))  # sum over outputs inside the matmul
+    if t1 == 1 and t2 == 1 and g == 1:
+        acc.addcmul_(gu[0], gv[0])
     else:
-        left = u1.permute(1, 2, 0, 3, 4).reshape(o, g, n1 * t1, d)
-        right = u2.permute(1, 2, 0, 3, 4).reshape(o, g, n2 * t2, d)
-        gu = torch.matmul(left, right.transpose(2, 3))  # (O, g, n1 T1, n2 T2)
-        if single and g == 1:
-            acc.addcmul_(gu[:, 0], gv[0].unsqueeze(0))
-        else:
-            acc += (gu * gv.unsqueeze(0)).view(o, g, n1, t1, n2, t2).sum(dim=(1, 3, 5))
+        acc += (gu * gv).view(g, n1, t1, n2, t2).sum(dim=(0, 2, 4))
 
 
-def add_term(acc: torch.Tensor, rows: Term, cols: Term, mode: str, strategy: str) -> None:
+def _gram_diagonal(acc: torch.Tensor, gv: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor) -> None:
+    n1, o, g, t1, d = u1.shape
+    n2, t2 = u2.shape[0], u2.shape[3]
+    left = u1.permute(1, 2, 0, 3, 4).reshape(o, g, n1 * t1, d)
+    right = u2.permute(1, 2, 0, 3, 4).reshape(o, g, n2 * t2, d)
+    gu = torch.matmul(left, right.transpose(2, 3))  # (O, g, n1 T1, n2 T2)
+    if t1 == 1 and t2 == 1 and g == 1:
+        acc.addcmul_(gu[:, 0], gv[0].unsqueeze(0))
+    else:
+        acc += (gu * gv.unsqueeze(0)).view(o, g, n1, t1, n2, t2).sum(dim=(1, 3, 5))
+
+
+def add_gram_products(acc: torch.Tensor, rows: KroneckerTerm, cols: KroneckerTerm, layout: Layout) -> None:
+    """``acc += sum_g sum_{t,s} <v_igt, v'_jgs> <u_iagt, u'_jbgs>`` in the work layout
+    (traced or diagonal over outputs as the layout asks)."""
+    gv = rows.features.gram(cols.features)  # (g, n1 T1, n2 T2)
+    add = layout.choose(full=_gram_full, trace=_gram_trace, diagonal=_gram_diagonal)
+    add(acc, gv, rows.cotangent, cols.cotangent)
+
+
+def add_term(acc: torch.Tensor, rows: Term, cols: Term, layout: Layout, strategy: str) -> None:
     """Accumulate one term's contribution to a block with ``strategy``."""
     if strategy == "gram":
-        add_gram_products(acc, rows, cols, mode)
+        add_gram_products(acc, rows, cols, layout)
         return
     g1 = rows.grads if isinstance(rows, GradientTerm) else rows.grads()
     g2 = cols.grads if isinstance(cols, GradientTerm) else cols.grads()
-    add_gradient_products(acc, g1, g2, mode)
+    layout.add_gradient_products(acc, g1, g2)

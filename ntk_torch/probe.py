@@ -1,10 +1,11 @@
-"""The tracker's data: probe and test sets, the training loss, and their evaluation.
+"""Probe and test sets: labelled data as tensors, drawn reproducibly, and evaluated.
 
 ``NTKTracker`` measures the kernel on a *probe*, a fixed random subset of the training
 data, and the network's loss (and accuracy) on the probe and an optional test set. This
 module turns what the user passes (``(x, y)`` tensors or a map-style ``Dataset``) into
-:class:`LabelledSet` tensors, resolves and checks the loss against the labels, and
-evaluates the model. Nothing here touches the global RNGs or any ``.grad``.
+:class:`LabelledSet` tensors (:func:`load_set`, :func:`choose_probe`) and evaluates a model
+on them with a :class:`~ntk_torch.losses.Loss` (:func:`evaluate`). Nothing here touches
+the global RNGs or any ``.grad``.
 """
 
 from __future__ import annotations
@@ -13,26 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from .functional import Inputs, call_arguments, input_tensors, map_inputs, select_output
+from .losses import Loss
 
-__all__ = [
-    "LOSSES",
-    "LabelledSet",
-    "Loss",
-    "check_targets",
-    "choose_probe",
-    "evaluate",
-    "load_set",
-    "resolve_loss",
-    "sample_output",
-]
-
-LOSSES = ("cross_entropy", "mse")
-"""The losses ``NTKTracker`` knows by name; any callable ``loss(output, y)`` also works."""
+__all__ = ["Data", "LabelledSet", "call_model", "choose_probe", "evaluate", "load_set", "sample_output"]
 
 EVAL_BATCH = 1024
 """Examples per forward pass when evaluating the loss on a set."""
@@ -155,107 +143,6 @@ def choose_probe(data: Data, size: int, seed: int, name: str = "train") -> Tuple
     return LabelledSet(x, y, tuple(indices)), n
 
 
-# --------------------------------------------------------------------------- losses
-
-
-@dataclass(frozen=True)
-class Loss:
-    """A loss ``fn(output, y) -> scalar`` and what its labels must look like.
-
-    Attributes:
-        name: ``"cross_entropy"``, ``"mse"`` or a description of the user's callable.
-        fn: the loss, mean-reduced over examples.
-        kind: ``"classification"`` (integer class labels), ``"regression"`` (float targets
-            of the output's shape) or None (a custom loss: labels are not checked).
-    """
-
-    name: str
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    kind: Optional[str]
-
-
-def resolve_loss(loss: Any) -> Loss:
-    """``"cross_entropy"``, ``"mse"``, ``nn.CrossEntropyLoss()``/``nn.MSELoss()`` (checked
-    like their names) or any callable ``loss(output, y)`` returning a scalar tensor."""
-    if isinstance(loss, str):
-        if loss == "cross_entropy":
-            return Loss(loss, F.cross_entropy, "classification")
-        if loss == "mse":
-            return Loss(loss, F.mse_loss, "regression")
-        options = ", ".join(repr(name) for name in LOSSES)
-        raise ValueError(f"loss must be one of {options} or a callable loss(output, y), got {loss!r}")
-    if not callable(loss):
-        raise TypeError(f"loss must be a string or a callable loss(output, y), got {type(loss).__name__}")
-    if isinstance(loss, nn.CrossEntropyLoss):
-        kind = "classification"
-    elif isinstance(loss, nn.MSELoss):
-        kind = "regression"
-    else:
-        kind = None
-    name = repr(loss) if isinstance(loss, nn.Module) else getattr(loss, "__qualname__", repr(loss))
-    return Loss(name, loss, kind)
-
-
-def check_targets(loss: Loss, output: torch.Tensor, y: torch.Tensor, name: str) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless the labels ``y`` (N, ...) suit ``loss``
-    for a model whose output on a batch is ``output`` (n, *out).
-
-    Cross-entropy needs integer class labels in [0, C) for outputs (n, C, ...); MSE needs
-    float targets with the output's per-example shape. Custom losses are not checked.
-    """
-    per_example = tuple(y.shape[1:])
-    if loss.kind == "classification":
-        if output.dim() < 2:
-            raise ValueError(
-                f"loss={loss.name!r} needs class scores of shape (N, C), but the model's "
-                f"output has shape {tuple(output.shape)}"
-            )
-        classes, expected = output.shape[1], tuple(output.shape[2:])
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise ValueError(
-                f"{name} has labels of dtype {y.dtype} but loss={loss.name!r} needs integer "
-                f"class labels (torch.long) in [0, {classes}); for float targets use loss='mse'"
-            )
-        if per_example != expected:
-            raise ValueError(
-                f"{name} has labels of shape {tuple(y.shape)} but loss={loss.name!r} with "
-                f"outputs (N, {classes}{''.join(f', {d}' for d in expected)}) needs labels of "
-                f"shape (N{''.join(f', {d}' for d in expected)})"
-            )
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= classes:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"{name} has class label {bad} but the model has {classes} outputs; "
-                f"loss={loss.name!r} needs labels in [0, {classes})"
-            )
-    elif loss.kind == "regression":
-        expected = tuple(output.shape[1:])
-        if not y.is_floating_point():
-            raise ValueError(
-                f"{name} has labels of dtype {y.dtype} but loss={loss.name!r} needs float "
-                f"targets of the output's shape (N, {', '.join(map(str, expected))}); for class "
-                "labels use loss='cross_entropy' or one-hot encode them"
-            )
-        if per_example != expected:
-            raise ValueError(
-                f"{name} has targets of shape {tuple(y.shape)} but the model's outputs are "
-                f"(N, {', '.join(map(str, expected))}); loss={loss.name!r} needs targets of "
-                "the output's shape"
-            )
-
-
-def has_classes(output: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether ``y`` are class labels for the scores ``output`` (n, C, ...), so that an
-    accuracy (argmax over dim 1) is defined."""
-    return (
-        output.dim() >= 2
-        and output.shape[1] > 1
-        and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
-        and tuple(y.shape[1:]) == tuple(output.shape[2:])
-    )
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -284,7 +171,7 @@ def evaluate(
         ``{"loss": float}``, plus ``"accuracy"`` (fraction of argmax hits) when the labels
         are classes.
     """
-    total_loss, correct, classes = 0.0, 0, None
+    total_loss, correct, entries, classes = 0.0, 0, 0, True
     for x, y in data.batches(EVAL_BATCH):
         x = map_inputs(x, lambda t: t.to(device))
         y = y.to(device)
@@ -296,14 +183,14 @@ def evaluate(
                 f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}"
             )
         total_loss += float(value) * y.shape[0]
-        if classes is None:
-            classes = has_classes(out, y)
+        labels = loss.class_labels(y, out) if classes else None
+        classes = labels is not None
         if classes:
-            correct += int((out.argmax(dim=1) == y).sum())
-    n = len(data)
-    result = {"loss": total_loss / n}
+            correct += int((out.argmax(dim=1) == labels).sum())
+            entries += labels.numel()
+    result = {"loss": total_loss / len(data)}
     if classes:
-        result["accuracy"] = correct / (n * max(1, data.y[0].numel()))
+        result["accuracy"] = correct / entries
     return result
 
 

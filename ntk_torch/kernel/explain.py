@@ -1,18 +1,13 @@
-"""``explain``: what ``empirical_ntk`` would do with the structured engine, and why."""
+"""What a kernel computation would do with the structured engine, and why: :class:`StructuredReport`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Tuple
 
-import torch
-from torch import nn
-
-from ...functional import Inputs, ParamGroup, ParamSelector, evaluation_context
-from ..api import TOTAL, measure, method_costs, prepare_request
-from ..tiling import plan_block_size
-from .engine import StructuredEngine
-from .terms import strategy_flops
+from .planning import KernelPlan
+from .structured import StructuredEngine
+from .structured.terms import strategy_flops
 
 
 @dataclass(frozen=True)
@@ -83,64 +78,43 @@ class StructuredReport:
         return "\n".join(lines)
 
 
-def explain(
-    model: nn.Module,
-    x1: Inputs,
-    x2: Optional[Inputs] = None,
-    *,
-    mode: str = "full",
-    method: str = "auto",
-    params: ParamSelector = None,
-    output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
-    per_layer: bool = False,
-    batch_size: Optional[int] = None,
-    memory_budget: Optional[Union[int, float, str]] = None,
-    dtype: Optional[torch.dtype] = None,
-    progress: bool = False,
-) -> StructuredReport:
-    """How the structured engine would compute ``empirical_ntk(model, x1, x2, ...)``.
+def structured_report(plan: KernelPlan, method: str) -> StructuredReport:
+    """The report of a plan computed with the structured engine; ``method`` is what the
+    caller's method option resolves to (``"auto"`` is resolved here from the plan's costs).
 
-    Takes the same arguments as :func:`ntk_torch.empirical_ntk` and computes no kernel:
-    it analyses the model (one forward pass on one and on two examples), and reports for
-    each module whose parameters a rule covers the rule, the strategy chosen for the
+    For each module whose parameters a rule covers: the rule, the strategy chosen for the
     planned block size (``"gram"``: feature Gram times cotangent Gram; ``"grads"``:
     per-example weight gradients then their Gram) with both strategies' estimated FLOPs
-    (Novak et al. 2022), which parameters fall back to Jacobian contraction and why, and
-    the method ``method`` resolves to. ``str(report)`` is a readable table.
+    (Novak et al. 2022); which parameters fall back to Jacobian contraction and why.
     """
-    request = prepare_request(
-        model, x1, x2, mode, method, params, output_fn, per_layer, batch_size, memory_budget, dtype, progress
-    )
-    fmodel, n1, n2, symmetric, budget = request.fmodel, request.n1, request.n2, request.symmetric, request.budget
-
-    with torch.no_grad(), evaluation_context(model, fmodel.device):
-        num_outputs, profile, plan = measure(fmodel, request.x1, n1, need_plan=True)
-        costs = method_costs(profile, mode, n1, n2, symmetric, plan, fmodel)
-        chosen = min(costs, key=costs.get) if method == "auto" else method
-        groups = fmodel.groups if per_layer else [ParamGroup(TOTAL, tuple(fmodel.params))]
-        engine = StructuredEngine(fmodel, mode, groups, profile, budget, plan=plan)
-        block = plan_block_size(engine, n1, n2, budget, batch_size)
-
-    b1, b2 = min(block, n1), min(block, n2)
-    strategies = engine.strategies(b1, b2, symmetric and b1 == n1)
-    terms = []
-    labels = engine.term_labels()
-    kinds = [(b.rule, b.module_types) for b in plan.bundles] + [
-        ("fallback (jacobian)", ()) for _ in plan.fallback
+    engine = plan.engine
+    if not isinstance(engine, StructuredEngine):
+        raise TypeError(f"a structured report needs a structured plan, got the {engine.name} engine")
+    costs = plan.costs()
+    chosen = min(costs, key=costs.get) if method == "auto" else method
+    structured = plan.analysis.plan
+    o, layout, block = plan.analysis.num_outputs, engine.layout, plan.block_size
+    b1, b2 = min(block, plan.n1), min(block, plan.n2)
+    same = plan.symmetric and b1 == plan.n1
+    strategies = engine.strategies(b1, b2, same)
+    kinds = [(b.rule, b.module_types) for b in structured.bundles] + [
+        ("fallback (jacobian)", ()) for _ in structured.fallback
     ]
+    terms = []
     for shape, (label, names), (rule, types), strategy, group in zip(
-        engine.term_shapes, labels, kinds, strategies, engine.term_groups
+        engine.term_shapes, engine.term_labels(), kinds, strategies, engine.term_groups
     ):
-        flops = strategy_flops(shape, mode, num_outputs, b1, b2, symmetric and b1 == n1)
         is_fallback = rule.startswith("fallback")
         terms.append(TermReport(
             modules="" if is_fallback else label,
             module_types=types,
             rule=rule,
             params=names,
-            group=groups[group].name,
+            group=plan.groups[group].name,
             strategy=strategy,
-            flops=flops,
-            reason=plan.fallback.get(names[0], "") if is_fallback else "",
+            flops=strategy_flops(shape, layout, o, b1, b2, same),
+            reason=structured.fallback.get(names[0], "") if is_fallback else "",
         ))
-    return StructuredReport(tuple(terms), dict(plan.fallback), chosen, costs, block, mode, n1, n2)
+    return StructuredReport(
+        tuple(terms), dict(structured.fallback), chosen, costs, block, layout.name, plan.n1, plan.n2
+    )

@@ -1,13 +1,13 @@
-"""A per-model cache of what ``empirical_ntk`` measures before computing a kernel.
+"""What a kernel computation measures before its first block, remembered per :class:`~.api.NTK`.
 
-Before the first block, ``empirical_ntk`` runs a few forward passes on one or two examples:
-the output size ``O``, the :class:`~.cost.ForwardProfile` (FLOPs, activation bytes) and,
-for the structured engine, the coverage analysis (:func:`.structured.analyse`). None of
-them depends on parameter *values* -- only on what the forward does with which tensors --
-so they are kept per model and reused while the model's structure, its tensors' identity
-and the inputs' feature shapes stay the same. This matters for small models and for the
-tracker, which measures the same probe set every few steps while the optimizer updates
-the parameters in place.
+Before the first block, an ``NTK`` runs a few forward passes on one or two examples: the
+output size ``O``, the :class:`~.cost.ForwardProfile` (FLOPs, activation bytes) and, for
+the structured engine, the coverage analysis (:func:`.structured.analyse`). None of them
+depends on parameter *values* -- only on what the forward does with which tensors -- so an
+:class:`AnalysisMemo` keeps them and reuses them while the model's structure, its
+tensors' identity and the inputs' feature shapes stay the same. This matters for small
+models and for the tracker, which measures the same probe set every few steps while the
+optimizer updates the parameters in place.
 
 The key (:func:`signature`) covers everything the measurements read:
 
@@ -20,10 +20,10 @@ The key (:func:`signature`) covers everything the measurements read:
 * the inputs' structure, feature shapes (all but the batch dimension), dtypes and devices,
   and ``min(N, 2)`` (the analysis looks at one and two examples).
 
-Entries hold no tensors and no strong reference to the model (modules are referred to by
-path and rebound on use), the cache holds the model weakly, and each model keeps at most
-:data:`MAX_ENTRIES` entries. :func:`clear_cache` empties it (e.g. after changing a custom
-module's behaviour through an attribute that ``extra_repr`` does not show).
+Entries hold no tensors and no modules (a structured plan refers to modules by path and
+is bound to the model again on use), and a memo keeps at most :data:`MAX_ENTRIES` of them
+(the most recently used). A custom module whose behaviour changes through an attribute that its
+``extra_repr`` does not show needs a new ``NTK`` (or :meth:`AnalysisMemo.clear`).
 """
 
 from __future__ import annotations
@@ -31,22 +31,18 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from ..functional import FunctionalModel, Inputs, input_tensors
+from ..functional import FunctionalModel, Inputs, input_tensors, slice_inputs
+from .cost import ForwardProfile, profile_forward
+from .structured import StructuredPlan, analyse
 
 MAX_ENTRIES = 4
-
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
-
-
-def clear_cache() -> None:
-    """Forget every cached analysis."""
-    _CACHE.clear()
 
 
 def _hook_keys(hooks: Dict) -> Tuple:
@@ -113,30 +109,62 @@ def signature(fmodel: FunctionalModel, x: Inputs, n: int) -> Hashable:
     )
 
 
-def lookup(model: nn.Module, key: Hashable) -> Optional[Dict[str, Any]]:
-    entries = _CACHE.get(model)
-    if entries is None or key not in entries:
-        return None
-    entries.move_to_end(key)
-    return entries[key]
+@dataclass(frozen=True)
+class Analysis:
+    """What one model and input shape cost, and which parameters the structured rules cover.
+
+    Attributes:
+        num_outputs: ``O``.
+        profile: the forward profile of one example.
+        plan: the structured engine's coverage (None until a method needs it).
+    """
+
+    num_outputs: int
+    profile: ForwardProfile
+    plan: Optional[StructuredPlan] = None
 
 
-def store(model: nn.Module, key: Hashable, entry: Dict[str, Any]) -> None:
-    entries = _CACHE.setdefault(model, OrderedDict())
-    entries[key] = entry
-    entries.move_to_end(key)
-    while len(entries) > MAX_ENTRIES:
-        entries.popitem(last=False)
+class AnalysisMemo:
+    """The :class:`Analysis` of the most recent :data:`MAX_ENTRIES` signatures."""
+
+    def __init__(self) -> None:
+        self._entries: "OrderedDict[Hashable, Analysis]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Forget every analysis."""
+        self._entries.clear()
+
+    def analyse(self, fmodel: FunctionalModel, x1: Inputs, n1: int, need_plan: bool) -> Analysis:
+        """``O``, the forward profile and (when ``need_plan``) the structured coverage, from
+        the first examples of ``x1``; reused while :func:`signature` is unchanged. The
+        caller provides eval mode and ``torch.no_grad``."""
+        key = signature(fmodel, x1, n1)
+        entry = self._entries.get(key)
+        if entry is None:
+            num_outputs = fmodel.output_size(slice_inputs(x1, 0, min(n1, 2)), min(n1, 2))
+            entry = Analysis(num_outputs, profile_forward(fmodel, slice_inputs(x1, 0, 1), num_outputs))
+        plan = None if entry.plan is None else _bind(entry.plan, fmodel.model)
+        if need_plan and plan is None:
+            plan = analyse(fmodel, x1, entry.num_outputs)
+        # Entries refer to modules by path: a module replaced later is not kept alive.
+        self._entries[key] = dataclasses.replace(entry, plan=None if plan is None else _detach(plan))
+        self._entries.move_to_end(key)
+        while len(self._entries) > MAX_ENTRIES:
+            self._entries.popitem(last=False)
+        return dataclasses.replace(entry, plan=plan)
 
 
-def detach_plan(plan):
-    """A copy of a :class:`~.structured.StructuredPlan` that refers to modules by path."""
+def _detach(plan: StructuredPlan) -> StructuredPlan:
+    """A copy of a plan that refers to modules by path only."""
     calls = {k: dataclasses.replace(c, module=None) for k, c in plan.calls.items()}
     return dataclasses.replace(plan, calls=calls)
 
 
-def bind_plan(plan, model: nn.Module):
-    """The plan of :func:`detach_plan` with its modules looked up in ``model`` again."""
+def _bind(plan: StructuredPlan, model: nn.Module) -> StructuredPlan:
+    """A plan of :func:`_detach` with its modules looked up in ``model`` again."""
     modules = dict(model.named_modules(remove_duplicate=False))
     calls = {k: dataclasses.replace(c, module=modules[k[0]]) for k, c in plan.calls.items()}
     return dataclasses.replace(plan, calls=calls)

@@ -1,10 +1,13 @@
-"""The tracker's forecast: the linearised model's training curve from the kernel at step 0.
+"""The forecast: the linearised model's training curve from the kernel at step 0.
 
-At step 0 the tracker builds a :class:`LinearisedForecast` over the training data (all of
-it up to ``max_points`` examples, else a seeded subset) from the optimizer's SGD
-hyperparameters; at each measurement it asks for the predicted train and test loss (and
-accuracy) at that step, computed with :func:`ntk_torch.predict.gd` — exactly what
-full-batch ``torch.optim.SGD`` on the linearised network gives (Lee et al. 2019).
+At step 0 the tracker (or ``ntk-torch predict``) builds a :class:`LinearisedForecast` over
+the training data (all of it up to ``max_points`` examples, else a seeded subset) from the
+optimizer's SGD hyperparameters; at each measurement it asks for the record fields at that
+step (:meth:`LinearisedForecast.fields`): the network's own loss on the forecast's points,
+the predicted train and test loss (and accuracy) computed by one
+:class:`ntk_torch.predict.LinearisedDynamics` — exactly what full-batch
+``torch.optim.SGD`` on the linearised network gives (Lee et al. 2019) — and the
+linearisation gaps.
 
 What cannot be modelled is named in a warning and no forecast is made: optimizers other
 than SGD (Adam, ...), parameter groups with different hyperparameters, dampening,
@@ -16,16 +19,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.func import jvp
 
-from . import predict
-from ._probe import LabelledSet, Loss, call_model, evaluate, has_classes
+from . import records
 from .functional import FunctionalModel, evaluation_context
-from .kernel import empirical_ntk
+from .kernel import NTK
+from .layout import FULL, TRACE
+from .losses import Loss
+from .predict import LinearisedDynamics, Prediction
+from .probe import LabelledSet, call_model, evaluate
+from .schedule import Schedule
 
 MAX_FULL_ENTRIES = 2**24
 """The prediction kernel is ``full`` (exact) while ``(N O)^2`` stays under this many
@@ -89,31 +96,6 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
-def _predict_loss(loss: Loss, output_shape: Sequence[int]) -> Any:
-    """The loss argument of ``predict.gd`` matching the tracker's loss."""
-    if loss.name in ("cross_entropy", "mse"):
-        return loss.name
-    if isinstance(loss.fn, nn.CrossEntropyLoss) and _is_plain(loss.fn, "cross_entropy"):
-        return "cross_entropy"
-    if isinstance(loss.fn, nn.MSELoss) and _is_plain(loss.fn, "mse"):
-        return "mse"
-
-    def reshaped(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss.fn(f.reshape(f.shape[0], *output_shape), y)
-
-    reshaped.__qualname__ = loss.name
-    return reshaped
-
-
-def _is_plain(module: nn.Module, kind: str) -> bool:
-    """A loss module with PyTorch's defaults (mean reduction, no weights/smoothing)."""
-    if module.reduction != "mean":
-        return False
-    if kind == "cross_entropy":
-        return module.weight is None and module.label_smoothing == 0.0 and module.ignore_index == -100
-    return True
-
-
 class LinearisedForecast:
     """Predicted losses of the linearised network at any step, from the kernel at step 0.
 
@@ -121,21 +103,23 @@ class LinearisedForecast:
         model: the module (unwrapped), at its initial parameters.
         points: the training examples the forecast covers (``N`` of them).
         test: optional test examples.
-        loss: the tracker's loss.
+        loss: the training loss.
         settings: the SGD hyperparameters.
         param_names: the parameters the optimizer trains (the kernel's parameters).
         output_fn: as for ``empirical_ntk``.
         approximate_points: whether ``points`` is a subset of the training data.
-        schedule_steps: ``stop -> [scheduled steps <= stop]``, the steps whose outputs a
-            trajectory keeps.
+        schedule: the measurement schedule, whose steps a trajectory keeps.
 
-    The trajectory is computed up to a horizon that doubles whenever a later step is asked
-    for, so a run of ``T`` steps costs ``O(T)`` kernel products in all; only the scheduled
-    steps' outputs are kept.
+    The kernel over ``points`` is ``full`` (exact) while ``(N O)^2`` stays under
+    :data:`MAX_FULL_ENTRIES`, else ``trace`` (the isotropic approximation). The trajectory
+    is computed up to a horizon that doubles whenever a later step is asked for, so a run
+    of ``T`` steps costs ``O(T)`` kernel products in all, with one eigendecomposition;
+    only the scheduled steps' outputs are kept.
     """
 
     def __init__(
         self,
+        *,
         model: nn.Module,
         points: LabelledSet,
         test: Optional[LabelledSet],
@@ -144,51 +128,53 @@ class LinearisedForecast:
         param_names: Sequence[str],
         output_fn: Optional[Callable[[Any], torch.Tensor]],
         approximate_points: bool,
-        schedule_steps: Callable[[int], List[int]],
+        schedule: Schedule,
     ) -> None:
         self.settings = settings
         self.points = points
         self.test = test
-        self._loss = loss
-        self._schedule_steps = schedule_steps
+        self.loss = loss
+        self.output_fn = output_fn
+        self.schedule = schedule
         device = next(model.parameters()).device
         with torch.no_grad(), evaluation_context(model, device):
             f0 = call_model(model, points.x, output_fn)
             f0_test = call_model(model, test.x, output_fn) if test is not None else None
-        self.classes = has_classes(f0, points.y)
-        num_outputs = f0[0].numel()
         if loss.kind == "classification" and f0.dim() != 2:
             raise ValueError(
                 f"predictions with {loss.name!r} need outputs (N, C); the model's are {tuple(f0.shape)}"
             )
-        n = len(points)
-        self.kernel_mode = "full" if (n * num_outputs) ** 2 <= MAX_FULL_ENTRIES else "trace"
-        common = dict(
-            mode=self.kernel_mode, params=list(param_names), output_fn=output_fn, dtype=torch.float64
-        )
-        self._k_train = empirical_ntk(model, points.x, **common)
-        self._k_test = empirical_ntk(model, test.x, points.x, **common) if test is not None else None
-        self._f0 = f0.reshape(n, -1).double()
-        self._f0_test = f0_test.reshape(len(test), -1).double() if test is not None else None
-        self._y = self._targets(points.y)
-        self._y_test = self._targets(test.y) if test is not None else None
-        self._jtheta0 = self._jtheta0_test = None
+        self.classes = loss.class_labels(points.y, f0) is not None
+        n, num_outputs = len(points), f0[0].numel()
+        layout = FULL if (n * num_outputs) ** 2 <= MAX_FULL_ENTRIES else TRACE
+        self.kernel_mode = layout.name
+        kernel = NTK(model, mode=layout.name, params=list(param_names), output_fn=output_fn, dtype=torch.float64)
+        jtheta0 = jtheta0_test = None
         if settings.weight_decay > 0:
             fmodel = FunctionalModel(model, params=list(param_names), output_fn=output_fn, dtype=torch.float64)
             with torch.no_grad(), evaluation_context(model, device):
-                self._jtheta0 = _jtheta0(fmodel, points.x)
-                self._jtheta0_test = _jtheta0(fmodel, test.x) if test is not None else None
-        self._predict_loss = _predict_loss(loss, tuple(f0.shape[1:]))
-        self.approximate = approximate_points or self.kernel_mode == "trace"
+                jtheta0 = _jtheta0(fmodel, points.x)
+                jtheta0_test = _jtheta0(fmodel, test.x) if test is not None else None
+        self.dynamics = LinearisedDynamics(
+            kernel(points.x),
+            self._targets(points.y),
+            f0.reshape(n, -1).double(),
+            loss=loss.for_outputs(tuple(f0.shape[1:])),
+            k_test_train=kernel(test.x, points.x) if test is not None else None,
+            f0_test=f0_test.reshape(len(test), -1).double() if test is not None else None,
+            y_test=self._targets(test.y) if test is not None else None,
+            jtheta0=jtheta0,
+            jtheta0_test=jtheta0_test,
+        )
+        self.approximate = approximate_points or layout is TRACE
         self.approximate_points = approximate_points
         self._horizon = -1
-        self._trajectory: Optional[predict.Prediction] = None
+        self._trajectory: Optional[Prediction] = None
         self._positions: Dict[int, int] = {}
-        self.initial_train_loss: Optional[float] = None
-        self.initial_test_loss: Optional[float] = None
+        self._initial_losses: Dict[str, Optional[float]] = {}
 
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
-        if self._loss.kind == "regression":
+        if self.loss.kind == "regression":
             return y.reshape(y.shape[0], -1).double()
         return y
 
@@ -198,7 +184,7 @@ class LinearisedForecast:
             "points": len(self.points),
             "indices": list(self.points.indices) if self.approximate_points else None,
             "approximate": self.approximate,
-            "approximation": "isotropic" if self.kernel_mode == "trace" else "exact",
+            "approximation": self.dynamics.problem.approximation,
             "kernel_mode": self.kernel_mode,
             "lr": self.settings.lr,
             "momentum": self.settings.momentum,
@@ -210,67 +196,62 @@ class LinearisedForecast:
     def max_learning_rate(self) -> Optional[float]:
         """The largest stable lr of the linearised model under this loss and momentum
         (:func:`ntk_torch.predict.max_learning_rate`); None for a custom loss."""
-        if not isinstance(self._predict_loss, str):
+        if self.dynamics.loss.closed_form is None:
             return None
         s = self.settings
-        return float(
-            predict.max_learning_rate(
-                self._k_train,
-                loss=self._predict_loss,
-                momentum=s.momentum,
-                nesterov=s.nesterov,
-                weight_decay=s.weight_decay,
-                n_outputs=self._f0.shape[1],
-            )
-        )
+        return float(self.dynamics.max_learning_rate(
+            momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay
+        ))
 
     def at(self, step: int) -> Dict[str, Optional[float]]:
-        """Predicted ``train_loss``/``test_loss`` (and accuracies) at optimizer step ``step``."""
+        """Predicted ``train``/``test`` loss (and accuracies) at optimizer step ``step``,
+        under their record field names."""
         if step > self._horizon:
             self._extend(max(2 * self._horizon, step, MIN_HORIZON))
         trajectory, position = self._trajectory, self._positions.get(step)
         if position is None:  # a step off the schedule (tracker.measure()): one-off
             trajectory, position = self._compute(step, [step]), 0
         fields = {
-            "predicted_train_loss": float(trajectory.train_loss[position]),
-            "predicted_test_loss": _item(trajectory.test_loss, position),
+            records.predicted("train"): float(trajectory.train_loss[position]),
+            records.predicted("test"): _item(trajectory.test_loss, position),
         }
         if self.classes:
-            fields["predicted_train_accuracy"] = _item(trajectory.train_accuracy, position)
-            fields["predicted_test_accuracy"] = _item(trajectory.test_accuracy, position)
+            fields[records.predicted("train", "accuracy")] = _item(trajectory.train_accuracy, position)
+            fields[records.predicted("test", "accuracy")] = _item(trajectory.test_accuracy, position)
         return fields
 
     def _extend(self, horizon: int) -> None:
-        steps = sorted(set(self._schedule_steps(horizon)) | {0})
+        steps = sorted(set(self.schedule.steps_until(horizon)) | {0})
         self._trajectory = self._compute(horizon, steps)
         self._positions = {s: i for i, s in enumerate(steps)}
         self._horizon = horizon
 
-    def _compute(self, horizon: int, steps: List[int]) -> predict.Prediction:
+    def _compute(self, horizon: int, steps: List[int]) -> Prediction:
         s = self.settings
-        return predict.gd(
-            self._k_train,
-            self._y,
-            self._f0,
-            lr=s.lr,
-            steps=horizon,
-            loss=self._predict_loss,
-            momentum=s.momentum,
-            nesterov=s.nesterov,
-            weight_decay=s.weight_decay,
-            jtheta0=self._jtheta0,
-            k_test_train=self._k_test,
-            f0_test=self._f0_test,
-            y_test=self._y_test,
-            jtheta0_test=self._jtheta0_test,
-            record_steps=steps,
+        return self.dynamics.gd(
+            lr=s.lr, steps=horizon, momentum=s.momentum, nesterov=s.nesterov,
+            weight_decay=s.weight_decay, record_steps=steps,
         )
 
-    def actual(self, model: nn.Module, output_fn, device: torch.device) -> Dict[str, float]:
-        """The network's own loss (and accuracy) on the forecast's training points."""
+    def fields(self, step: int, model: nn.Module, device: torch.device, measured: Mapping[str, Any]) -> Dict[str, Any]:
+        """The record fields of the forecast at ``step``: the network's own loss (and
+        accuracy) on the forecast's training points, the predictions (:meth:`at`) and the
+        linearisation gaps ``|actual - predicted| / actual at step 0`` on the training
+        points and, when ``measured`` holds the test loss, on the test set. The losses at
+        the first call are the reference."""
         with torch.no_grad(), evaluation_context(model, device):
-            result = evaluate(model, self.points, self._loss, output_fn, device)
-        return {f"train_{key}": value for key, value in result.items()}
+            result = evaluate(model, self.points, self.loss, self.output_fn, device)
+        fields: Dict[str, Any] = {records.actual("train", key): value for key, value in result.items()}
+        fields.update(self.at(step))
+        actual = {**measured, **fields}
+        if not self._initial_losses:
+            self._initial_losses = {split: actual.get(records.actual(split)) for split in records.FORECAST_SPLITS}
+        for split in records.FORECAST_SPLITS:
+            fields[records.gap(split)] = linearisation_gap(
+                actual.get(records.actual(split)), actual.get(records.predicted(split)),
+                self._initial_losses.get(split),
+            )
+        return fields
 
 
 def _item(values: Optional[torch.Tensor], position: int) -> Optional[float]:
