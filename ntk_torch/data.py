@@ -51,10 +51,11 @@ from ._options import (
     is_import_path,
     lookup,
 )
+from .losses import CLASSIFICATION, REGRESSION
 
 __all__ = ["DATASETS", "TASKS", "DataSplit", "custom", "digits", "load", "sine", "teacher"]
 
-TASKS = ("classification", "regression")
+TASKS = (CLASSIFICATION, REGRESSION)
 
 
 # --------------------------------------------------------------------------- DataSplit
@@ -115,7 +116,7 @@ class DataSplit:
                 f"{tuple(self.y_train.shape[1:])}"
             )
         check_choice("task", self.task, TASKS)
-        if self.task == "classification":
+        if self.task == CLASSIFICATION:
             self._check_labels()
         else:
             self._check_targets()
@@ -188,7 +189,7 @@ class DataSplit:
     @property
     def output_dim(self) -> int:
         """The outputs a model needs: ``num_classes`` (logits), or ``O`` for regression."""
-        if self.task == "classification":
+        if self.task == CLASSIFICATION:
             return int(self.num_classes)  # type: ignore[arg-type]
         return math.prod(self.y_train.shape[1:])
 
@@ -282,7 +283,7 @@ def digits(
         y_train=torch.as_tensor(y_train, dtype=torch.int64),
         x_test=torch.as_tensor(x_test, dtype=dtype).reshape(-1, *shape),
         y_test=torch.as_tensor(y_test, dtype=torch.int64),
-        task="classification",
+        task=CLASSIFICATION,
         num_classes=num_classes,
         name="digits",
         info={
@@ -397,20 +398,7 @@ def teacher(
     dtype = check_dtype("dtype", dtype)
 
     weights_rng, train_rng, test_rng, noise_rng = _streams(seed, 4)
-    sizes = [input_dim] + [width] * depth + [output_dim]
-    layers = [
-        (weights_rng.standard_normal((fan_out, fan_in)), weights_rng.standard_normal(fan_out))
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:])
-    ]
-    phi, gain = _ACTIVATIONS_NP[activation], _TEACHER_GAINS[activation]
-
-    def target(x: np.ndarray) -> np.ndarray:
-        h = x
-        for index, (w, b) in enumerate(layers):
-            scale = 1.0 if index == depth else gain  # the readout is linear
-            z = scale * h @ w.T / math.sqrt(w.shape[1]) + _TEACHER_BIAS * b
-            h = z if index == depth else phi(z)
-        return h
+    target = _teacher_network(weights_rng, [input_dim] + [width] * depth + [output_dim], activation)
 
     def draw(rng: np.random.Generator, n: int) -> np.ndarray:
         x = rng.standard_normal((n, input_dim))
@@ -425,7 +413,7 @@ def teacher(
         y_train=torch.as_tensor(y_train, dtype=dtype),
         x_test=torch.as_tensor(x_test, dtype=dtype),
         y_test=torch.as_tensor(target(x_test), dtype=dtype),
-        task="regression",
+        task=REGRESSION,
         name="teacher",
         info={
             "teacher": f"NTK-parametrised MLP, {depth} hidden layer(s) of {width} {activation} units",
@@ -435,6 +423,29 @@ def teacher(
             "seed": seed,
         },
     )
+
+
+def _teacher_network(
+    rng: np.random.Generator, sizes: Sequence[int], activation: str
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The teacher of :func:`teacher`: an NTK-parametrised MLP with layer widths ``sizes``
+    (input first), weights and biases drawn from ``rng``, a linear readout."""
+    layers = [
+        (rng.standard_normal((fan_out, fan_in)), rng.standard_normal(fan_out))
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:])
+    ]
+    phi, gain = _ACTIVATIONS_NP[activation], _TEACHER_GAINS[activation]
+    readout = len(layers) - 1
+
+    def target(x: np.ndarray) -> np.ndarray:
+        h = x
+        for index, (w, b) in enumerate(layers):
+            scale = 1.0 if index == readout else gain  # the readout is linear
+            z = scale * h @ w.T / math.sqrt(w.shape[1]) + _TEACHER_BIAS * b
+            h = z if index == readout else phi(z)
+        return h
+
+    return target
 
 
 # --------------------------------------------------------------------------- sine
@@ -490,7 +501,7 @@ def sine(
         y_train=torch.as_tensor(y_train, dtype=dtype),
         x_test=torch.as_tensor(x_test, dtype=dtype),
         y_test=torch.as_tensor(np.sin(frequency * x_test), dtype=dtype),
-        task="regression",
+        task=REGRESSION,
         name="sine",
         info={
             "interval": [low, high],
@@ -570,9 +581,9 @@ def custom(path: str, /, **kwargs: Any) -> DataSplit:
             "or floating targets (regression)"
         )
     if y_train.is_floating_point():
-        task, num_classes = "regression", None
+        task, num_classes = REGRESSION, None
     else:
-        task = "classification"
+        task = CLASSIFICATION
         y_train, y_test = y_train.long(), y_test.long()
         num_classes = int(max(y_train.max(), y_test.max())) + 1 if y_train.numel() else 1
     try:

@@ -29,7 +29,7 @@ from . import records
 from .functional import FunctionalModel, evaluation_context
 from .kernel import NTK
 from .layout import FULL, TRACE
-from .losses import Loss
+from .losses import CLASSIFICATION, REGRESSION, Loss
 from .predict import LinearisedDynamics, Prediction
 from .probe import LabelledSet, call_model, evaluate
 from .schedule import Schedule
@@ -140,7 +140,7 @@ class LinearisedForecast:
         with torch.no_grad(), evaluation_context(model, device):
             f0 = call_model(model, points.x, output_fn)
             f0_test = call_model(model, test.x, output_fn) if test is not None else None
-        if loss.kind == "classification" and f0.dim() != 2:
+        if loss.kind == CLASSIFICATION and f0.dim() != 2:
             raise ValueError(
                 f"predictions with {loss.name!r} need outputs (N, C); the model's are {tuple(f0.shape)}"
             )
@@ -174,7 +174,7 @@ class LinearisedForecast:
         self._initial_losses: Dict[str, Optional[float]] = {}
 
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
-        if self.loss.kind == "regression":
+        if self.loss.kind == REGRESSION:
             return y.reshape(y.shape[0], -1).double()
         return y
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CROSS_ENTROPY", "KNOWN_LOSSES", "Loss", "LossArg", "MSE", "resolve"]
+__all__ = ["CLASSIFICATION", "CROSS_ENTROPY", "KNOWN_LOSSES", "Loss", "LossArg", "MSE", "REGRESSION", "resolve"]
 
 LossArg = Union[str, Callable[[Tensor, Tensor], Tensor]]
 
@@ -38,6 +38,7 @@ KNOWN_LOSSES: Tuple[str, ...] = ("mse", "cross_entropy")
 """The losses known by name (a callable ``loss(output, y)`` is accepted too)."""
 
 CLASSIFICATION, REGRESSION = "classification", "regression"
+"""The kinds of task a loss is for; a data set's ``task`` is one of them."""
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from .errors import NonFiniteKernelError
 from .forecast import LinearisedForecast, current_lr, sgd_settings
 from .functional import ParamSelector, evaluation_context
 from .kernel import NTK
-from .losses import resolve
+from .losses import CLASSIFICATION, resolve
 from .probe import Data, LabelledSet, choose_probe, evaluate, load_set, sample_output
 from .runs import KEEP_KERNELS, Run, RunWriter, load_run
 from .schedule import Schedule
@@ -283,7 +283,7 @@ class NTKTracker:
     def _class_labels(self) -> Optional[List[int]]:
         """The probe's class labels (for figures sorted by class), when it has classes."""
         y = self.probe.y
-        if self.loss.kind == "classification" and y.dim() == 1:
+        if self.loss.kind == CLASSIFICATION and y.dim() == 1:
             return y.tolist()
         return None
 

@@ -210,8 +210,56 @@ def _call_shapes(calls) -> Dict[CallKey, Optional[Tuple[Tuple[int, ...], Tuple[i
 
 def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredPlan:
     """Decide coverage and build the bundles, from the first examples of ``x``."""
-    model = fmodel.model
-    owners = _owners(model, fmodel)
+    owners = _owners(fmodel.model, fmodel)
+    fallback, hooked = _rule_candidates(owners)
+    candidates = [n for n in owners if n not in fallback]
+    # Drop modules owning no parameter that might still be covered.
+    needed = {id(m) for n in candidates for _, m, _ in owners[n]}
+    hooked = {m: v for m, v in hooked.items() if id(m) in needed}
+    module_at = {path: module for module, (path, _) in hooked.items()}
+
+    one = slice_inputs(x, 0, 1)
+    hooks = _Hooks(hooked)
+    watched = {id(fmodel.params[name]): name for name in candidates}
+    owner_ids = {name: {id(m) for _, m, _ in owners[name]} for name in candidates}
+    watcher = _UseWatcher(hooks, watched, owner_ids)
+    calls_one, bad_calls = _observe_calls(fmodel, x, hooks, watcher, module_at)
+
+    calls_of: Dict[int, List[CallKey]] = {}
+    for key, _, _ in calls_one:
+        calls_of.setdefault(id(module_at[key[0]]), []).append(key)
+    order = [key for key, _, _ in calls_one]
+    roles: Dict[str, Dict[CallKey, str]] = {}
+    for name in candidates:
+        reason = watcher.outside.get(name)
+        keys: Dict[CallKey, str] = {}
+        for _, module, attr in owners[name]:
+            reason = reason or bad_calls.get(id(module))
+            for key in calls_of.get(id(module), []):
+                keys[key] = attr
+        if reason is None and not keys:
+            reason = "its module is never called"
+        if reason is not None:
+            fallback[name] = reason
+        else:
+            roles[name] = dict(sorted(keys.items(), key=lambda kv: order.index(kv[0])))
+
+    calls = {}
+    for key, _, output in calls_one:
+        if any(key in r for r in roles.values()):
+            module = module_at[key[0]]
+            calls[key] = CallSite(key, module, hooked[module][1], tuple(output.shape))
+    kept = {n: fallback[n] for n in fmodel.params if n in fallback}
+    plan = StructuredPlan(calls, _bundles(roles, calls), kept, roles)
+    _measure_bundles(plan, fmodel, one, num_outputs)
+    return plan
+
+
+def _rule_candidates(
+    owners: Dict[str, List[Tuple[str, nn.Module, str]]]
+) -> Tuple[Dict[str, str], Dict[nn.Module, Tuple[str, Rule]]]:
+    """``(fallback, hooked)``: why each parameter no rule can cover falls back, and the
+    modules (with path and rule) whose calls must be watched for the others."""
     fallback: Dict[str, str] = {}
     hooked: Dict[nn.Module, Tuple[str, Rule]] = {}
     for name, places in owners.items():
@@ -227,18 +275,21 @@ def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredP
                 fallback.setdefault(name, f"{type(module).__name__} rule does not apply: {rule.applies(module)}")
             else:
                 hooked.setdefault(module, (path, rule))
-    # Drop modules owning no parameter that might still be covered.
-    candidates = [n for n in owners if n not in fallback]
-    needed = {id(m) for n in candidates for _, m, _ in owners[n]}
-    hooked = {m: v for m, v in hooked.items() if id(m) in needed}
+    return fallback, hooked
 
+
+def _observe_calls(
+    fmodel: FunctionalModel,
+    x: Inputs,
+    hooks: _Hooks,
+    watcher: _UseWatcher,
+    module_at: Dict[str, nn.Module],
+) -> Tuple[List[Tuple[CallKey, Tuple, torch.Tensor]], Dict[int, str]]:
+    """The hooked calls of a forward pass on one example, and for each module whose calls
+    are not batched on dim 0 (compared with a pass on two examples) the reason."""
     n = batch_size(x, "x1")
     one = slice_inputs(x, 0, 1)
     two = slice_inputs(x, 0, 2) if n >= 2 else map_inputs(one, lambda t: torch.cat([t, t]))
-    hooks = _Hooks(hooked)
-    watched = {id(fmodel.params[name]): name for name in candidates}
-    owner_ids = {name: {id(m) for _, m, _ in owners[name]} for name in candidates}
-    watcher = _UseWatcher(hooks, watched, owner_ids)
     with hooks.attach(), watcher:
         fmodel(fmodel.params, one)
     calls_one = list(hooks.calls)
@@ -250,45 +301,16 @@ def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredP
     bad_calls: Dict[int, str] = {}
     for key, shape in shapes_one.items():
         other = shapes_two.get(key)
-        module = next(m for m, (p, _) in hooked.items() if p == key[0])
+        module = module_at[key[0]]
         if shape is None or other is None:
             bad_calls.setdefault(id(module), "its call does not map a Tensor to a floating Tensor")
         elif not (shape[0][0] == 1 and shape[1][0] == 1 and other[0][0] == 2 and other[1][0] == 2
                   and shape[0][1:] == other[0][1:] and shape[1][1:] == other[1][1:]):
             bad_calls.setdefault(id(module), "its input or output is not batched on dim 0")
     if len(shapes_two) != len(shapes_one):
-        for module in hooked:
+        for module in module_at.values():
             bad_calls.setdefault(id(module), "the module calls depend on the batch")
-
-    calls_of: Dict[int, List[CallKey]] = {}
-    for key, _, _ in calls_one:
-        module = next(m for m, (p, _) in hooked.items() if p == key[0])
-        calls_of.setdefault(id(module), []).append(key)
-
-    roles: Dict[str, Dict[CallKey, str]] = {}
-    for name in candidates:
-        reason = watcher.outside.get(name)
-        keys: Dict[CallKey, str] = {}
-        for _, module, attr in owners[name]:
-            reason = reason or bad_calls.get(id(module))
-            for key in calls_of.get(id(module), []):
-                keys[key] = attr
-        if reason is None and not keys:
-            reason = "its module is never called"
-        if reason is not None:
-            fallback[name] = reason
-        else:
-            roles[name] = dict(sorted(keys.items(), key=lambda kv: [c[0] for c in calls_one].index(kv[0])))
-
-    calls = {}
-    for key, args, output in calls_one:
-        if any(key in r for r in roles.values()):
-            module = next(m for m, (p, _) in hooked.items() if p == key[0])
-            calls[key] = CallSite(key, module, hooked[module][1], tuple(output.shape))
-
-    plan = StructuredPlan(calls, _bundles(roles, calls), {n: fallback[n] for n in fmodel.params if n in fallback}, roles)
-    _measure_bundles(plan, fmodel, one, num_outputs)
-    return plan
+    return calls_one, bad_calls
 
 
 def _bundles(roles: Dict[str, Dict[CallKey, str]], calls: Dict[CallKey, CallSite]) -> List[Bundle]:
