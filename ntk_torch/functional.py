@@ -111,14 +111,16 @@ def map_inputs(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
     return tuple(fn(t) for t in x)
 
 
-def call_arguments(x: Inputs) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
-    """``(args, kwargs)`` of the model call for ``x``: ``model(x)`` for a Tensor,
-    ``model(*x)`` for a tuple, ``model(**x)`` for a dict."""
-    if isinstance(x, torch.Tensor):
-        return (x,), {}
+def call_arguments(x: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """``(args, kwargs)`` of the model call for ``x``: ``model(*x)`` for a tuple or list,
+    ``model(**x)`` for a dict (any ``Mapping``), ``model(x)`` for a Tensor or any other
+    object (which only :class:`~ntk_torch.linearize.LinearizedModel` lets through; the
+    kernels check their inputs first)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
     if isinstance(x, Mapping):
         return (), dict(x)
-    return tuple(x), {}
+    return (x,), {}
 
 
 def select_output(out: Any, output_fn: Optional[Callable[[Any], torch.Tensor]]) -> torch.Tensor:
