@@ -11,7 +11,9 @@ Every kernel engine works on a :class:`FunctionalModel`, which
   flattens the output to ``(N, O)``.
 
 :func:`evaluation_context` puts the module in eval mode and forks the RNG for the duration
-of a kernel computation, restoring both afterwards, also on error.
+of a kernel computation or a forward pass of :class:`~ntk_torch.linearize.LinearizedModel`,
+restoring both afterwards, also on error; :func:`call_arguments` is the call convention
+both use.
 """
 
 from __future__ import annotations
@@ -323,6 +325,9 @@ def evaluation_context(model: nn.Module, device: torch.device) -> Iterator[None]
     inference fast path of ``nn.TransformerEncoderLayer``/``nn.MultiheadAttention`` is
     switched off and scaled dot-product attention runs on its math backend: the fused
     kernels have no forward-mode derivative and no batching rule for ``vmap``.
+
+    Autograd stays as the caller has it: the kernels wrap the block in ``torch.no_grad()``,
+    :class:`~ntk_torch.linearize.LinearizedModel` backpropagates through it.
     """
     modes = [(m, m.training) for m in model.modules()]
     devices = [device] if device.type == "cuda" else []
