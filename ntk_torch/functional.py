@@ -11,7 +11,9 @@ Every kernel engine works on a :class:`FunctionalModel`, which
   flattens the output to ``(N, O)``.
 
 :func:`evaluation_context` puts the module in eval mode and forks the RNG for the duration
-of a kernel computation, restoring both afterwards, also on error.
+of a kernel computation or a forward pass of :class:`~ntk_torch.linearize.LinearizedModel`,
+restoring both afterwards, also on error; :func:`call_arguments` is the call convention
+both use.
 """
 
 from __future__ import annotations
@@ -111,14 +113,16 @@ def map_inputs(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
     return tuple(fn(t) for t in x)
 
 
-def call_arguments(x: Inputs) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
-    """``(args, kwargs)`` of the model call for ``x``: ``model(x)`` for a Tensor,
-    ``model(*x)`` for a tuple, ``model(**x)`` for a dict."""
-    if isinstance(x, torch.Tensor):
-        return (x,), {}
+def call_arguments(x: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """``(args, kwargs)`` of the model call for ``x``: ``model(*x)`` for a tuple or list,
+    ``model(**x)`` for a dict (any ``Mapping``), ``model(x)`` for a Tensor or any other
+    object (which only :class:`~ntk_torch.linearize.LinearizedModel` lets through; the
+    kernels check their inputs first)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
     if isinstance(x, Mapping):
         return (), dict(x)
-    return tuple(x), {}
+    return (x,), {}
 
 
 def select_output(out: Any, output_fn: Optional[Callable[[Any], torch.Tensor]]) -> torch.Tensor:
@@ -321,6 +325,9 @@ def evaluation_context(model: nn.Module, device: torch.device) -> Iterator[None]
     inference fast path of ``nn.TransformerEncoderLayer``/``nn.MultiheadAttention`` is
     switched off and scaled dot-product attention runs on its math backend: the fused
     kernels have no forward-mode derivative and no batching rule for ``vmap``.
+
+    Autograd stays as the caller has it: the kernels wrap the block in ``torch.no_grad()``,
+    :class:`~ntk_torch.linearize.LinearizedModel` backpropagates through it.
     """
     modes = [(m, m.training) for m in model.modules()]
     devices = [device] if device.type == "cuda" else []

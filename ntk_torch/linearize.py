@@ -17,12 +17,13 @@ gradient of the linear model.
 
 from __future__ import annotations
 
-import contextlib
 from functools import reduce
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .functional import call_arguments, evaluation_context
 
 __all__ = ["linearize", "LinearizedModel"]
 
@@ -67,13 +68,25 @@ class LinearizedModel(nn.Module):
 
     **Mode.** The linearisation is of the model in eval mode — BatchNorm on its running
     statistics, Dropout off — so that ``f_lin(x)`` depends on ``x`` alone and matches the
-    kernels of :func:`ntk_torch.empirical_ntk`, which are computed the same way. Each
-    forward pass puts the model in eval mode and then restores every submodule's own
-    ``training`` flag, also on error; ``lin.train()``/``lin.eval()`` change nothing.
+    kernels of :func:`ntk_torch.empirical_ntk`: each forward pass runs in the same
+    :func:`ntk_torch.functional.evaluation_context`. The model is put in eval mode and
+    every submodule's own ``training`` flag is restored afterwards, also on error;
+    ``lin.train()``/``lin.eval()`` change nothing. The fused attention kernels of
+    ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer``, which have no forward-mode
+    derivative, are switched off for the duration.
 
-    **Inputs.** ``lin(x)`` with ``x`` a Tensor calls ``model(x)``; a tuple calls
-    ``model(*x)`` and a dict ``model(**x)``; several arguments are passed on as they are.
-    The output has the model's output structure (Tensor, tuple or dict of Tensors).
+    **Randomness.** A forward pass draws from a fork of the global RNG (CPU, and the CUDA
+    device of ``lin``'s parameters), so it never advances the global streams: training
+    ``lin`` consumes no random numbers, and a model that does draw in eval mode sees the
+    same numbers on every call until something else advances the global RNG.
+
+    **Inputs.** The call convention of :func:`ntk_torch.functional.call_arguments`, as for
+    :func:`ntk_torch.empirical_ntk`: ``lin(x)`` with ``x`` a tuple or list calls
+    ``model(*x)``, a dict ``model(**x)``, a Tensor (or anything else) ``model(x)``.
+    Several positional or any keyword arguments are passed on as they are:
+    ``lin(a, b, mask=m)`` calls ``model(a, b, mask=m)``. The output has the model's output
+    structure (Tensor, tuple or dict of Tensors), each Tensor ``(N, *out)`` as the
+    model's.
 
     Args:
         model: the network; its current parameters are θ0.
@@ -111,7 +124,11 @@ class LinearizedModel(nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """``f(x; θ0) + J(x; θ0)(θ - θ0)``, with the model's output structure."""
+        """``f(x; θ0) + J(x; θ0)(θ - θ0)``, with the model's output structure.
+
+        One ``torch.func.jvp`` at θ0 with tangent ``θ - θ0``; gradients reach this
+        module's parameters through the tangent, giving ``J(x; θ0)ᵀ ∇_f L``.
+        """
         theta0 = self._initial_parameters()
         delta = {name: _lookup(self, name) - theta0[name] for name in self._trainable_names}
         output, change = self._jvp(args, kwargs, theta0, delta)
@@ -122,8 +139,8 @@ class LinearizedModel(nn.Module):
 
         This is what :func:`ntk_torch.predict.gd` needs as ``jtheta0`` / ``jtheta0_test``
         under weight decay, whose gradient ``wd θ = wd (θ0 + δ)`` moves the outputs by
-        ``J θ0`` as well as ``J δ``; reshape it to ``(N, O)``. Inputs as for
-        :meth:`forward`.
+        ``J θ0`` as well as ``J δ``. It has the model's output structure, each Tensor
+        ``(N, *out)``; reshape it to ``(N, O)``. Inputs as for :meth:`forward`.
         """
         theta0 = self._initial_parameters()
         with torch.no_grad():
@@ -144,15 +161,19 @@ class LinearizedModel(nn.Module):
         primals: Dict[str, Tensor],
         tangents: Dict[str, Tensor],
     ) -> Tuple[Any, Any]:
-        args, kwargs = _call_arguments(args, kwargs)
+        """``(f(x; primals), J(x; primals) tangents)`` in the evaluation context, both with
+        the model's output structure; ``x`` is the call's ``(args, kwargs)``."""
+        if len(args) == 1 and not kwargs:
+            args, kwargs = call_arguments(args[0])
         reference = getattr(self, _REFERENCE)
         fixed = {name: _lookup(reference, name) for name in self._fixed_names}
         model = self._wrapped_model
+        device = next(iter(primals.values())).device
 
         def f(parameters: Dict[str, Tensor]) -> Any:
             return torch.func.functional_call(model, {**parameters, **fixed}, args, kwargs)
 
-        with _eval_mode(model):
+        with evaluation_context(model, device):
             return torch.func.jvp(f, (primals,), (tangents,))
 
 
@@ -186,31 +207,6 @@ def _lookup(root: nn.Module, name: str) -> Tensor:
     # getattr, not get_parameter: under torch.func.functional_call(lin, ...) the
     # parameters are plain tensors.
     return reduce(getattr, name.split("."), root)
-
-
-def _call_arguments(
-    args: Tuple[Any, ...], kwargs: Dict[str, Any]
-) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-    """The library's input convention: a tuple is positional, a dict keyword arguments."""
-    if len(args) == 1 and not kwargs:
-        (x,) = args
-        if isinstance(x, tuple):
-            return x, {}
-        if isinstance(x, dict):
-            return (), dict(x)
-    return args, kwargs
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then each submodule's own ``training`` flag back."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _map(fn: Any, first: Any, *rest: Any) -> Any:

@@ -9,7 +9,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
+import test_kernel_hygiene as hygiene
+from ntk_torch.functional import call_arguments, map_inputs
 from ntk_torch.linearize import LinearizedModel, linearize
+from reference import jacobian_rows
+from zoo import ZOO_NAMES, ZooCase, make_zoo
 
 DTYPE = torch.float64
 
@@ -296,3 +300,114 @@ def test_bad_models_get_clear_errors():
     clash.linearization_point = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="named 'linearization_point'"):
         linearize(clash)
+
+
+def test_list_inputs_and_keyword_arguments_follow_the_library_convention():
+    model, x, z = make(TwoInputs), x_batch(), x_batch(features=2, seed=2)
+    lin = linearize(model)
+    torch.testing.assert_close(lin([x, z]), model(x, z))  # as empirical_ntk(model, [x, z])
+    torch.testing.assert_close(lin(x, z=z), model(x, z=z))
+
+
+def test_a_model_drawing_random_numbers_in_eval_mode_does_not_advance_the_rng():
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(x) + torch.randn(x.shape[0], 2, dtype=x.dtype)
+
+    lin, x = linearize(make(Noisy)), x_batch()
+    rng = hygiene.rng_states()
+    first = lin(x)
+    hygiene.assert_same_rng(rng)
+    torch.testing.assert_close(lin(x), first, rtol=0, atol=0)  # the same fork each call
+
+
+# --------------------------------------------------------------------------------------
+# The shared zoo, in float64
+# --------------------------------------------------------------------------------------
+def zoo_case(name: str, n: int = 4) -> tuple:
+    """The zoo case with its model in float64 and train mode, and its inputs in float64."""
+    case = make_zoo()[name]
+    case.model.double().train()
+    x = map_inputs(case.make_inputs(n, 0), lambda t: t.double() if t.is_floating_point() else t)
+    return case, x
+
+
+def selected(case: ZooCase, output) -> Tensor:
+    """The zoo's kernel output, flattened to (N, O)."""
+    out = case.output_fn(output) if case.output_fn is not None else output
+    return out.reshape(out.shape[0], -1)
+
+
+def step_parameters(lin: LinearizedModel, scale: float = 1e-2) -> Tensor:
+    """Moves lin's parameters by a seeded δ; returns δ flattened, (P,), in parameter order."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        steps = [scale * torch.randn(p.shape, generator=g, dtype=DTYPE) for p in lin.parameters()]
+        for p, step in zip(lin.parameters(), steps):
+            p.add_(step)
+    return torch.cat([step.reshape(-1) for step in steps])
+
+
+def reference_jacobian(case: ZooCase, lin: LinearizedModel, x) -> Tensor:
+    """J(x; θ0) of the model by autograd loops, (N, O, P), columns in lin's parameter order."""
+    trainable = [n for n, p in case.model.named_parameters() if p.requires_grad]
+    assert [n for n, _ in lin.named_parameters()] == trainable
+    return jacobian_rows(case.model, x, case.output_fn)
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_output_at_theta0_is_the_eval_mode_output(name):
+    case, x = zoo_case(name)
+    lin = linearize(case.model)
+    args, kwargs = call_arguments(x)
+    expected = copy.deepcopy(case.model).eval()(*args, **kwargs)
+    torch.testing.assert_close(selected(case, lin(x)), selected(case, expected), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_output_change_is_the_jacobian_times_the_parameter_change(name):
+    case, x = zoo_case(name)
+    lin = linearize(case.model)
+    with torch.no_grad():
+        f0 = selected(case, lin(x))
+        delta = step_parameters(lin)
+        change = selected(case, lin(x)) - f0
+    jacobian = reference_jacobian(case, lin, x)
+    torch.testing.assert_close(change, jacobian @ delta, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_gradient_is_the_transposed_jacobian_times_the_output_gradient(name):
+    case, x = zoo_case(name)
+    lin = linearize(case.model)
+    step_parameters(lin, scale=0.3)
+    out = selected(case, lin(x))
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=DTYPE)
+    (0.5 * (out - target).square().sum()).backward()
+    # Parameters that only feed outputs output_fn drops get no gradient at all.
+    gradient = torch.cat([
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+        for p in lin.parameters()
+    ])
+    expected = torch.einsum("nop,no->p", reference_jacobian(case, lin, x), (out - target).detach())
+    torch.testing.assert_close(gradient, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_forward_and_backward_leave_the_model_and_the_rngs_as_they_were(name):
+    case, x = zoo_case(name)
+    model = case.model
+    next(model.children()).eval()  # a mixed-mode model: each module's flag is restored
+    args, kwargs = call_arguments(x)
+    selected(case, model(*args, **kwargs)).sum().backward()  # existing .grad must survive
+    lin = linearize(model)
+    before, rng = hygiene.snapshot(model), hygiene.rng_states()
+    selected(case, lin(x)).square().sum().backward()
+    lin.jacobian_theta0(x)
+    hygiene.assert_unchanged(model, before)
+    hygiene.assert_same_rng(rng)
+    assert torch.backends.mha.get_fastpath_enabled()
