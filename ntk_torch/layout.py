@@ -111,13 +111,6 @@ class Layout:
         """Kernel entries per example pair: ``O^2`` (full), 1 (trace), ``O`` (diagonal)."""
         raise NotImplementedError
 
-    def gradient_products(self, g1: Tensor, g2: Tensor) -> Tensor:
-        """The block ``J1 J2^T`` in this layout, for per-example gradients ``(n, O, p)``."""
-        n1, o = g1.shape[:2]
-        acc = g1.new_zeros(self.work_shape(n1, g2.shape[0], o))
-        self.add_gradient_products(acc, g1, g2)
-        return self.from_work(acc).contiguous()
-
     def add_output_entries(self, block: Tensor, a: int, entries: Tensor) -> None:
         """Add ``K[:, :, a, a]`` (``(N1, N2)``) to a ``trace`` or ``diagonal`` block."""
         raise NotImplementedError(f"{self.name} blocks are not built one output at a time")

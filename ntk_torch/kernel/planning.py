@@ -88,7 +88,7 @@ class KernelPlan:
         )
 
 
-def prepare_inputs(fmodel: FunctionalModel, x1: Inputs, x2: Optional[Inputs]):
+def _checked_inputs(fmodel: FunctionalModel, x1: Inputs, x2: Optional[Inputs]):
     """``(x1, x2, n1, n2, symmetric)``: the inputs checked against each other and moved to
     the model's device in the compute dtype."""
     n1 = batch_size(x1, "x1")
@@ -118,7 +118,7 @@ def plan_kernel(
     :func:`functional_view`) with ``method`` (default the options' own). The caller
     provides eval mode and ``torch.no_grad`` (the analysis runs forward passes)."""
     method = options.method if method is None else method
-    x1, x2, n1, n2, symmetric = prepare_inputs(fmodel, x1, x2)
+    x1, x2, n1, n2, symmetric = _checked_inputs(fmodel, x1, x2)
     budget = options.memory_budget if options.memory_budget is not None else default_memory_budget(fmodel.device)
     analysis = memo.analyse(fmodel, x1, n1, need_plan=method in ("auto", StructuredEngine.name))
     if method == "auto":
