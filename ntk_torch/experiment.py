@@ -29,7 +29,7 @@ from . import data as data_module
 from . import models as models_module
 from .config import ConfigError, RunConfig
 from .forecast import LinearisedForecast, sgd_settings
-from .losses import resolve
+from .losses import KNOWN_LOSSES, resolve
 from .probe import LabelledSet
 from .runs import Run, load_run
 from .schedule import Schedule, log_schedule
@@ -76,15 +76,18 @@ def build(config: RunConfig) -> Setup:
     except (ValueError, TypeError) as error:
         raise ConfigError(f"model ({config.model.name}): {error}") from None
     model = model.to(device=device, dtype=dtype)
-    if config.train.loss == "cross_entropy" and split.task != "classification":
-        raise ConfigError(
-            f"train.loss is 'cross_entropy' but data {config.data.name!r} is a regression task; use 'mse'"
-        )
-    if config.train.loss == "mse" and split.task == "classification":
-        raise ConfigError(
-            f"train.loss is 'mse' but data {config.data.name!r} has class labels; use 'cross_entropy'"
-        )
+    _check_loss_suits(config, split)
     return Setup(config, split, model, make_optimizer(config, model), device)
+
+
+def _check_loss_suits(config: RunConfig, split: data_module.DataSplit) -> None:
+    """Raise :class:`ConfigError`, naming the losses that would suit, when the config's
+    loss is not for the data's task (``cross_entropy`` on regression targets, ...)."""
+    if resolve(config.train.loss).kind == split.task:
+        return
+    suited = " or ".join(repr(name) for name in KNOWN_LOSSES if resolve(name).kind == split.task)
+    data = "has class labels" if split.task == "classification" else "is a regression task"
+    raise ConfigError(f"train.loss is {config.train.loss!r} but data {config.data.name!r} {data}; use {suited}")
 
 
 def _with_seed(builder: Optional[Callable[..., Any]], options: Dict[str, Any], seed: int) -> Dict[str, Any]:
