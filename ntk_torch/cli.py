@@ -9,12 +9,13 @@ during training leaves a loadable run and exits with status 130.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
-from . import bench, records
+from . import records
 from ._version import __version__
 from .config import ConfigError, RunConfig, load_config
 
@@ -25,6 +26,10 @@ DEFAULT_RUNS_DIR = Path("runs")
 RELATIVE_CHANGE, TRAIN_GAP = records.RELATIVE_CHANGE, records.gap(records.TRAIN)
 SWEEP_LABELS = {RELATIVE_CHANGE: "relative change", TRAIN_GAP: "linearisation gap"}
 """The columns of the sweep table: record field -> heading."""
+SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
+"""The repository's scripts/ beside the package: present in a checkout (an editable or
+source install), absent from a wheel."""
+BENCHMARK = "bench_ntk"
 
 
 class UserError(Exception):
@@ -225,8 +230,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    bench.run(args)
-    return 0
+    """Run the kernel benchmark of the source checkout, ``scripts/bench_ntk.py``, with the
+    arguments after ``bench`` (its own parser reads them, ``--help`` included); the exit
+    status."""
+    if not (SCRIPTS_DIR / f"{BENCHMARK}.py").is_file():
+        raise UserError(
+            f"the benchmark ships with the source repository; run python scripts/{BENCHMARK}.py from a checkout"
+        )
+    if str(SCRIPTS_DIR) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS_DIR))
+    return importlib.import_module(BENCHMARK).main(args.bench_argv, prog="ntk-torch bench")
 
 
 # --------------------------------------------------------------------------- parser
@@ -239,40 +252,44 @@ def _add_config_options(parser: argparse.ArgumentParser, out_help: str) -> None:
                         help="override a config value, e.g. --set train.lr=0.05 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ntk-torch",
-        description="Training dynamics of PyTorch models through the empirical Neural Tangent Kernel.",
-    )
-    parser.add_argument("--version", action="version", version=f"ntk-torch {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _add_training_options(parser: argparse.ArgumentParser, progress_help: str) -> None:
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-progress", action="store_true", help=progress_help)
 
+
+def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="train a config with the tracker; write the run, figures and report",
                               description="Train the config's model with the NTK tracker attached; write the run "
                               "directory, figures and report.html, and print a summary.")
     _add_config_options(run, "output directory (default runs/<config name>)")
-    run.add_argument("--force", action="store_true", help="replace an existing output directory")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_training_options(run, "no progress bar")
     run.set_defaults(handler=cmd_run)
 
+
+def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
     sweep = commands.add_parser("sweep", help="run a config over its sweep values (e.g. widths)",
                                 description="Run the config for each value of its sweep section (sweep.seeds "
                                 "runs per value, averaged) and draw kernel drift and linearisation gap against the "
                                 "swept value (log-log, fitted slopes).")
     _add_config_options(sweep, "output directory (default runs/<config name>)")
-    sweep.add_argument("--force", action="store_true", help="replace an existing output directory")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_training_options(sweep, "no progress bars")
     sweep.add_argument("--predict-only", action="store_true",
                        help="no training: rank the sweep values by predicted test accuracy (or loss)")
     sweep.set_defaults(handler=cmd_sweep)
 
+
+def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="predict the training curve from the kernel at initialisation",
                                   description="Before any training: the linearised model's predicted train and test "
                                   "curves and the largest stable learning rate.")
     _add_config_options(predict, "where to write the figure (default runs/<config name>-predict)")
     predict.set_defaults(handler=cmd_predict)
 
-    plot = commands.add_parser("plot", help="draw every figure of a run", description="Draw every figure a run supports.")
+
+def _add_run_dir_parsers(commands: argparse._SubParsersAction) -> None:
+    """``plot``, ``report`` and ``compare``: the commands that read finished runs."""
+    plot = commands.add_parser("plot", help="draw every figure of a run",
+                               description="Draw every figure a run supports.")
     plot.add_argument("run_dir", help="a run directory")
     plot.add_argument("--out", help="figure directory (default RUN_DIR/figures)")
     plot.add_argument("--formats", default="png,svg", help="comma-separated file formats (default png,svg)")
@@ -291,15 +308,40 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--labels", nargs="+", help="one legend label per run")
     compare.set_defaults(handler=cmd_compare)
 
-    bench.build_parser(
-        commands.add_parser("bench", help="time each kernel engine and mode (markdown table)",
-                            description=bench.__doc__.split("\n")[0])
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ntk-torch`` parser; ``bench`` declares no options of its own (see :func:`parse_args`)."""
+    parser = argparse.ArgumentParser(
+        prog="ntk-torch",
+        description="Training dynamics of PyTorch models through the empirical Neural Tangent Kernel.",
+    )
+    parser.add_argument("--version", action="version", version=f"ntk-torch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run_parser(commands)
+    _add_sweep_parser(commands)
+    _add_predict_parser(commands)
+    _add_run_dir_parsers(commands)
+    commands.add_parser(
+        "bench", help="time each kernel engine and mode (markdown table)", add_help=False
     ).set_defaults(handler=cmd_bench)
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The parsed command line. What follows ``bench`` is left, unparsed, in
+    ``bench_argv`` for the benchmark's own parser; any other command rejects arguments it
+    does not know (exit status 2)."""
+    parser = build_parser()
+    args, unparsed = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_argv = unparsed
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except (UserError, ConfigError, FileExistsError, FileNotFoundError) as error:
