@@ -9,16 +9,27 @@ during training leaves a loadable run and exits with status 130.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
-from . import bench
+from . import records
 from ._version import __version__
-from .config import ConfigError, RunConfig, load_config, set_by_path
+from .config import ConfigError, RunConfig, load_config
+
+if TYPE_CHECKING:  # the commands import experiment, and all it loads, only when they run
+    from .experiment import Forecast, Ranking, SweepPoint, SweepResult
 
 DEFAULT_RUNS_DIR = Path("runs")
+RELATIVE_CHANGE, TRAIN_GAP = records.RELATIVE_CHANGE, records.gap(records.TRAIN)
+SWEEP_LABELS = {RELATIVE_CHANGE: "relative change", TRAIN_GAP: "linearisation gap"}
+"""The columns of the sweep table: record field -> heading."""
+SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
+"""The repository's scripts/ beside the package: present in a checkout (an editable or
+source install), absent from a wheel."""
+BENCHMARK = "bench_ntk"
 
 
 class UserError(Exception):
@@ -73,6 +84,7 @@ def _finish_run(run_dir: Path, config: RunConfig) -> List[Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Train the config and write its figures and report; the exit status (130 on Ctrl-C)."""
     from . import experiment
 
     config = _config(args)
@@ -87,132 +99,67 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_configs(config: RunConfig) -> List[Tuple[Any, List[RunConfig]]]:
-    """``(value, [one config per seed])`` for each sweep value."""
-    if config.sweep is None:
-        raise UserError(f"config {config.name!r} has no sweep section (sweep: {{parameter: ..., values: [...]}})")
-    parameter, seeds = config.sweep.parameter, config.sweep.seeds
-    configs = []
-    for value in config.sweep.values:
-        swept = set_by_path(config, parameter, value, source=f"sweep {parameter}={value}")
-        name = f"{config.name}-{parameter.rsplit('.', 1)[-1]}{value}"
-        repeats = []
-        for offset in range(seeds):
-            repeat = set_by_path(swept, "seed", config.seed + offset) if offset else swept
-            repeat.name = name if seeds == 1 else f"{name}-seed{config.seed + offset}"
-            repeats.append(repeat)
-        configs.append((value, repeats))
-    return configs
-
-
-def _final(run, column: str) -> float:
-    """The last finite value of a run's column (NaN when there is none)."""
-    last = run.last_finite(column)
-    return math.nan if last is None else last[0]
-
-
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train the sweep (or rank it by forecast, ``--predict-only``) and print the comparison; the exit status."""
     from . import experiment
 
     config = _config(args)
-    configs = _sweep_configs(config)
-    parameter = config.sweep.parameter
+    plan = experiment.sweep_plan(config)
     if args.predict_only:
-        return _predict_sweep(configs, parameter)
+        _print_ranking(experiment.rank_by_forecast(plan))
+        return 0
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / config.name
     _fresh_output(out, args.force)
-    results = []
-    for value, repeats in configs:
-        runs = [
-            experiment.run(swept, out / swept.name, force=args.force, progress=not args.no_progress)
-            for swept in repeats
-        ]
-        change = _mean([_final(run, "relative_change") for run in runs])
-        gap = _mean([_final(run, "linearisation_gap") for run in runs])
-        results.append((value, change, gap))
-        over = f" (mean of {len(runs)} seeds)" if len(runs) > 1 else ""
-        print(f"  {parameter}={value}: relative kernel change {_format(change)}, "
-              f"linearisation gap {_format(gap)}{over}")
-    _sweep_figure(results, out, parameter)
+    result = experiment.sweep(
+        plan, out, force=args.force, progress=not args.no_progress,
+        on_point=lambda point: _print_sweep_point(plan.parameter, point),
+    )
+    _print_sweep(result)
     return 0
 
 
-def _sweep_figure(results, out: Path, parameter: str) -> None:
-    from matplotlib.figure import Figure
+def _print_sweep_point(parameter: str, point: SweepPoint) -> None:
+    """One swept value's line, printed as soon as its runs are done."""
+    over = f" (mean of {len(point.runs)} seeds)" if len(point.runs) > 1 else ""
+    print(f"  {parameter}={point.value}: relative kernel change {_format(point.means[RELATIVE_CHANGE])}, "
+          f"linearisation gap {_format(point.means[TRAIN_GAP])}{over}")
 
-    from . import plots
 
-    numeric = [row for row in results if isinstance(row[0], (int, float))]
-    rows = [("value", "relative change", "linearisation gap")] + [
-        (str(v), _format(c), _format(g)) for v, c, g in results
+def _print_sweep(result: SweepResult) -> None:
+    """The sweep's table, its fitted slopes and where its figure is."""
+    parameter = result.parameter
+    rows = [("value", *SWEEP_LABELS.values())] + [
+        (str(point.value), *(_format(point.means[field]) for field in SWEEP_LABELS)) for point in result.points
     ]
     print(f"\nSweep over {parameter}:")
     for row in rows:
         print("  " + "  ".join(f"{cell:>18}" for cell in row))
-    if len(numeric) >= 2:
-        figure = Figure(figsize=(6.4, 4.8), layout="constrained")
-        ax = figure.subplots()
-        plots.width_sweep(numeric, ax)
-        ax.set_xlabel(parameter)
-        for fmt in ("png", "svg"):
-            plots.save_figure(figure, out / f"sweep.{fmt}")
-        for name, column in (("relative change", 1), ("linearisation gap", 2)):
-            points = [(r[0], r[column]) for r in numeric if r[column] and r[column] > 0 and math.isfinite(r[column])]
-            if len(points) >= 2:
-                fit = plots.fit_loglog_slope(*zip(*points))
-                print(f"  {name} ~ {parameter}^{fit.slope:.2f}")
-        print(f"  figure: {out / 'sweep.png'}")
+    for field, slope in result.slopes.items():
+        print(f"  {SWEEP_LABELS[field]} ~ {parameter}^{slope:.2f}")
+    if result.figure is not None:
+        print(f"  figure: {result.figure}")
 
 
-def _predict_sweep(configs, parameter: str) -> int:
-    from . import experiment
-
-    ranked = []
-    for value, repeats in configs:
-        forecasts = [experiment.forecast(swept, steps=[swept.train.steps]) for swept in repeats]
-        rows = [f.rows[-1] for f in forecasts]
-        row = {name: _mean([r[name] for r in rows]) if rows[0].get(name) is not None else None for name in rows[0]}
-        score = row.get("predicted_test_accuracy")
-        key = ("predicted_test_accuracy", score) if score is not None else ("predicted_test_loss", row["predicted_test_loss"])
-        max_lr = _mean([f.max_learning_rate for f in forecasts])
-        ranked.append((value, key, row, max_lr))
-    by_accuracy = all(key[0] == "predicted_test_accuracy" for _, key, _, _ in ranked)
-    ranked.sort(key=lambda item: (-item[1][1]) if by_accuracy else item[1][1])
-    metric = "predicted test accuracy" if by_accuracy else "predicted test loss"
-    seeds = len(configs[0][1])
-    over = f", mean of {seeds} seeds" if seeds > 1 else ""
-    print(f"Ranking by {metric} after {configs[0][1][0].train.steps} steps (no training{over}):")
-    for place, (value, key, row, max_lr) in enumerate(ranked, start=1):
+def _print_ranking(ranking: Ranking) -> None:
+    """The swept values, best first, by what their forecasts predict."""
+    metric = ranking.metric.replace("_", " ")
+    over = f", mean of {ranking.seeds} seeds" if ranking.seeds > 1 else ""
+    print(f"Ranking by {metric} after {ranking.steps} steps (no training{over}):")
+    for place, ranked in enumerate(ranking.values, start=1):
         print(
-            f"  {place}. {parameter}={value}: {metric} {_format(key[1])}, predicted train loss "
-            f"{_format(row['predicted_train_loss'])}, max stable lr {_format(max_lr)}"
+            f"  {place}. {ranking.parameter}={ranked.value}: {metric} {_format(ranked.score)}, predicted train loss "
+            f"{_format(ranked.predicted[records.predicted(records.TRAIN)])}, "
+            f"max stable lr {_format(ranked.max_learning_rate)}"
         )
-    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Print and draw the config's forecast before training; the exit status."""
     from . import experiment, plots
 
     config = _config(args)
     result = experiment.forecast(config)
-    columns = [c for c in ("predicted_train_loss", "predicted_test_loss", "predicted_train_accuracy",
-                           "predicted_test_accuracy") if any(row.get(c) is not None for row in result.rows)]
-    print(f"{config.name}: what the kernel at initialisation predicts (before any training)")
-    print("  " + f"{'step':>8}" + "".join(f"{c.replace('predicted_', ''):>16}" for c in columns))
-    for step, row in zip(result.steps, result.rows):
-        print("  " + f"{step:>8}" + "".join(f"{_format(row.get(c)):>16}" for c in columns))
-    lr = config.train.lr
-    max_lr = result.max_learning_rate
-    print(f"  largest stable learning rate: {_format(max_lr)} (config lr {lr})")
-    if max_lr is not None and lr > max_lr:
-        print(f"  warning: train.lr={lr} is above the stable limit; the linearised model diverges")
-    print(f"  kernel: {result.description['kernel_mode']} ({result.description['approximation']}), "
-          f"{result.description['points']} training points")
+    _print_forecast(config, result)
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / f"{config.name}-predict"
     out.mkdir(parents=True, exist_ok=True)
     figure = plots.forecast_figure(result.steps, result.rows, title=f"{config.name}: predicted before training")
@@ -220,6 +167,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         plots.save_figure(figure, out / f"predicted.{fmt}")
     print(f"  figure: {out / 'predicted.png'}")
     return 0
+
+
+def _print_forecast(config: RunConfig, result: Forecast) -> None:
+    """The predicted curve as a table, the stable learning rate and the kernel used."""
+    columns = result.columns
+    print(f"{config.name}: what the kernel at initialisation predicts (before any training)")
+    print("  " + f"{'step':>8}" + "".join(f"{records.actual(split, metric):>16}" for split, metric in columns))
+    for step, row in zip(result.steps, result.rows):
+        cells = (_format(row.get(records.predicted(split, metric))) for split, metric in columns)
+        print("  " + f"{step:>8}" + "".join(f"{cell:>16}" for cell in cells))
+    lr, max_lr = config.train.lr, result.max_learning_rate
+    print(f"  largest stable learning rate: {_format(max_lr)} (config lr {lr})")
+    if max_lr is not None and lr > max_lr:
+        print(f"  warning: train.lr={lr} is above the stable limit; the linearised model diverges")
+    print(f"  kernel: {result.description['kernel_mode']} ({result.description['approximation']}), "
+          f"{result.description['points']} training points")
 
 
 def _run_dir(path: str) -> Path:
@@ -230,6 +193,7 @@ def _run_dir(path: str) -> Path:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a run's figures; the exit status."""
     from . import plots
 
     run_dir = _run_dir(args.run_dir)
@@ -240,6 +204,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Write a run's HTML report and print its path; the exit status."""
     from . import report
 
     run_dir = _run_dir(args.run_dir)
@@ -250,6 +215,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Draw several runs in one figure; the exit status."""
     from . import plots
 
     run_dirs = [_run_dir(path) for path in args.run_dirs]
@@ -264,8 +230,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    bench.run(args)
-    return 0
+    """Run the kernel benchmark of the source checkout, ``scripts/bench_ntk.py``, with the
+    arguments after ``bench`` (its own parser reads them, ``--help`` included); the exit
+    status."""
+    if not (SCRIPTS_DIR / f"{BENCHMARK}.py").is_file():
+        raise UserError(
+            f"the benchmark ships with the source repository; run python scripts/{BENCHMARK}.py from a checkout"
+        )
+    if str(SCRIPTS_DIR) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS_DIR))
+    return importlib.import_module(BENCHMARK).main(args.bench_argv, prog="ntk-torch bench")
 
 
 # --------------------------------------------------------------------------- parser
@@ -278,40 +252,44 @@ def _add_config_options(parser: argparse.ArgumentParser, out_help: str) -> None:
                         help="override a config value, e.g. --set train.lr=0.05 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ntk-torch",
-        description="Training dynamics of PyTorch models through the empirical Neural Tangent Kernel.",
-    )
-    parser.add_argument("--version", action="version", version=f"ntk-torch {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _add_training_options(parser: argparse.ArgumentParser, progress_help: str) -> None:
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-progress", action="store_true", help=progress_help)
 
+
+def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="train a config with the tracker; write the run, figures and report",
                               description="Train the config's model with the NTK tracker attached; write the run "
                               "directory, figures and report.html, and print a summary.")
     _add_config_options(run, "output directory (default runs/<config name>)")
-    run.add_argument("--force", action="store_true", help="replace an existing output directory")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_training_options(run, "no progress bar")
     run.set_defaults(handler=cmd_run)
 
+
+def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
     sweep = commands.add_parser("sweep", help="run a config over its sweep values (e.g. widths)",
                                 description="Run the config for each value of its sweep section (sweep.seeds "
                                 "runs per value, averaged) and draw kernel drift and linearisation gap against the "
                                 "swept value (log-log, fitted slopes).")
     _add_config_options(sweep, "output directory (default runs/<config name>)")
-    sweep.add_argument("--force", action="store_true", help="replace an existing output directory")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_training_options(sweep, "no progress bars")
     sweep.add_argument("--predict-only", action="store_true",
                        help="no training: rank the sweep values by predicted test accuracy (or loss)")
     sweep.set_defaults(handler=cmd_sweep)
 
+
+def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="predict the training curve from the kernel at initialisation",
                                   description="Before any training: the linearised model's predicted train and test "
                                   "curves and the largest stable learning rate.")
     _add_config_options(predict, "where to write the figure (default runs/<config name>-predict)")
     predict.set_defaults(handler=cmd_predict)
 
-    plot = commands.add_parser("plot", help="draw every figure of a run", description="Draw every figure a run supports.")
+
+def _add_run_dir_parsers(commands: argparse._SubParsersAction) -> None:
+    """``plot``, ``report`` and ``compare``: the commands that read finished runs."""
+    plot = commands.add_parser("plot", help="draw every figure of a run",
+                               description="Draw every figure a run supports.")
     plot.add_argument("run_dir", help="a run directory")
     plot.add_argument("--out", help="figure directory (default RUN_DIR/figures)")
     plot.add_argument("--formats", default="png,svg", help="comma-separated file formats (default png,svg)")
@@ -330,15 +308,40 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--labels", nargs="+", help="one legend label per run")
     compare.set_defaults(handler=cmd_compare)
 
-    bench.build_parser(
-        commands.add_parser("bench", help="time each kernel engine and mode (markdown table)",
-                            description=bench.__doc__.split("\n")[0])
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ntk-torch`` parser; ``bench`` declares no options of its own (see :func:`parse_args`)."""
+    parser = argparse.ArgumentParser(
+        prog="ntk-torch",
+        description="Training dynamics of PyTorch models through the empirical Neural Tangent Kernel.",
+    )
+    parser.add_argument("--version", action="version", version=f"ntk-torch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run_parser(commands)
+    _add_sweep_parser(commands)
+    _add_predict_parser(commands)
+    _add_run_dir_parsers(commands)
+    commands.add_parser(
+        "bench", help="time each kernel engine and mode (markdown table)", add_help=False
     ).set_defaults(handler=cmd_bench)
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The parsed command line. What follows ``bench`` is left, unparsed, in
+    ``bench_argv`` for the benchmark's own parser; any other command rejects arguments it
+    does not know (exit status 2)."""
+    parser = build_parser()
+    args, unparsed = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_argv = unparsed
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except (UserError, ConfigError, FileExistsError, FileNotFoundError) as error:

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import yaml
 
 from .kernel import METHODS, MODES
+from .losses import KNOWN_LOSSES
 
 
 class ConfigError(ValueError):
@@ -94,7 +95,7 @@ class RunConfig:
 
 CHOICES = {
     "train.optimizer": ("sgd", "adam"),
-    "train.loss": ("cross_entropy", "mse"),
+    "train.loss": KNOWN_LOSSES,
     "train.dtype": ("float32", "float64"),
     "track.mode": MODES,
     "track.method": METHODS,

@@ -6,7 +6,11 @@ This is what the ``ntk-torch`` command runs:
   writes the run directory (``meta.json``, ``metrics.jsonl``, ``kernels/``, and the
   config as ``config.yaml``);
 * :func:`forecast` computes, before any training, what the kernel at initialisation
-  predicts for the config's training curve, and the largest stable learning rate.
+  predicts for the config's training curve, and the largest stable learning rate;
+* :func:`sweep_plan` expands a config's ``sweep`` section into one config per value and
+  seed; :func:`sweep` trains them all (kernel drift and linearisation gap against the
+  swept value, fitted log-log slopes, ``sweep.png``) and :func:`rank_by_forecast` ranks
+  the values by their forecasts without training.
 
 Training is plain PyTorch: minibatches drawn each epoch from a permutation of a private
 generator seeded with ``config.seed`` (the model and data are seeded from it too), so a
@@ -16,9 +20,10 @@ config reproduces its run exactly.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import yaml
@@ -27,12 +32,13 @@ from tqdm import tqdm
 
 from . import data as data_module
 from . import models as models_module
-from .config import ConfigError, RunConfig
+from . import records
+from .config import ConfigError, RunConfig, set_by_path
 from .forecast import LinearisedForecast, sgd_settings
-from .losses import resolve
+from .losses import KNOWN_LOSSES, resolve
 from .probe import LabelledSet
 from .runs import Run, load_run
-from .schedule import Schedule, log_schedule
+from .schedule import Schedule
 from .tracker import NTKTracker
 
 CONFIG_FILE = "config.yaml"
@@ -76,15 +82,18 @@ def build(config: RunConfig) -> Setup:
     except (ValueError, TypeError) as error:
         raise ConfigError(f"model ({config.model.name}): {error}") from None
     model = model.to(device=device, dtype=dtype)
-    if config.train.loss == "cross_entropy" and split.task != "classification":
-        raise ConfigError(
-            f"train.loss is 'cross_entropy' but data {config.data.name!r} is a regression task; use 'mse'"
-        )
-    if config.train.loss == "mse" and split.task == "classification":
-        raise ConfigError(
-            f"train.loss is 'mse' but data {config.data.name!r} has class labels; use 'cross_entropy'"
-        )
+    _check_loss_suits(config, split)
     return Setup(config, split, model, make_optimizer(config, model), device)
+
+
+def _check_loss_suits(config: RunConfig, split: data_module.DataSplit) -> None:
+    """Raise :class:`ConfigError`, naming the losses that would suit, when the config's
+    loss is not for the data's task (``cross_entropy`` on regression targets, ...)."""
+    if resolve(config.train.loss).kind == split.task:
+        return
+    suited = " or ".join(repr(name) for name in KNOWN_LOSSES if resolve(name).kind == split.task)
+    data = "has class labels" if split.task == "classification" else "is a regression task"
+    raise ConfigError(f"train.loss is {config.train.loss!r} but data {config.data.name!r} {data}; use {suited}")
 
 
 def _with_seed(builder: Optional[Callable[..., Any]], options: Dict[str, Any], seed: int) -> Dict[str, Any]:
@@ -191,6 +200,17 @@ class Forecast:
     max_learning_rate: Optional[float]
     description: Dict[str, Any]
 
+    @property
+    def columns(self) -> List[Tuple[str, str]]:
+        """``(split, metric)`` of each predicted field (``records.predicted``) with a value
+        at some step: losses first, train before test; no accuracies without classes."""
+        return [
+            (split, metric)
+            for metric in records.METRICS
+            for split in records.FORECAST_SPLITS
+            if any(row.get(records.predicted(split, metric)) is not None for row in self.rows)
+        ]
+
 
 def forecast(config: RunConfig, steps: Optional[List[int]] = None) -> Forecast:
     """The linearised prediction of ``config``'s training curve, from the kernel at step 0.
@@ -200,16 +220,17 @@ def forecast(config: RunConfig, steps: Optional[List[int]] = None) -> Forecast:
     schedule up to ``train.steps``, and ``train.steps`` itself.
 
     Raises:
-        ValueError: the optimizer cannot be modelled (only SGD can).
+        ConfigError: the optimizer cannot be modelled (only SGD can).
     """
     setup = build(config)
     settings, names, problems = sgd_settings(setup.optimizer, setup.model)
     if problems:
-        raise ValueError("cannot forecast this config: " + "; ".join(problems))
+        raise ConfigError("cannot forecast this config: " + "; ".join(problems))
     split = setup.split
     n = split.x_train.shape[0]
     points = LabelledSet(split.x_train, split.y_train, tuple(range(n)))
     test = LabelledSet(split.x_test, split.y_test)
+    schedule = Schedule(schedule="log")
     result = LinearisedForecast(
         model=setup.model,
         points=points,
@@ -219,10 +240,243 @@ def forecast(config: RunConfig, steps: Optional[List[int]] = None) -> Forecast:
         param_names=names,
         output_fn=None,
         approximate_points=False,
-        schedule=Schedule(schedule="log"),
+        schedule=schedule,
     )
     if steps is None:
-        steps = log_schedule(config.train.steps) + [config.train.steps]
+        steps = schedule.steps_until(config.train.steps) + [config.train.steps]
     steps = sorted(set(steps))
     rows = [result.at(step) for step in steps]
     return Forecast(steps, rows, result.max_learning_rate(), result.describe())
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+SWEEP_FIELDS: Tuple[str, ...] = (records.RELATIVE_CHANGE, records.gap(records.TRAIN))
+"""What a sweep compares across values: each run's last finite value of these fields."""
+SWEEP_FIGURE = "sweep"
+
+
+@dataclass
+class SweepPlan:
+    """A config's sweep section expanded into the configs to run.
+
+    Attributes:
+        parameter: the swept dotted key, e.g. ``model.options.width``.
+        values: ``(value, [one config per seed])`` for each swept value, in the config's
+            order; the configs are named ``<name>-<key><value>`` (``-seed<seed>`` added
+            when there are several seeds).
+    """
+
+    parameter: str
+    values: List[Tuple[Any, List[RunConfig]]]
+
+    @property
+    def seeds(self) -> int:
+        """How many runs (seeds) each value has."""
+        return len(self.values[0][1])
+
+
+def sweep_plan(config: RunConfig) -> SweepPlan:
+    """The :class:`SweepPlan` of ``config``'s sweep section: the swept value set on a
+    copy of the config, and seeds ``seed, seed + 1, ...`` for ``sweep.seeds`` repeats.
+
+    Raises:
+        ConfigError: the config has no sweep section, or a swept value is invalid there.
+    """
+    if config.sweep is None:
+        raise ConfigError(f"config {config.name!r} has no sweep section (sweep: {{parameter: ..., values: [...]}})")
+    parameter, seeds = config.sweep.parameter, config.sweep.seeds
+    values = []
+    for value in config.sweep.values:
+        swept = set_by_path(config, parameter, value, source=f"sweep {parameter}={value}")
+        name = f"{config.name}-{parameter.rsplit('.', 1)[-1]}{value}"
+        repeats = []
+        for offset in range(seeds):
+            repeat = set_by_path(swept, "seed", config.seed + offset) if offset else swept
+            repeat.name = name if seeds == 1 else f"{name}-seed{config.seed + offset}"
+            repeats.append(repeat)
+        values.append((value, repeats))
+    return SweepPlan(parameter, values)
+
+
+def _mean_finite(values: Iterable[Optional[float]]) -> float:
+    """The mean of the finite numbers among ``values`` (NaN when there are none)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+@dataclass
+class SweepPoint:
+    """One swept value after training.
+
+    Attributes:
+        value: the swept value.
+        runs: its runs, one per seed.
+        means: for each of :data:`SWEEP_FIELDS`, the mean over the runs of the field's
+            last finite value (NaN when no run has one).
+    """
+
+    value: Any
+    runs: List[Run]
+    means: Dict[str, float]
+
+
+@dataclass
+class SweepResult:
+    """A finished sweep.
+
+    Attributes:
+        parameter: the swept dotted key.
+        points: one :class:`SweepPoint` per value, in the plan's order.
+        slopes: for each of :data:`SWEEP_FIELDS` with positive means at two or more
+            distinct positive swept values, the fitted log-log slope against the value
+            (``plots.fit_loglog_slope``).
+        figure: ``sweep.png`` (an SVG beside it) of the points at positive swept values,
+            or None when fewer than two distinct ones are (no log axis to draw against).
+    """
+
+    parameter: str
+    points: List[SweepPoint]
+    slopes: Dict[str, float]
+    figure: Optional[Path]
+
+
+def sweep(
+    plan: SweepPlan,
+    out_dir: Union[str, Path],
+    *,
+    force: bool = False,
+    progress: bool = True,
+    on_point: Optional[Callable[[SweepPoint], None]] = None,
+) -> SweepResult:
+    """Train every config of ``plan`` (:func:`run`), each into ``out_dir/<config name>``,
+    and compare the values; ``on_point`` is called after each value's runs.
+
+    Returns:
+        The :class:`SweepResult`; the figure, when there is one, is written to ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    points = []
+    for value, repeats in plan.values:
+        runs = [run(config, out_dir / config.name, force=force, progress=progress) for config in repeats]
+        means = {field: _mean_finite(_last_finite(r, field) for r in runs) for field in SWEEP_FIELDS}
+        points.append(SweepPoint(value, runs, means))
+        if on_point is not None:
+            on_point(points[-1])
+    on_log_axis = [point for point in points if _positive(point.value)]
+    if len({point.value for point in on_log_axis}) < 2:
+        return SweepResult(plan.parameter, points, {}, None)
+    figure = _save_sweep_figure(on_log_axis, plan.parameter, out_dir / SWEEP_FIGURE)
+    return SweepResult(plan.parameter, points, _loglog_slopes(on_log_axis), figure)
+
+
+def _last_finite(trained: Run, field: str) -> Optional[float]:
+    last = trained.last_finite(field)
+    return None if last is None else last[0]
+
+
+def _positive(value: Any) -> bool:
+    """Whether ``value`` is a finite number above 0 (not a bool), one a log axis can show."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _loglog_slopes(points: List[SweepPoint]) -> Dict[str, float]:
+    """``{field: slope}`` of the power law fitted to each field against the swept value
+    over the points where the field is positive; fields with under two such values left out."""
+    from .plots import fit_loglog_slope
+
+    slopes = {}
+    for field in SWEEP_FIELDS:
+        pairs = [(p.value, p.means[field]) for p in points if _positive(p.means[field])]
+        if len({x for x, _ in pairs}) >= 2:
+            slopes[field] = fit_loglog_slope(*zip(*pairs)).slope
+    return slopes
+
+
+def _save_sweep_figure(points: List[SweepPoint], parameter: str, stem: Path) -> Path:
+    """Draw the lazy-regime picture (``plots.width_sweep``) of ``points`` against the
+    swept value; return the PNG's path (an SVG is written beside it)."""
+    from matplotlib.figure import Figure  # matplotlib is imported only when a figure is drawn
+
+    from . import plots
+
+    figure = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = figure.subplots()
+    plots.width_sweep([(p.value, *(p.means[field] for field in SWEEP_FIELDS)) for p in points], ax)
+    ax.set_xlabel(parameter)
+    for fmt in ("png", "svg"):
+        plots.save_figure(figure, stem.with_suffix(f".{fmt}"))
+    return stem.with_suffix(".png")
+
+
+@dataclass
+class RankedValue:
+    """One swept value as its forecast sees it, before training.
+
+    Attributes:
+        value: the swept value.
+        score: the ranking metric at the horizon, mean over the seeds.
+        predicted: the forecast's fields at the horizon, each the mean over the seeds
+            (None where the forecast has no such field).
+        max_learning_rate: the mean largest stable learning rate (NaN when unknown).
+    """
+
+    value: Any
+    score: float
+    predicted: Dict[str, Optional[float]]
+    max_learning_rate: float
+
+
+@dataclass
+class Ranking:
+    """The sweep values ranked by what the kernel at initialisation predicts.
+
+    Attributes:
+        parameter: the swept dotted key.
+        metric: the field ranked by: ``predicted_test_accuracy`` (highest first) when
+            every value has one, else ``predicted_test_loss`` (lowest first).
+        steps: the horizon of the forecasts (``train.steps`` of the first config).
+        seeds: the forecasts averaged per value.
+        values: the :class:`RankedValue` of each value, best first.
+    """
+
+    parameter: str
+    metric: str
+    steps: int
+    seeds: int
+    values: List[RankedValue]
+
+
+def rank_by_forecast(plan: SweepPlan) -> Ranking:
+    """Forecast every config of ``plan`` at its ``train.steps`` (:func:`forecast`, no
+    training) and rank the values by predicted test accuracy, or loss without classes.
+
+    Raises:
+        ConfigError: a config's optimizer cannot be modelled (only SGD can).
+    """
+    forecasts = [(value, _mean_forecast(repeats)) for value, repeats in plan.values]
+    accuracy = records.predicted(records.TEST, "accuracy")
+    by_accuracy = all(predicted.get(accuracy) is not None for _, (predicted, _) in forecasts)
+    metric = accuracy if by_accuracy else records.predicted(records.TEST, "loss")
+    ranked = [
+        RankedValue(value, _nan_if_none(predicted.get(metric)), predicted, max_lr)
+        for value, (predicted, max_lr) in forecasts
+    ]
+    ranked.sort(key=lambda item: -item.score if by_accuracy else item.score)
+    return Ranking(plan.parameter, metric, plan.values[0][1][0].train.steps, plan.seeds, ranked)
+
+
+def _mean_forecast(configs: List[RunConfig]) -> Tuple[Dict[str, Optional[float]], float]:
+    """The forecast's fields at ``train.steps`` and its largest stable learning rate,
+    each the mean over ``configs`` (the seeds of one swept value)."""
+    forecasts = [forecast(config, steps=[config.train.steps]) for config in configs]
+    rows = [f.rows[-1] for f in forecasts]
+    predicted = {
+        name: _mean_finite(row[name] for row in rows) if rows[0].get(name) is not None else None for name in rows[0]
+    }
+    return predicted, _mean_finite(f.max_learning_rate for f in forecasts)
+
+
+def _nan_if_none(value: Optional[float]) -> float:
+    return math.nan if value is None else value

@@ -1,5 +1,24 @@
 #!/usr/bin/env python
-"""Kernel benchmark; see ``ntk_torch/bench.py`` (same as ``ntk-torch bench``).
+"""The kernel benchmark: seconds and peak memory of each engine and mode, as a markdown table.
+
+    python scripts/bench_ntk.py [--quick] [--cases mlp,cnn] [--methods ...] [--modes ...]
+    python scripts/bench_ntk.py --structured [--nt-python PYTHON] [--skip-slow]
+
+``ntk-torch bench [args...]`` runs this script's :func:`main` from a source checkout.
+
+Cases (the sizes the issues quote):
+
+* ``mlp``: an MLP 784-512-512-10 (ReLU) at N=128;
+* ``cnn``: 3x16x16 input, conv 32 and 64 channels (3x3, padding 1, ReLU), flatten,
+  Linear to 10, at N=64.
+
+Every case times ``empirical_ntk(model, x)`` (the kernel of a batch with itself) for each
+method and mode, beside the torch.func tutorial's Jacobian-contraction function
+(reimplemented here as the baseline: Jacobians of both inputs, then one einsum per
+parameter tensor). Seconds are the median of ``repeats`` timed calls after ``warmup``
+untimed ones; peak memory is the growth of the process's peak resident set during one
+call on CPU (``/proc/self/clear_refs`` resets it), or ``torch.cuda.max_memory_allocated``
+on CUDA. It is a benchmark, not a test: quote ratios from one run, side by side.
 
 ``--structured`` runs the structured-engine comparison instead (each number from this
 one run, side by side):
@@ -17,24 +36,74 @@ one run, side by side):
   with its own peak resident memory (``VmHWM``) beside kernel and model sizes.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
+import platform
+import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.func import functional_call, jacrev, vmap
 
-from ntk_torch.bench import cnn_case, main as bench_main, mlp_case, time_call, tutorial_baseline
-from ntk_torch.kernel import empirical_ntk, explain
+from ntk_torch.kernel import METHODS, MODES, empirical_ntk, explain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """A model and a batch to time the kernel of."""
+
+    name: str
+    description: str
+    model: nn.Module
+    inputs: torch.Tensor
+
+
+def mlp_case(n: int = 128, device: str = "cpu") -> Case:
+    """The MLP 784-512-512-10 (ReLU) and ``n`` random inputs, seeded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+    return Case("mlp", f"MLP 784-512-512-10, N={n}", model.to(device), torch.randn(n, 784, device=device))
+
+
+def cnn_case(n: int = 64, device: str = "cpu") -> Case:
+    """The CNN conv32-conv64-fc10 on 3x16x16 inputs and ``n`` random inputs, seeded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 16 * 16, 10),
+    )
+    return Case(
+        "cnn", f"CNN 3x16x16 conv32-conv64-fc10, N={n}", model.to(device), torch.randn(n, 3, 16, 16, device=device)
+    )
+
+
+CASES: Dict[str, Callable[..., Case]] = {"mlp": mlp_case, "cnn": cnn_case}
+
+
 class EncoderClassifier(nn.Module):
+    """A Transformer encoder layer, mean-pooled over the sequence, then Linear to classes."""
+
     def __init__(self, d_model=128, heads=4, feedforward=512, classes=10):
         super().__init__()
         self.encoder = nn.TransformerEncoderLayer(d_model, heads, feedforward, dropout=0.1, batch_first=True)
@@ -44,13 +113,195 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(x).mean(dim=1))
 
 
+def transformer_case(n: int = 64, sequence: int = 32) -> Case:
+    """The encoder classifier and ``n`` random sequences of ``sequence`` tokens, seeded."""
+    torch.manual_seed(0)
+    model = EncoderClassifier()
+    return Case("transformer", f"Transformer encoder d128 h4 ff512, T={sequence}, N={n}", model,
+                torch.randn(n, sequence, 128))
+
+
+def tutorial_baseline(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, mode: str) -> torch.Tensor:
+    """The torch.func tutorial's Jacobian contraction: full Jacobians of both inputs, then
+    one einsum per parameter tensor, summed (``trace`` contracts the output index too)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def single(p, x):
+        return functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
+
+    jac1 = vmap(jacrev(single), (None, 0))(params, x1)
+    jac2 = vmap(jacrev(single), (None, 0))(params, x2)
+    jac1 = [j.flatten(2) for j in jac1.values()]
+    jac2 = [j.flatten(2) for j in jac2.values()]
+    equation = {"full": "Naf,Mbf->NMab", "trace": "Naf,Maf->NM", "diagonal": "Naf,Maf->NMa"}[mode]
+    return torch.stack([torch.einsum(equation, a, b) for a, b in zip(jac1, jac2)]).sum(0)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _status_bytes(field: str) -> Optional[int]:
+    """A size from ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None where it
+    cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def measure_peak(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak extra bytes while running ``fn`` once (``None`` where it cannot be read)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak resident set (VmHWM) to the current one
+    except OSError:
+        return None
+    before = _status_bytes("VmRSS")
+    result = fn()
+    del result
+    peak = _status_bytes("VmHWM")
+    return None if before is None or peak is None else peak - before
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        del result
+    return statistics.median(seconds)
+
+
+# --------------------------------------------------------------------------- the engine table
+
+
+@dataclass
+class Row:
+    """One timed entry of the engine table."""
+
+    case: str
+    method: str
+    mode: str
+    seconds: float
+    peak_bytes: Optional[int]
+
+
+def run_case(
+    case: Case, methods: Sequence[str], modes: Sequence[str], warmup: int, repeats: int, baseline: bool
+) -> List[Row]:
+    """A :class:`Row` for each mode and method (and the tutorial baseline) on ``case``;
+    each is printed to stderr as it finishes."""
+    device = case.inputs.device
+    rows = []
+    for mode in modes:
+        candidates = {m: (lambda m=m: empirical_ntk(case.model, case.inputs, mode=mode, method=m)) for m in methods}
+        if baseline:
+            candidates["tutorial baseline"] = lambda: tutorial_baseline(case.model, case.inputs, case.inputs, mode)
+        for method, fn in candidates.items():
+            peak = measure_peak(fn, device)
+            seconds = time_call(fn, device, warmup, repeats)
+            rows.append(Row(case.name, method, mode, seconds, peak))
+            print(f"  {case.name:5s} {mode:8s} {method:18s} {seconds:9.4f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def machine_description(device: torch.device) -> str:
+    """The CPU model, its core count and, on CUDA, the GPU's name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            match = re.search(r"model name\s*:\s*(.+)", info.read())
+            cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores"
+    if device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def format_table(cases: Sequence[Case], rows: Sequence[Row], device: torch.device, repeats: int) -> str:
+    """The markdown table of ``rows``, after a line naming the machine, torch and threads."""
+    lines = [
+        f"Machine: {machine_description(device)}; device {device}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; median of {repeats} call(s).",
+        "",
+        "| case | mode | method | seconds | peak extra memory (MB) | vs tutorial baseline |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    descriptions = {c.name: c.description for c in cases}
+    baseline = {(r.case, r.mode): r.seconds for r in rows if r.method == "tutorial baseline"}
+    for r in rows:
+        memory = "n/a" if r.peak_bytes is None else f"{max(r.peak_bytes, 0) / 1e6:,.0f}"
+        reference = baseline.get((r.case, r.mode))
+        ratio = f"{reference / r.seconds:.1f}x" if reference else "n/a"
+        lines.append(
+            f"| {descriptions[r.case]} | {r.mode} | {r.method} | {r.seconds:.4f} | {memory} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def _split(value: str, allowed: Sequence[str], name: str) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in allowed]
+    if unknown or not items:
+        raise SystemExit(f"error: --{name} takes a comma-separated list from {', '.join(allowed)}; got {value!r}")
+    return items
+
+
+def engine_table(args: argparse.Namespace) -> str:
+    """Time every case, method and mode the arguments select; print and return the
+    markdown table (and write it to ``--output``)."""
+    cases = _split(args.cases, list(CASES), "cases")
+    default_methods = "auto" if args.quick else ",".join(m for m in METHODS if m != "auto")
+    methods = _split(args.methods or default_methods, list(METHODS), "methods")
+    modes = _split(args.modes or ("full,trace" if args.quick else ",".join(MODES)), list(MODES), "modes")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but CUDA is not available")
+    warmup, repeats = (0, 1) if args.quick else (1, args.repeats)
+    built = [CASES[name](device=args.device) for name in cases]
+    rows: List[Row] = []
+    for case in built:
+        rows += run_case(case, methods, modes, warmup, repeats, baseline=not args.no_baseline)
+    table = format_table(built, rows, device, repeats)
+    print(table)
+    if args.output:
+        with open(args.output, "w") as out:
+            out.write(table + "\n")
+    return table
+
+
+# --------------------------------------------------------------------------- --structured
+
+
 def matmul_gflops(repeats: int = 5) -> float:
+    """``torch.matmul``'s GFLOP/s on this CPU (1280x512 @ 512x1280, median of ``repeats``)."""
     a, b = torch.randn(1280, 512), torch.randn(512, 1280)
     seconds = time_call(lambda: a @ b, torch.device("cpu"), 1, repeats)
     return 2 * 1280 * 512 * 1280 / seconds / 1e9
 
 
-def neural_tangents(python: str, case: str, n: int, mode: str):
+def neural_tangents(python: str, case: str, n: int, mode: str) -> Tuple[Optional[float], str]:
+    """neural-tangents' seconds for ``case`` (``scripts/bench_nt.py`` run by ``python``)
+    and a note naming its versions, or None and why it did not run."""
     if not python:
         return None, "not run (no --nt-python)"
     command = [python, os.path.join(HERE, "bench_nt.py"), "--case", case, "--n", str(n), "--mode", mode]
@@ -63,18 +314,13 @@ def neural_tangents(python: str, case: str, n: int, mode: str):
 
 def _own_peak_rss() -> int:
     """This process's peak resident set in bytes (``VmHWM``; ``ru_maxrss`` as a fallback)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def large_trace_child(n: int) -> None:
-    """In a fresh process: the MLP trace kernel at N=n under a 1 GB budget."""
+    """In a fresh process: the MLP trace kernel at N=n under a 1 GB budget; prints its
+    seconds and peak memory beside the kernel's, model's and inputs' sizes (JSON)."""
     case = mlp_case(n=n)
     start = time.perf_counter()
     kernel = empirical_ntk(case.model, case.inputs, mode="trace", method="structured", memory_budget="1GB")
@@ -91,69 +337,114 @@ def large_trace_child(n: int) -> None:
     }))
 
 
-def structured_report(args) -> str:
-    cpu = torch.device("cpu")
-    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores"]
-    flops_rate = matmul_gflops()
-    lines.append(f"torch.matmul (1280x512 @ 512x1280): {flops_rate:.1f} GFLOP/s")
-    lines += ["", "| case | mode | structured s | GFLOP/s | floor s | jacobian s | tutorial s | neural-tangents s |"
-              " vs tutorial | vs NT | vs jacobian |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    nt_note = None
-    cases = [mlp_case(), cnn_case()]
-    torch.manual_seed(0)
-    transformer = EncoderClassifier()
-    transformer_x = torch.randn(64, 32, 128)
-    for case, name in [(c, c.name) for c in cases] + [(None, "transformer")]:
-        model, x = (case.model, case.inputs) if case else (transformer, transformer_x)
-        for mode in ("full", "trace"):
-            def run(method, warmup, repeats):
-                return time_call(lambda: empirical_ntk(model, x, mode=mode, method=method), cpu, warmup, repeats)
+def _structured_row(args: argparse.Namespace, case: Case, mode: str, matmul_rate: float) -> Tuple[str, Optional[str]]:
+    """The comparison table's row for ``case`` in ``mode``, and the neural-tangents note
+    (None for the Transformer, which neural-tangents is not run on)."""
+    cpu, model, x = torch.device("cpu"), case.model, case.inputs
 
-            structured = run("structured", 1, args.repeats)
-            flops = explain(model, x, mode=mode, method="structured").costs["structured"]
-            jacobian = run("jacobian", 0, 1) if (name != "mlp" or not args.skip_slow) else float("nan")
-            tutorial = nt_seconds = float("nan")
-            if case is not None:
-                if not args.skip_slow or name != "mlp":
-                    tutorial = time_call(lambda: tutorial_baseline(model, x, x, mode), cpu, 0, 1)
-                nt_seconds, nt_note = neural_tangents(args.nt_python, name, x.shape[0], mode)
-                nt_seconds = float("nan") if nt_seconds is None else nt_seconds
-            gflops = flops / structured / 1e9
-            floor = flops / (flops_rate * 1e9)
-            lines.append(
-                f"| {name} N={x.shape[0]} | {mode} | {structured:.4f} | {gflops:.1f} | {floor:.4f} | "
-                f"{jacobian:.3f} | {tutorial:.3f} | {nt_seconds:.4f} | {tutorial / structured:.0f}x | "
-                f"{nt_seconds / structured:.2f}x | {jacobian / structured:.1f}x |"
-            )
-            print(lines[-1], file=sys.stderr, flush=True)
-    lines.append(f"neural-tangents: {nt_note}")
-    done = subprocess.run([sys.executable, __file__, "--large-trace-child", str(args.large_n)],
+    def seconds(method: str, warmup: int, repeats: int) -> float:
+        return time_call(lambda: empirical_ntk(model, x, mode=mode, method=method), cpu, warmup, repeats)
+
+    structured = seconds("structured", 1, args.repeats)
+    flops = explain(model, x, mode=mode, method="structured").costs["structured"]
+    slow_skipped = args.skip_slow and case.name == "mlp"
+    jacobian = float("nan") if slow_skipped else seconds("jacobian", 0, 1)
+    tutorial = nt_seconds = float("nan")
+    nt_note = None
+    if case.name != "transformer":
+        if not slow_skipped:
+            tutorial = time_call(lambda: tutorial_baseline(model, x, x, mode), cpu, 0, 1)
+        measured, nt_note = neural_tangents(args.nt_python, case.name, x.shape[0], mode)
+        nt_seconds = float("nan") if measured is None else measured
+    row = (
+        f"| {case.name} N={x.shape[0]} | {mode} | {structured:.4f} | {flops / structured / 1e9:.1f} | "
+        f"{flops / (matmul_rate * 1e9):.4f} | {jacobian:.3f} | {tutorial:.3f} | {nt_seconds:.4f} | "
+        f"{tutorial / structured:.0f}x | {nt_seconds / structured:.2f}x | {jacobian / structured:.1f}x |"
+    )
+    return row, nt_note
+
+
+def _large_trace_line(large_n: int) -> str:
+    """The MLP trace kernel at N=``large_n`` under a 1 GB budget, run in a subprocess."""
+    done = subprocess.run([sys.executable, __file__, "--large-trace-child", str(large_n)],
                           capture_output=True, text=True)
-    if done.returncode == 0:
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        lines.append(
-            f"MLP trace N={args.large_n}, memory_budget=1GB: {r['seconds']:.1f} s, peak RSS "
-            f"{r['peak_rss'] / 1e6:,.0f} MB (kernel {r['kernel_bytes'] / 1e6:,.0f} MB, model "
-            f"{r['model_bytes'] / 1e6:,.1f} MB, inputs {r['inputs_bytes'] / 1e6:,.0f} MB; bound 1000 MB + "
-            f"kernel + model + inputs = {(1e9 + r['kernel_bytes'] + r['model_bytes'] + r['inputs_bytes']) / 1e6:,.0f} MB)"
-        )
-    else:
-        lines.append(f"MLP trace N={args.large_n}: failed: {done.stderr.strip()[-500:]}")
+    if done.returncode != 0:
+        return f"MLP trace N={large_n}: failed: {done.stderr.strip()[-500:]}"
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    return (
+        f"MLP trace N={large_n}, memory_budget=1GB: {r['seconds']:.1f} s, peak RSS "
+        f"{r['peak_rss'] / 1e6:,.0f} MB (kernel {r['kernel_bytes'] / 1e6:,.0f} MB, model "
+        f"{r['model_bytes'] / 1e6:,.1f} MB, inputs {r['inputs_bytes'] / 1e6:,.0f} MB; bound 1000 MB + "
+        f"kernel + model + inputs = {(1e9 + r['kernel_bytes'] + r['model_bytes'] + r['inputs_bytes']) / 1e6:,.0f} MB)"
+    )
+
+
+def structured_report(args: argparse.Namespace) -> str:
+    """The structured-engine comparison (see the module docstring); printed and returned."""
+    matmul_rate = matmul_gflops()
+    lines = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",
+        f"torch.matmul (1280x512 @ 512x1280): {matmul_rate:.1f} GFLOP/s",
+        "",
+        "| case | mode | structured s | GFLOP/s | floor s | jacobian s | tutorial s | neural-tangents s |"
+        " vs tutorial | vs NT | vs jacobian |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    nt_note = None
+    for case in (mlp_case(), cnn_case(), transformer_case()):
+        for mode in ("full", "trace"):
+            row, note = _structured_row(args, case, mode, matmul_rate)
+            nt_note = note or nt_note
+            lines.append(row)
+            print(row, file=sys.stderr, flush=True)
+    lines.append(f"neural-tangents: {nt_note}")
+    lines.append(_large_trace_line(args.large_n))
     table = "\n".join(lines)
     print(table)
     return table
 
 
-if __name__ == "__main__":
-    if "--large-trace-child" in sys.argv:
-        large_trace_child(int(sys.argv[sys.argv.index("--large-trace-child") + 1]))
-    elif "--structured" in sys.argv:
-        parser = argparse.ArgumentParser(description="structured-engine comparison")
-        parser.add_argument("--structured", action="store_true")
-        parser.add_argument("--nt-python", default="", help="python of a venv with neural-tangents")
-        parser.add_argument("--repeats", type=int, default=3)
-        parser.add_argument("--large-n", type=int, default=8192)
-        parser.add_argument("--skip-slow", action="store_true", help="skip the MLP's Jacobian/tutorial runs")
-        structured_report(parser.parse_args())
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The benchmark's options, both modes; ``prog`` names the command in its usage."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: method 'auto' beside the baseline, full and trace modes, one call each",
+    )
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: every engine)")
+    parser.add_argument("--modes", help=f"comma-separated, from {', '.join(MODES)} (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per entry (median)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the tutorial baseline")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--output", help="also write the markdown table to this file")
+    structured = parser.add_argument_group("the structured-engine comparison")
+    structured.add_argument("--structured", action="store_true", help="run it instead of the engine table")
+    structured.add_argument("--nt-python", default="", help="python of a venv with neural-tangents")
+    structured.add_argument("--large-n", type=int, default=8192, help="N of the memory-budgeted trace kernel")
+    structured.add_argument("--skip-slow", action="store_true", help="skip the MLP's Jacobian/tutorial runs")
+    structured.add_argument("--large-trace-child", type=int, metavar="N", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Run the benchmark for command-line arguments ``argv`` (default ``sys.argv[1:]``);
+    return the exit status."""
+    args = build_parser(prog).parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit("error: --repeats must be at least 1")
+    if args.large_trace_child is not None:
+        large_trace_child(args.large_trace_child)
+    elif args.structured:
+        structured_report(args)
     else:
-        sys.exit(bench_main())
+        engine_table(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

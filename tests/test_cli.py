@@ -51,6 +51,7 @@ class _Parser(html.parser.HTMLParser):
         self.images += tag == "img"
 
 
+@pytest.mark.slow
 def test_run_plot_report_compare_end_to_end(tiny_config, tmp_path, capsys):
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     assert ntk_torch_cli("run", tiny_config, "--out", out_a, "--no-progress") == 0
@@ -79,6 +80,7 @@ def test_run_plot_report_compare_end_to_end(tiny_config, tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.png").read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow
 def test_existing_output_is_never_overwritten_silently(tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
     assert ntk_torch_cli("run", tiny_config, "--out", out, "--no-progress") == 0
@@ -163,6 +165,7 @@ def test_sweep_with_several_seeds_runs_each_value_per_seed(tiny_config, tmp_path
     assert f"relative kernel change {np.mean(changes):.4g}" in printed and "(mean of 2 seeds)" in printed
 
 
+@pytest.mark.slow
 def test_predict_agrees_with_the_trained_wide_teacher_run(tmp_path, capsys):
     """teacher_ntk_param: predicted and actual train loss within 10%, and `predict`
     (before training) agrees with the trained run's curve within the same 10%."""
@@ -180,6 +183,7 @@ def test_predict_agrees_with_the_trained_wide_teacher_run(tmp_path, capsys):
     assert actual < 0.2 * run.metrics["train_loss"][0]
 
 
+@pytest.mark.slow
 def test_digits_mlp_drifts_more_at_small_width(tmp_path):
     config = CONFIGS / "digits_mlp.yaml"
     short = ["--no-progress", "--set", "train.steps=60", "--set", "track.every=30", "--set", "track.probe_size=64"]

@@ -1,11 +1,18 @@
 """The ``ntk-torch bench`` command and its table (a smoke test on tiny cases, not a timing)."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
 
-from ntk_torch import bench, cli
+from ntk_torch import cli
 from ntk_torch.kernel import METHODS
+
+# the module `ntk-torch bench` imports from the checkout's scripts/, so the cases patched here are the ones it runs
+if str(cli.SCRIPTS_DIR) not in sys.path:
+    sys.path.insert(0, str(cli.SCRIPTS_DIR))
+import bench_ntk as bench  # noqa: E402
 
 
 @pytest.fixture
@@ -52,3 +59,12 @@ def test_quick_defaults_to_auto(tiny_cases, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny MLP")]
     assert [row.split("|")[2].strip() for row in rows] == ["full", "trace"]
     assert all(row.split("|")[3].strip() == "auto" for row in rows)
+
+
+def test_bench_outside_a_checkout_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "SCRIPTS_DIR", tmp_path / "scripts")
+    assert cli.main(["bench", "--quick"]) == 2
+    assert capsys.readouterr().err == (
+        "ntk-torch: error: the benchmark ships with the source repository; "
+        "run python scripts/bench_ntk.py from a checkout\n"
+    )
