@@ -23,7 +23,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from . import plots
+from . import plots, records
 from .runs import Run, load_run
 
 __all__ = ["REPORT_FILE", "format_value", "render_report", "summary_table", "write_report"]
@@ -53,14 +53,6 @@ def format_value(value: Any) -> str:
             return str(int(value))
         return f"{value:.4g}"
     return str(value)
-
-
-def _first(run: Run, column: str) -> Optional[float]:
-    values = run.metrics.get(column)
-    if values is None or values.dtype == object or values.ndim != 1:
-        return None
-    finite = np.flatnonzero(np.isfinite(values))
-    return float(values[finite[0]]) if len(finite) else None
 
 
 def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
@@ -94,23 +86,23 @@ def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
             where = "" if step == last_step else f" (step {step})"
             rows.append((name, format_value(value) + where))
 
-    train = "train" if run.last_finite("train_loss") is not None else "probe"
-    for metric in ("loss", "accuracy"):
-        final(f"final {train} {metric}", f"{train}_{metric}")
-        final(f"final train {metric} (predicted)", f"predicted_train_{metric}")
-        final(f"final test {metric}", f"test_{metric}")
-        final(f"final test {metric} (predicted)", f"predicted_test_{metric}")
-    final("final linearisation gap (train)", "linearisation_gap")
-    final("final linearisation gap (test)", "test_linearisation_gap")
-    final("final relative change of K", "relative_change")
-    final("final kernel distance from K₀", "kernel_distance")
-    final("final parameter distance", "param_distance")
-    for name, column in (("target alignment", "target_alignment"), ("effective rank", "effective_rank")):
-        first, found = _first(run, column), run.last_finite(column)
-        if found is not None:
-            rows.append((f"{name} (first → last)", f"{format_value(first)} → {format_value(found[0])}"))
+    train = records.TRAIN if run.last_finite(records.actual(records.TRAIN)) is not None else records.PROBE
+    for metric in records.METRICS:
+        final(f"final {train} {metric}", records.actual(train, metric))
+        final(f"final train {metric} (predicted)", records.predicted(records.TRAIN, metric))
+        final(f"final test {metric}", records.actual(records.TEST, metric))
+        final(f"final test {metric} (predicted)", records.predicted(records.TEST, metric))
+    for split in records.FORECAST_SPLITS:
+        final(f"final linearisation gap ({split})", records.gap(split))
+    final("final relative change of K", records.RELATIVE_CHANGE)
+    final("final kernel distance from K₀", records.KERNEL_DISTANCE)
+    final("final parameter distance", records.PARAM_DISTANCE)
+    for name, column in (("target alignment", records.TARGET_ALIGNMENT), ("effective rank", records.EFFECTIVE_RANK)):
+        first, last = run.first_finite(column), run.last_finite(column)
+        if last is not None:
+            rows.append((f"{name} (first → last)", f"{format_value(first[0])} → {format_value(last[0])}"))
 
-    finite = run.metrics.get("finite")
+    finite = run.metrics.get(records.FINITE)
     if finite is not None and finite.dtype != object and (finite == 0).any():
         rows.append(("non-finite kernels", f"{int((finite == 0).sum())} measurement(s)"))
     prediction = run.meta.get("prediction")
