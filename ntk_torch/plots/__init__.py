@@ -44,7 +44,7 @@ kernels' layouts by :mod:`ntk_torch.layout`.
 from .catalogue import FIGURES, FigureSpec, compare, figures, overview
 from .kernels import class_order, display_kernel, kernel_cosine, kernel_heatmaps
 from .predictions import describe_prediction, forecast_figure, predicted_vs_actual
-from .saving import PNG_DPI, save_all, save_figure
+from .saving import PNG_DPI, save_all, save_figure  # PNG_DPI: the report's images use it too
 from .series import drift, eigenvalues, layer_share, linearisation_gap, target_alignment, velocity
 from .sweep import PowerLawFit, fit_loglog_slope, width_sweep
 
