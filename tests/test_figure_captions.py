@@ -257,3 +257,12 @@ def test_heatmaps_caption_cosine_on_minus_one_to_one_at_first_and_last_step(kind
     [colour_bar] = [ax.images[0].colorbar for ax in panels if ax.images[0].colorbar is not None]
     assert colour_bar.ax.get_ylabel() == COSINE_FORMULA
     assert (colour_bar.norm.vmin, colour_bar.norm.vmax) == (-1.0, 1.0)
+
+
+def test_heatmap_title_says_why_examples_are_in_probe_order(tmp_path):
+    labelled, unlabelled = synthetic_run(tmp_path / "labelled"), synthetic_run(tmp_path / "regression", labels=None)
+    unsorted = plots.kernel_heatmaps(labelled, sort_by_class=False)
+    np.testing.assert_allclose(unsorted.axes[0].images[0].get_array(), cosine(labelled.kernel(0)))
+    assert "in probe order" in unsorted._suptitle.get_text()
+    assert "no class labels" not in unsorted._suptitle.get_text()  # the run has them
+    assert "no class labels in the run" in plots.kernel_heatmaps(unlabelled)._suptitle.get_text()

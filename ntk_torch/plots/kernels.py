@@ -23,15 +23,15 @@ COSINE_LIMITS = (-1.0, 1.0)
 
 
 def display_kernel(K: np.ndarray) -> np.ndarray:
-    """A saved kernel as the (N1, N2) matrix to display, float64: its ``trace`` layout
-    (``ntk_torch.layout``), unchanged if 2-D, otherwise the trace over outputs,
-    ``sum_o K[:, :, o]`` (diagonal layout, (N1, N2, O)) or ``sum_o K[:, :, o, o]`` (full
-    layout, (N1, N2, O, O)).
+    """A saved kernel as the (N1, N2) matrix to display, a new float64 array: its
+    ``trace`` layout (``ntk_torch.layout``), its values if 2-D, otherwise the trace over
+    outputs, ``sum_o K[:, :, o]`` (diagonal layout, (N1, N2, O)) or ``sum_o K[:, :, o, o]``
+    (full layout, (N1, N2, O, O)).
 
     Raises:
         ValueError: ``K``'s shape is no kernel layout's.
     """
-    K = torch.as_tensor(np.asarray(K, dtype=np.float64))
+    K = torch.from_numpy(np.array(K, dtype=np.float64))  # a copy: torch needs a writable array
     return layout_of(K, name="kernel").to_trace(K).numpy()
 
 
