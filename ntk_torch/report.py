@@ -23,7 +23,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from . import plots
+from . import plots, records
 from .runs import Run, load_run
 
 __all__ = ["REPORT_FILE", "format_value", "render_report", "summary_table", "write_report"]
@@ -53,14 +53,6 @@ def format_value(value: Any) -> str:
             return str(int(value))
         return f"{value:.4g}"
     return str(value)
-
-
-def _first(run: Run, column: str) -> Optional[float]:
-    values = run.metrics.get(column)
-    if values is None or values.dtype == object or values.ndim != 1:
-        return None
-    finite = np.flatnonzero(np.isfinite(values))
-    return float(values[finite[0]]) if len(finite) else None
 
 
 def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
@@ -94,23 +86,23 @@ def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
             where = "" if step == last_step else f" (step {step})"
             rows.append((name, format_value(value) + where))
 
-    train = "train" if run.last_finite("train_loss") is not None else "probe"
-    for metric in ("loss", "accuracy"):
-        final(f"final {train} {metric}", f"{train}_{metric}")
-        final(f"final train {metric} (predicted)", f"predicted_train_{metric}")
-        final(f"final test {metric}", f"test_{metric}")
-        final(f"final test {metric} (predicted)", f"predicted_test_{metric}")
-    final("final linearisation gap (train)", "linearisation_gap")
-    final("final linearisation gap (test)", "test_linearisation_gap")
-    final("final relative change of K", "relative_change")
-    final("final kernel distance from K₀", "kernel_distance")
-    final("final parameter distance", "param_distance")
-    for name, column in (("target alignment", "target_alignment"), ("effective rank", "effective_rank")):
-        first, found = _first(run, column), run.last_finite(column)
-        if found is not None:
-            rows.append((f"{name} (first → last)", f"{format_value(first)} → {format_value(found[0])}"))
+    train = records.TRAIN if run.last_finite(records.actual(records.TRAIN)) is not None else records.PROBE
+    for metric in records.METRICS:
+        final(f"final {train} {metric}", records.actual(train, metric))
+        final(f"final train {metric} (predicted)", records.predicted(records.TRAIN, metric))
+        final(f"final test {metric}", records.actual(records.TEST, metric))
+        final(f"final test {metric} (predicted)", records.predicted(records.TEST, metric))
+    for split in records.FORECAST_SPLITS:
+        final(f"final linearisation gap ({split})", records.gap(split))
+    final("final relative change of K", records.RELATIVE_CHANGE)
+    final("final kernel distance from K₀", records.KERNEL_DISTANCE)
+    final("final parameter distance", records.PARAM_DISTANCE)
+    for name, column in (("target alignment", records.TARGET_ALIGNMENT), ("effective rank", records.EFFECTIVE_RANK)):
+        first, last = run.first_finite(column), run.last_finite(column)
+        if last is not None:
+            rows.append((f"{name} (first → last)", f"{format_value(first[0])} → {format_value(last[0])}"))
 
-    finite = run.metrics.get("finite")
+    finite = run.metrics.get(records.FINITE)
     if finite is not None and finite.dtype != object and (finite == 0).any():
         rows.append(("non-finite kernels", f"{int((finite == 0).sum())} measurement(s)"))
     prediction = run.meta.get("prediction")
@@ -191,11 +183,10 @@ def _png_data_uri(figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _figures_html(run: Run) -> Tuple[str, int]:
-    """The ``<figure>`` elements of every figure the run supports, and their count."""
+def _figures_html(run: Run) -> str:
+    """The ``<figure>`` elements of every figure the run supports, each with its caption."""
     parts = []
-    drawn = plots.figures(run)
-    for spec, figure in drawn:
+    for spec, figure in plots.figures(run):
         parts.append(
             f"<figure id=\"fig-{_e(spec.name)}\">"
             f"<img src=\"{_png_data_uri(figure)}\" alt=\"{_e(spec.title)}\">"
@@ -203,7 +194,42 @@ def _figures_html(run: Run) -> Tuple[str, int]:
         )
     if not parts:
         parts.append("<p class=\"muted\">This run has no data to plot.</p>")
-    return "\n".join(parts), len(drawn)
+    return "\n".join(parts)
+
+
+def _configuration_html(meta: Mapping[str, Any], config: Any) -> str:
+    """The tracker's configuration, the run's (``config``) and the prediction, probe and
+    test set descriptions (index and label lists as their lengths)."""
+    parts = []
+    if isinstance(meta.get("config"), Mapping):
+        parts.append(f"<h3>Tracker</h3>{_mapping_table(meta['config'])}")
+    if config is not None:
+        parts.append(f"<h3>Run configuration</h3>{_mapping_table(_as_mapping(config))}")
+    for key, heading in (("prediction", "Prediction"), ("probe", "Probe set"), ("test", "Test set")):
+        value = meta.get(key)
+        if isinstance(value, Mapping):
+            shown = {k: v for k, v in value.items() if k not in ("indices", "labels")}
+            for k in ("indices", "labels"):
+                if isinstance(value.get(k), list):
+                    shown[k] = f"{len(value[k])} entries"
+            parts.append(f"<h3>{_e(heading)}</h3>{_mapping_table(shown)}")
+    if not parts:
+        parts.append("<p class=\"muted\">No configuration recorded.</p>")
+    return "\n".join(parts)
+
+
+def _model_html(meta: Mapping[str, Any], summary: Optional[Mapping[str, Any]]) -> str:
+    """The model's description in ``meta["model"]`` and the given ``summary``."""
+    parts = []
+    if isinstance(meta.get("model"), Mapping):
+        parts.append(_mapping_table(meta["model"]))
+    if summary is not None:
+        if not isinstance(summary, Mapping):
+            raise TypeError(f"summary must be a dict (e.g. ntk_torch.models.summary(model)), got {type(summary).__name__}")
+        parts.append(f"<h3>Model summary</h3>{_mapping_table(summary)}")
+    if not parts:
+        parts.append("<p class=\"muted\">No model description recorded.</p>")
+    return "\n".join(parts)
 
 
 def render_report(
@@ -221,38 +247,12 @@ def render_report(
     if isinstance(created, (int, float)):
         when = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime(" · created %Y-%m-%d %H:%M UTC")
 
-    sections = []
-    sections.append(("summary", "Summary", _pairs_table(summary_table(run))))
-    figures_html, _ = _figures_html(run)
-    sections.append(("figures", "Figures", figures_html))
-
-    config_parts = []
-    if isinstance(meta.get("config"), Mapping):
-        config_parts.append(f"<h3>Tracker</h3>{_mapping_table(meta['config'])}")
-    if config is not None:
-        config_parts.append(f"<h3>Run configuration</h3>{_mapping_table(_as_mapping(config))}")
-    for key, heading in (("prediction", "Prediction"), ("probe", "Probe set"), ("test", "Test set")):
-        value = meta.get(key)
-        if isinstance(value, Mapping):
-            shown = {k: v for k, v in value.items() if k not in ("indices", "labels")}
-            for k in ("indices", "labels"):
-                if isinstance(value.get(k), list):
-                    shown[k] = f"{len(value[k])} entries"
-            config_parts.append(f"<h3>{_e(heading)}</h3>{_mapping_table(shown)}")
-    if not config_parts:
-        config_parts.append("<p class=\"muted\">No configuration recorded.</p>")
-    sections.append(("config", "Configuration", "\n".join(config_parts)))
-
-    model_parts = []
-    if isinstance(meta.get("model"), Mapping):
-        model_parts.append(_mapping_table(meta["model"]))
-    if summary is not None:
-        if not isinstance(summary, Mapping):
-            raise TypeError(f"summary must be a dict (e.g. ntk_torch.models.summary(model)), got {type(summary).__name__}")
-        model_parts.append(f"<h3>Model summary</h3>{_mapping_table(summary)}")
-    if not model_parts:
-        model_parts.append("<p class=\"muted\">No model description recorded.</p>")
-    sections.append(("model", "Model", "\n".join(model_parts)))
+    sections = [
+        ("summary", "Summary", _pairs_table(summary_table(run))),
+        ("figures", "Figures", _figures_html(run)),
+        ("config", "Configuration", _configuration_html(meta, config)),
+        ("model", "Model", _model_html(meta, summary)),
+    ]
 
     versions = meta.get("versions")
     footer = "Generated by ntk_torch"

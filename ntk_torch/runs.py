@@ -42,6 +42,8 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optio
 import numpy as np
 import torch
 
+from . import records
+
 __all__ = ["KEEP_KERNELS", "Run", "RunWriter", "load_run"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -249,11 +251,11 @@ class RunWriter:
         self._require_open()
         if not isinstance(record, Mapping):
             raise TypeError(f"record must be a dict, got {type(record).__name__}")
-        if "step" not in record:
+        if records.STEP not in record:
             raise ValueError("record must have a 'step' entry (the optimizer step)")
-        step = _check_step(record["step"], "record['step']")
+        step = _check_step(record[records.STEP], "record['step']")
         try:
-            line = _dumps({**record, "step": step})
+            line = _dumps({**record, records.STEP: step})
         except (TypeError, ValueError) as error:
             raise TypeError(f"record at step {step} is not JSON-serialisable: {error}") from error
         _write_line(self._metrics_fd, (line + "\n").encode())
@@ -379,7 +381,7 @@ def _parse_record(line: bytes) -> Dict[str, Any]:
     record = json.loads(line)
     if not isinstance(record, dict):
         raise ValueError(f"a {type(record).__name__}, not a record")
-    step = record.get("step")
+    step = record.get(records.STEP)
     if isinstance(step, bool) or not isinstance(step, int):
         raise ValueError("no integer 'step'")
     return record
@@ -391,18 +393,18 @@ def _read_records(file: Path) -> Tuple[List[Dict[str, Any]], List[str]]:
         return [], []
     lines = file.read_bytes().split(b"\n")
     cut_short = len(lines) - 1 if lines[-1] else None  # index of an unterminated last line
-    records, skipped = [], []
+    complete, skipped = [], []
     for index, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(_parse_record(line))
+            complete.append(_parse_record(line))
         except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
             if index == cut_short:
                 skipped.append(f"line {index + 1} (incomplete last line, probably cut by a crash)")
             else:
                 skipped.append(f"line {index + 1} ({error})")
-    return records, skipped
+    return complete, skipped
 
 
 def load_run(path: PathLike) -> "Run":
@@ -422,18 +424,18 @@ def load_run(path: PathLike) -> "Run":
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path} is not an ntk_torch run directory (no {META_FILE})")
     header = _read_meta(path)
-    records, skipped = _read_records(path / METRICS_FILE)
+    loaded, skipped = _read_records(path / METRICS_FILE)
     if skipped:
         warnings.warn(
             f"{path / METRICS_FILE}: skipped {len(skipped)} unreadable line(s), loaded "
-            f"{len(records)} record(s): " + "; ".join(skipped),
+            f"{len(loaded)} record(s): " + "; ".join(skipped),
             RuntimeWarning,
             stacklevel=2,
         )
     return Run(
         path,
         header.get("meta", {}),
-        records,
+        loaded,
         keep_kernels=header.get("keep_kernels"),
         status=header.get("status"),
     )
@@ -503,7 +505,7 @@ class Run:
     @cached_property
     def steps(self) -> np.ndarray:
         """The step of each record, int64 (len(records),)."""
-        return np.array([record["step"] for record in self.records], dtype=np.int64)
+        return np.array([record[records.STEP] for record in self.records], dtype=np.int64)
 
     @cached_property
     def metrics(self) -> Dict[str, np.ndarray]:
@@ -516,7 +518,7 @@ class Run:
         column (strings, mixed values) is an object array (R,) with None where absent.
         """
         flat = [dict(_flatten(record)) for record in self.records]
-        names = dict.fromkeys(name for row in flat for name in row if name != "step")
+        names = dict.fromkeys(name for row in flat for name in row if name != records.STEP)
         return {name: _column([row.get(name) for row in flat]) for name in names}
 
     @property
@@ -550,16 +552,25 @@ class Run:
             raise ValueError(f"{file} is not a readable .npy kernel file: not a single array")
         return array
 
+    def first_finite(self, column: str) -> Optional[Tuple[float, int]]:
+        """The first finite value of a numeric column and its step, or None (no such
+        column, not numeric, or no finite value)."""
+        return self._finite_value(column, 0)
+
     def last_finite(self, column: str) -> Optional[Tuple[float, int]]:
         """The last finite value of a numeric column and its step, or None (no such
         column, not numeric, or no finite value)."""
+        return self._finite_value(column, -1)
+
+    def _finite_value(self, column: str, position: int) -> Optional[Tuple[float, int]]:
+        """``(value, step)`` of the ``position``-th finite value of a numeric (R,) column."""
         values = self.metrics.get(column)
         if values is None or values.dtype == object or values.ndim != 1:
             return None
         finite = np.flatnonzero(np.isfinite(values))
         if not len(finite):
             return None
-        row = finite[-1]
+        row = finite[position]
         return float(values[row]), int(self.steps[row])
 
     def predicted_vs_actual(self) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -568,9 +579,9 @@ class Run:
         (empty when the run has no forecast)."""
         columns = self.metrics
         curves = {}
-        for split in ("train", "test"):
-            actual = columns.get(f"{split}_loss")
-            predicted = columns.get(f"predicted_{split}_loss")
+        for split in records.FORECAST_SPLITS:
+            actual = columns.get(records.actual(split))
+            predicted = columns.get(records.predicted(split))
             if actual is None or predicted is None:
                 continue
             both = np.isfinite(actual) & np.isfinite(predicted)

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ntk_torch import plots
+from ntk_torch.plots.series import DRIFT_LABELS
 from ntk_torch.runs import RunWriter, load_run
 from ntk_torch.tracker import NTKTracker
 
@@ -309,7 +310,7 @@ def test_compare_overlays_runs_one_colour_each(tmp_path):
     b = synthetic_run(tmp_path / "width256", predictions=False)
     ax = plots.drift([a, b])
     lines = lines_by_label(ax)
-    assert set(lines) == {f"{name}: {plots._DRIFT_LABELS[m]}" for name in ("width64", "width256")
+    assert set(lines) == {f"{name}: {DRIFT_LABELS[m]}" for name in ("width64", "width256")
                           for m in ("relative_change", "kernel_distance")}
     colours = {name: {to_rgba(l.get_color()) for k, l in lines.items() if k.startswith(name)}
                for name in ("width64", "width256")}

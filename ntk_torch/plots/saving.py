@@ -1,0 +1,60 @@
+"""Figures to files: one figure in the format its suffix names, or every figure of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Sequence, Tuple, Union
+
+from matplotlib.figure import Figure
+
+from ._axes import PathLike, RunLike, as_run
+from .catalogue import figures, overview
+
+__all__ = ["PNG_DPI", "save_all", "save_figure"]
+
+PNG_DPI = 120
+"""The resolution of PNG figures, in dots per inch (files and the report's images)."""
+
+
+def _check_formats(formats: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    supported = Figure().canvas.get_supported_filetypes()
+    bad = [f for f in formats if f not in supported]
+    if bad or not formats:
+        raise ValueError(
+            f"formats must be a non-empty selection of {', '.join(sorted(supported))}; got {list(formats)}"
+        )
+    return formats
+
+
+def save_figure(figure: Figure, path: PathLike) -> Path:
+    """Write ``figure`` to ``path`` in the format its suffix names (PNG at 120 dpi; SVG
+    and PDF without a creation date, so reruns give identical files)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    metadata = {"Date": None} if fmt in ("svg", "pdf") else None
+    figure.savefig(path, format=fmt, dpi=PNG_DPI, metadata=metadata)
+    return path
+
+
+def save_all(run: RunLike, out_dir: PathLike, formats: Union[str, Sequence[str]] = ("png", "svg")) -> List[Path]:
+    """Write the overview and every figure the run's data supports to ``out_dir``.
+
+    Files are ``overview.<fmt>`` and ``<spec.name>.<fmt>`` for each ``FIGURES`` entry
+    available for this run (``drift.png``, ``predicted_vs_actual_loss.svg``, ...), in
+    each format; ``out_dir`` is created if needed and existing files are replaced.
+
+    Args:
+        run: a ``Run`` or path.
+        out_dir: the directory to write into.
+        formats: file formats matplotlib can write, e.g. ``("png", "svg")``, ``"pdf"``.
+
+    Returns:
+        The paths written, overview first.
+    """
+    formats = _check_formats(formats)
+    run = as_run(run)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = [("overview", overview(run))] + [(spec.name, figure) for spec, figure in figures(run)]
+    return [save_figure(figure, out_dir / f"{name}.{fmt}") for name, figure in drawn for fmt in formats]
