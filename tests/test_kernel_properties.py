@@ -89,7 +89,7 @@ def test_structured_diagonal_blocks_in_chunks_are_exactly_symmetric(zoo, name, m
 
 
 @pytest.mark.parametrize("method", ENGINES)
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "residual", "dict_in_out"])
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "residual", "dict_in_out", "tied", "transformer"])
 def test_positive_semi_definite(zoo, name, method):
     case = zoo[name]
     full = ntk.empirical_ntk(case.model, case.make_inputs(6, 0), method=method,
@@ -105,15 +105,16 @@ def test_positive_semi_definite(zoo, name, method):
 
 
 @pytest.mark.parametrize("method", ENGINES)
-@pytest.mark.parametrize("name", ["mlp", "two_input", "dict_in_out"])
+@pytest.mark.parametrize("name", ["mlp", "two_input", "dict_in_out", "cnn_bn", "tied", "transformer"])
 def test_trace_and_diagonal_modes_reduce_the_full_kernel(zoo, name, method):
     case = zoo[name]
     x1, x2 = case.make_inputs(5, 0), case.make_inputs(4, 1)
     common = dict(method=method, output_fn=case.output_fn, dtype=torch.float64)
-    full = ntk.empirical_ntk(case.model, x1, x2, mode="full", **common)
-    for mode in ("trace", "diagonal"):
-        reduced = ntk.empirical_ntk(case.model, x1, x2, mode=mode, **common)
-        torch.testing.assert_close(reduced, reduce_mode(full, mode), rtol=1e-12, atol=1e-12)
+    for second in (x2, None):  # None: the symmetric path (upper blocks, mirrored)
+        full = ntk.empirical_ntk(case.model, x1, second, mode="full", **common)
+        for mode in ("trace", "diagonal"):
+            reduced = ntk.empirical_ntk(case.model, x1, second, mode=mode, **common)
+            torch.testing.assert_close(reduced, reduce_mode(full, mode), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ENGINES)
