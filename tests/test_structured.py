@@ -17,6 +17,7 @@ from ntk_torch.functional import FunctionalModel, ParamGroup, evaluation_context
 from ntk_torch.kernel.cost import profile_forward
 from ntk_torch.kernel.structured import analyse
 
+from helpers import live_tensor_count
 from reference import naive_ntk, reduce_mode
 from zoo import ZOO_NAMES, make_zoo
 
@@ -585,21 +586,16 @@ def test_memo_sees_forward_override_and_attribute_changes(monkeypatch):
 
 
 def test_memo_holds_no_tensors_and_is_bounded():
-    import gc
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     kernel = ntk.NTK(model, method="structured")
-    gc.collect()
-    before = sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+    before = live_tensor_count()
     for width in range(3, 3 + 2 * MAX_ENTRIES):  # a new input shape each time
         model[0] = nn.Linear(width, 4)
         kernel(torch.randn(4, width))
     del width
-    gc.collect()
-    live = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     # only the parameters of the current model remain: 2 tensors per Linear
-    assert len(live) - before <= 2
+    assert live_tensor_count() - before <= 2
     assert len(kernel._memo) == MAX_ENTRIES
 
 

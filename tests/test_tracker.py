@@ -19,6 +19,8 @@ from ntk_torch import load_run
 from ntk_torch.schedule import log_schedule
 from ntk_torch.tracker import NTKTracker
 
+from helpers import is_tensor, live_tensor_count
+
 CUDA = pytest.param("cuda", marks=[
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -237,26 +239,18 @@ def test_measurement_leaves_grads_modes_and_graph_alone():
     tracker.close()
 
 
-def _live_tensors():
-    gc.collect()
-    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated proxies
-        warnings.simplefilter("ignore", FutureWarning)
-        return sum(1 for obj in gc.get_objects() if torch.is_tensor(obj))
-
-
 def _tensors_held_by(tracker):
     """(count, bytes) of the tensors reachable from the tracker, not through the model."""
     seen, stack, count, size = {id(tracker.model)}, [tracker.__dict__], 0, 0
-    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated proxies
-        warnings.simplefilter("ignore", FutureWarning)
-        while stack:
-            obj = stack.pop()
-            if id(obj) in seen or isinstance(obj, (type, types.ModuleType, nn.Module)):
-                continue
-            seen.add(id(obj))
-            if torch.is_tensor(obj):
-                count, size = count + 1, size + obj.numel() * obj.element_size()
-            stack.extend(gc.get_referents(obj))
+    while stack:
+        obj = stack.pop()
+        # type(obj), not isinstance: no attribute of obj is read (see helpers.is_tensor)
+        if id(obj) in seen or issubclass(type(obj), (type, types.ModuleType, nn.Module)):
+            continue
+        seen.add(id(obj))
+        if is_tensor(obj):
+            count, size = count + 1, size + obj.numel() * obj.element_size()
+        stack.extend(gc.get_referents(obj))
     return count, size
 
 
@@ -292,10 +286,10 @@ def test_live_tensors_do_not_grow_with_the_number_of_measurements():
     tracker.attach()
     for _ in range(3):
         tracker.step()
-    before = _live_tensors()
+    before = live_tensor_count()
     for _ in range(8):
         tracker.step()
-    assert _live_tensors() == before
+    assert live_tensor_count() == before
     tracker.close()
 
 

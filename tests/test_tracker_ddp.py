@@ -67,6 +67,7 @@ def _worker(rank: int, init_file: str, run_dir: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two Python processes that import torch: ~4-7 s
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_training_is_identical_and_only_rank_zero_writes(tmp_path):
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
