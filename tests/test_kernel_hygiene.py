@@ -218,24 +218,7 @@ def test_state_restored_after_an_error_in_any_forward_pass(method, with_user_hoo
     assert_unchanged(model, before)
 
 
-def _draws_in_eval_mode(method):
-    """Parameters for the RNG test, with the engines that cannot run such a model."""
-    if method == "structured":
-        return pytest.param(method, marks=pytest.mark.xfail(
-            raises=RuntimeError, strict=True,
-            reason="known bug: the structured capture's vmap runs in randomness='error' mode, so a "
-                   "model drawing random numbers in eval mode raises (the jacobian engine uses "
-                   "randomness='different', ntk_vp 'same')",
-        ))
-    if method == "auto":
-        return pytest.param(method, marks=pytest.mark.xfail(
-            raises=RuntimeError, strict=False,
-            reason="auto resolves to structured on this model (see the structured case)",
-        ))
-    return method
-
-
-@pytest.mark.parametrize("method", [_draws_in_eval_mode(m) for m in METHODS])
+@pytest.mark.parametrize("method", METHODS)
 def test_model_drawing_random_numbers_in_eval_mode_leaves_no_trace(method):
     class Noisy(nn.Module):
         def __init__(self):

@@ -374,7 +374,11 @@ def capture(
         return out, dict(hooks.records)
 
     per_example = jacrev(single, has_aux=True, chunk_size=chunk_size)
-    (cotangents, jacobians), records = vmap(per_example, in_dims=(None, 0))((probes, fallback), x)
+    # A model that draws random numbers in eval mode draws them per example, as the
+    # Jacobian engine does.
+    (cotangents, jacobians), records = vmap(per_example, in_dims=(None, 0), randomness="different")(
+        (probes, fallback), x
+    )
     # Inside the vmap each example is a batch of one: drop that axis.
     records = {name: r.squeeze(1) for name, r in records.items()}
     cotangents = {name: c.squeeze(2) for name, c in cotangents.items()}
