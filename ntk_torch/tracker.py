@@ -365,7 +365,7 @@ class NTKTracker:
                     self._start_forecast(optimizer)
                 self.measure()
             except BaseException as error:
-                self.close(*_ending(error))
+                self.close(*ending(error))
                 raise
             self._install_sigterm_handler()
         if optimizer is not None:
@@ -628,11 +628,11 @@ class _Attachment:
         return self.tracker
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> bool:
-        self.tracker.close(*(_ending(exc) if exc is not None else ("completed", None)))
+        self.tracker.close(*(ending(exc) if exc is not None else ("completed", None)))
         return False  # re-raise
 
 
-def _ending(error: BaseException) -> Tuple[str, str]:
+def ending(error: BaseException) -> Tuple[str, str]:
     """``(status, reason)`` of a run ended by ``error``: ``"interrupted"`` for Ctrl-C (any
     ``KeyboardInterrupt``), ``"failed"`` otherwise, the reason in one line."""
     text = " ".join(str(error).split())
