@@ -9,6 +9,7 @@ from torch import nn
 import ntk_torch as ntk
 from ntk_torch import NonFiniteKernelError
 from ntk_torch.predict import max_learning_rate
+from ntk_torch.runs import RunWriter
 
 
 @pytest.fixture
@@ -61,3 +62,29 @@ def test_max_learning_rate_with_no_outputs_names_n_outputs(model):
     K = ntk.empirical_ntk(model, torch.randn(5, 3), mode="trace")
     with pytest.raises(ValueError, match="n_outputs must be at least 1"):
         max_learning_rate(K, loss="mse", n_outputs=0)
+
+
+def _tracker(**flag):
+    return ntk.NTKTracker(nn.Linear(3, 1), (torch.randn(8, 3), torch.randn(8, 1)), loss="mse", probe_size=4,
+                          **{"progress": False, **flag})
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: _tracker(overwrite="no"),
+        lambda: _tracker(predict="no"),
+        lambda: _tracker(progress="no"),
+        lambda: ntk.NTK(nn.Linear(3, 1), per_layer="no"),
+        lambda: ntk.metrics.alignment(torch.eye(3), torch.eye(3), centered="no"),
+        lambda: ntk.metrics.target_alignment(torch.eye(3), torch.tensor([0, 1, 0]), centered="no"),
+        lambda: ntk.predict.max_learning_rate(torch.eye(3), loss="mse", n_outputs=1, momentum=0.5, nesterov="no"),
+        lambda: ntk.data.digits(standardize="no"),
+        lambda: ntk.models.MLP(3, 1, bias="no"),
+        lambda: RunWriter("unused", {}, overwrite="no"),
+    ],
+)
+def test_boolean_options_are_never_taken_for_their_truth_value(call):
+    """Item 2: overwrite="no" was truthy and deleted a run; every boolean option is checked."""
+    with pytest.raises(TypeError, match="must be (True or False|a bool)"):
+        call()
