@@ -120,11 +120,15 @@ def _format(value: Any) -> str:
 
 
 def _finish_run(run_dir: Path, config: RunConfig) -> List[Path]:
-    """Figures and the HTML report of a finished run; prints the summary table."""
+    """Figures and the HTML report of a finished run (with the config saved beside it, the
+    one that ran); prints the summary table."""
     from . import plots, report
+    from .config import ConfigError, load_config
     from .runs import load_run
 
     run = load_run(run_dir)
+    with contextlib.suppress(ConfigError):
+        config = load_config(run.path / "config.yaml")
     figures = plots.save_all(run, run_dir / "figures")
     page = report.write_report(run, run_dir / "report.html", config=config)
     _print_table(report.summary_table(run), title=f"\n{config.name}: {run_dir}")
