@@ -35,6 +35,7 @@ from tqdm import tqdm
 from . import data as data_module
 from . import models as models_module
 from . import records
+from ._options import check_bool
 from .config import ConfigError, RunConfig, check_imports, check_run_name, set_by_path, trusted_modules
 from .forecast import LinearisedForecast, sgd_settings
 from .losses import KNOWN_LOSSES, resolve
@@ -151,8 +152,7 @@ def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False) 
 
 def _check_flags(**flags: Any) -> None:
     for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
+        check_bool(name, flag)
 
 
 def fit_probe(config: RunConfig, n_train: int) -> RunConfig:

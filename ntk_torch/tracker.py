@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import records
-from ._options import check_int
+from ._options import check_bool, check_int
 from ._version import __version__
 from .drift import KernelDrift
 from .errors import NonFiniteKernelError
@@ -351,7 +351,12 @@ class NTKTracker:
         Returns:
             A context manager; leaving it (also by an exception such as
             ``KeyboardInterrupt``, which is re-raised) detaches the hook and closes the
-            tracker and its run directory.
+            tracker and its run directory with status ``"completed"``, ``"interrupted"``
+            (Ctrl-C) or ``"failed"`` and the reason. A failure or Ctrl-C in the step-0
+            set-up here closes it the same way. From here until ``close``, in the main
+            thread and when SIGTERM has its default action, a SIGTERM closes the run as
+            ``"interrupted"`` and then ends the process as SIGTERM does (a handler runs
+            between Python bytecodes, so it waits for a running torch operation).
         """
         self._require_open()
         if self._hook is not None:
@@ -614,8 +619,7 @@ def _check_options(probe_size, max_predict_points, seed, keep_kernels, **flags: 
         options = ", ".join(map(repr, KEEP_KERNELS))
         raise ValueError(f"keep_kernels must be one of {options}, got {keep_kernels!r}")
     for name, flag in flags.items():  # predict, progress, overwrite: "no" must not be truthy
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool (True or False), got {flag!r}")
+        check_bool(name, flag)
 
 
 class _Attachment:

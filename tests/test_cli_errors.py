@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import ntk_torch as ntk
 from ntk_torch import cli
+from test_cli import ntk_torch_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -41,10 +42,6 @@ def config_file(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY))
     return path
-
-
-def ntk_torch_cli(*args):
-    return cli.main([str(a) for a in args])
 
 
 def one_line_error(capsys):
@@ -375,7 +372,7 @@ def _document(mutations, text_damage):
     return text
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     mutations=st.lists(st.tuples(st.sampled_from(_KEYS), _VALUES), max_size=3),
     text_damage=st.tuples(st.sampled_from(["none", "cut", "insert", "duplicate line"]), st.integers(0, 400),
@@ -390,8 +387,10 @@ def test_fuzz_config_documents_never_give_a_traceback(monkeypatch, capsys, mutat
         path = Path(scratch) / "fuzz.yaml"
         path.write_text(_document(mutations, text_damage))
         status = cli.main(["run", str(path), "--out", str(Path(scratch) / "out"), "--no-progress"])
+    if status in (130, 143):  # no document interrupts: this was Ctrl-C (or SIGTERM) for the test run itself
+        raise KeyboardInterrupt
     captured = capsys.readouterr()
-    assert status in (0, 2, 130), captured.err
+    assert status in (0, 2), captured.err
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
     errors = [line for line in captured.err.splitlines() if line.startswith("ntk-torch: error: ")]
     assert len(errors) == (status == 2), captured.err
