@@ -17,7 +17,9 @@ Every key is checked: an unknown key or a value of the wrong type is a
 Overrides (``--set train.lr=0.05``) are parsed as YAML scalars and validated the same way.
 
 What is checked beyond types: a key given twice in one mapping is an error naming both
-lines (YAML itself would keep the last silently); every number is finite and in range
+lines (YAML itself would keep the last silently); the document holds at most 100,000
+values with its aliases expanded, 64 levels deep, and no alias that contains itself;
+every number is finite and in range
 (``lr`` and ``weight_decay`` >= 0, ``momentum`` in [0, 1), steps, ``every`` and schedule
 steps below 2**53, the seed in [0, 2**32), a non-empty schedule of steps >= 0); the device
 is one torch knows and not ``meta``; ``name`` is a plain name (it becomes a directory under
@@ -125,6 +127,12 @@ BELOW = {
     "seed": (2**32, "2**32 (the seed of numpy, scikit-learn and torch generators)"),
 }
 """Exclusive upper bounds of numeric keys, and why."""
+MAX_VALUES = 100_000
+"""The most values a config may hold with its YAML aliases expanded (a config has about
+fifty): an alias "bomb" (a list of ten references to a list of ten references ...) would
+otherwise take minutes and gigabytes to copy."""
+MAX_DEPTH = 64
+"""The deepest nesting of mappings and lists in a config."""
 IMPORT_ENV = "NTK_TORCH_ALLOW_IMPORT"
 """The environment variable naming trusted modules, comma-separated (as ``--allow-import``)."""
 IMPORTABLE = ("data.name", "model.name")
@@ -165,6 +173,29 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _expanded_size(value: Any, source: str, memo: Dict[int, Optional[int]], depth: int = 1) -> int:
+    """The number of values in ``value`` with shared (aliased) parts counted each time they
+    appear, computed once per part; a :class:`ConfigError` beyond :data:`MAX_VALUES`
+    values or :data:`MAX_DEPTH` levels, or for a part that contains itself."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{source}: nested deeper than {MAX_DEPTH} levels")
+    known = memo.get(id(value), -1)
+    if known is None:
+        raise ConfigError(f"{source}: a YAML alias refers to a mapping or list that contains it")
+    if known >= 0:
+        return known
+    memo[id(value)] = None
+    total = 1
+    for child in value.values() if isinstance(value, dict) else value:
+        total += _expanded_size(child, source, memo, depth + 1)
+        if total > MAX_VALUES:
+            raise ConfigError(f"{source}: more than {MAX_VALUES:,} values with its YAML aliases expanded")
+    memo[id(value)] = total
+    return total
+
+
 def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> RunConfig:
     """Read, override and validate a YAML config file."""
     path = Path(path)
@@ -176,6 +207,8 @@ def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> RunCon
         raise ConfigError(f"{path}: {_one_line(error)}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {_one_line(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot be read: {_one_line(error)}") from None
     return parse_config(raw, source=str(path), overrides=overrides)
@@ -185,6 +218,7 @@ def parse_config(raw: Any, source: str = "<config>", overrides: Sequence[str] = 
     """Validate a nested mapping (e.g. parsed YAML) into a :class:`RunConfig`."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    _expanded_size(dict(raw), source, {})
     raw = _deep_copy(raw)
     config = _validated(raw, source)
     for override in overrides:  # each override validated on its own, so errors name it
@@ -222,8 +256,11 @@ def _apply_override(raw: Dict[str, Any], override: str, source: str) -> None:
         value = _load_yaml(text) if text.strip() else None
     except DuplicateKeyError as error:
         raise ConfigError(f"{source} (--set {override}): {_one_line(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} (--set {override}): nested too deeply to read") from None
     except yaml.YAMLError:
         value = text
+    _expanded_size(value, f"{source} (--set {override})", {})
     _assign(raw, key.strip(), value, f"{source} (--set {override})")
 
 

@@ -92,3 +92,18 @@ def test_import_paths_need_a_trusted_module(monkeypatch):
     assert check_imports(parse_config({"model": {"name": "mypkg.sub.models:f"}}), ["mypkg"])
     with pytest.raises(ConfigError, match="not trusted"):
         check_imports(parse_config({"model": {"name": "mypkgevil:f"}}), ["mypkg"])
+
+
+def test_yaml_alias_bombs_deep_nesting_and_self_reference_are_refused(tmp_path):
+    levels = ["    a0: &a0 [" + ", ".join(["x"] * 10) + "]"]
+    levels += [f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]  # 10**9 values
+    with pytest.raises(ConfigError, match="more than 100,000 values with its YAML aliases expanded"):
+        load_config(write(tmp_path, "model:\n  options:\n" + "\n".join(levels) + "\n"))
+    with pytest.raises(ConfigError, match="nested too deeply to read|nested deeper than 64 levels"):
+        load_config(write(tmp_path, "model: {options: {x: " + "[" * 5000 + "]" * 5000 + "}}\n"))
+    with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
+        load_config(write(tmp_path, "model: {options: {x: " + "[" * 80 + "]" * 80 + "}}\n"))
+    with pytest.raises(ConfigError, match="a YAML alias refers to a mapping or list that contains it"):
+        load_config(write(tmp_path, "model:\n  options: &a\n    x: *a\n"))
+    with pytest.raises(ConfigError, match=r"--set model.options.x=\[\[\[.*nested deeper than 64"):
+        load_config(write(tmp_path, "name: exp\n"), ["model.options.x=" + "[" * 70 + "]" * 70])
