@@ -300,6 +300,7 @@ def test_ctrl_c_while_importing_prints_no_traceback(config_file):
     assert result.stderr.strip() == "ntk-torch: interrupted"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_sigterm_stops_a_run_like_ctrl_c(config_file, tmp_path):
     """SIGTERM left status unset; now status interrupted and exit status 143."""

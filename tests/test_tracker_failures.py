@@ -127,6 +127,7 @@ _SIGTERM_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_sigterm_while_attached_closes_the_run_as_interrupted(tmp_path):
     """Item 7: SIGTERM killed the process with the run's status unset; the tracker now
