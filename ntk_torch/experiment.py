@@ -180,9 +180,10 @@ def run(
     """Train ``config``'s model with the tracker attached; the run directory is ``out_dir``.
 
     An existing run in ``out_dir`` is replaced only with ``force``; any other non-empty
-    directory is never touched. Ctrl-C (or SIGTERM, turned into ``KeyboardInterrupt``)
-    stops training and leaves a loadable run with status ``interrupted``; an exception
-    leaves status ``failed`` and the reason in ``meta.json``. ``allow_imports``: as for
+    directory is never touched. Ctrl-C stops training and leaves a loadable run with
+    status ``interrupted`` (the command line turns SIGTERM into the same; otherwise the
+    tracker closes the run as interrupted before the process ends); an exception leaves
+    status ``failed`` and the reason in ``meta.json``. ``allow_imports``: as for
     :func:`build`. The config saved beside the run (``config.yaml``) is the one that ran
     (``track.probe_size`` cut to the data, :func:`fit_probe`).
     """

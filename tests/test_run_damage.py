@@ -1,10 +1,14 @@
 """Audit item 6: damaged runs load with what is readable, and name what was skipped.
 
-Plus a Hypothesis fuzz test over damaged run directories: ``load_run`` never raises on a
-directory whose ``meta.json`` is readable, and what it returns can be summarised."""
+Plus Hypothesis fuzz tests over damaged run directories: ``load_run`` never raises on a
+directory whose ``meta.json`` is readable, and what it returns can be summarised; and
+(slow lane) ``ntk-torch plot``/``report``/``compare`` on such a directory exit 0 without
+a traceback."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -311,3 +315,30 @@ def test_fuzz_load_run_never_raises_on_a_run_with_a_readable_meta(pristine, dama
         rows = report.summary_table(run)
         assert rows[0][0] == "status" and all(isinstance(value, str) for _, value in rows)
         repr(run)
+
+
+def _cli_on_damaged_run(pristine, damages, commands):
+    """Run ``ntk-torch`` commands on a damaged copy of ``pristine``: never a traceback,
+    exit status 0 (drawn, the skipped named) or 2 (one line: meta.json unreadable)."""
+    from ntk_torch import cli
+
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        run_dir = Path(scratch) / "run"
+        shutil.copytree(pristine, run_dir)
+        for damage in damages:
+            _apply(run_dir, damage)
+        for command in commands:
+            argv = [part.format(run=run_dir, out=Path(scratch) / "out") for part in command]
+            with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+                status = cli.main(argv)
+            if status in (130, 143):
+                raise KeyboardInterrupt  # the test run itself was interrupted
+            assert status == 0 and "Traceback" not in err.getvalue(), (argv, err.getvalue())
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damages=st.lists(_DAMAGE, min_size=1, max_size=3))
+def test_fuzz_plot_report_and_compare_draw_any_damaged_run(pristine, damages):
+    _cli_on_damaged_run(pristine, damages, [["plot", "{run}", "--formats", "png"], ["report", "{run}"],
+                                            ["compare", "{run}", "--out", "{out}", "--force"]])
