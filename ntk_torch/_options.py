@@ -127,7 +127,7 @@ def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is True or False; anything else (``"no"``, 0, None) is a TypeError,
     never taken for its truth value."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
     return value
 
 

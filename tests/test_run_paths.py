@@ -49,9 +49,9 @@ def test_writer_path_is_resolved(tmp_path, monkeypatch):
 def test_overwrite_must_be_a_bool(tmp_path, value):
     """Item 2: overwrite="no" was truthy and deleted the run; now a TypeError, run intact."""
     _run(tmp_path / "run")
-    with pytest.raises(TypeError, match="overwrite must be True or False"):
+    with pytest.raises(TypeError, match=r"overwrite must be a bool \(True or False\), got "):
         RunWriter(tmp_path / "run", {"who": "second"}, overwrite=value)
-    with pytest.raises(TypeError, match="overwrite must be True or False"):
+    with pytest.raises(TypeError, match=r"overwrite must be a bool \(True or False\), got "):
         NTKTracker(nn.Linear(3, 2), (torch.randn(8, 3), torch.randn(8, 2)), loss="mse", probe_size=4,
                    progress=False, run_dir=tmp_path / "run", overwrite=value)
     assert load_run(tmp_path / "run").meta == {"who": "first"}

@@ -117,7 +117,7 @@ def kernel_heatmaps(
     """
     run = as_run(run)
     if not isinstance(sort_by_class, bool):
-        raise TypeError(f"sort_by_class must be True or False, got {sort_by_class!r}")
+        raise TypeError(f"sort_by_class must be a bool (True or False), got {sort_by_class!r}")
     if steps is None:
         steps, kernels = _first_and_last_drawable(run)
     else:
