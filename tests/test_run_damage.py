@@ -337,7 +337,7 @@ def _cli_on_damaged_run(pristine, damages, commands):
 
 
 @pytest.mark.slow
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damages=st.lists(_DAMAGE, min_size=1, max_size=3))
 def test_fuzz_plot_report_and_compare_draw_any_damaged_run(pristine, damages):
     _cli_on_damaged_run(pristine, damages, [["plot", "{run}", "--formats", "png"], ["report", "{run}"],
