@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 __all__ = [
+    "check_bool",
     "check_choice",
     "check_dtype",
     "check_int",
@@ -120,6 +121,14 @@ def check_options(fn: Callable[..., Any], options: Mapping[str, Any], where: str
 
 
 # --------------------------------------------------------------------------- values
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is True or False; anything else (``"no"``, 0, None) is a TypeError,
+    never taken for its truth value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
 
 
 def check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:

@@ -1,26 +1,38 @@
 """The ``ntk-torch`` command: run, sweep, predict, plot, report, compare, bench.
 
-Usage errors exit with status 2 (argparse's convention); errors in what the user gave
-(an invalid config, an output directory that exists, a missing run) print one line,
-``ntk-torch: error: ...``, without a traceback, and exit with status 2 as well. Ctrl-C
-during training leaves a loadable run and exits with status 130.
+Exit statuses: 0 on success; 2 for any error, printed as one line on stderr,
+``ntk-torch: error: ...``, without a traceback (``--debug`` prints the traceback first;
+usage errors exit 2 too, argparse's convention); 130 on Ctrl-C (SIGINT) and 143 on
+SIGTERM, which stop training like Ctrl-C and leave a loadable run with status
+``interrupted``. Warnings are printed as one line each, ``ntk-torch: warning: ...``.
+
+The package is imported inside :func:`main`, so Ctrl-C while torch is still loading is
+an interruption like any other (no traceback). A config can run code (import paths in
+``data.name``/``model.name``); only modules named by ``--allow-import`` or
+``NTK_TORCH_ALLOW_IMPORT`` are imported, and each import path is printed before running.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
+import signal
 import sys
+import threading
+import traceback
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
 
 from . import records
 from ._version import __version__
-from .config import ConfigError, RunConfig, load_config
 
-if TYPE_CHECKING:  # the commands import experiment, and all it loads, only when they run
+if TYPE_CHECKING:  # the commands import config, experiment and all they load only when they run
+    from .config import RunConfig
     from .experiment import Forecast, Ranking, SweepPoint, SweepResult
+    from .runs import Run
 
 DEFAULT_RUNS_DIR = Path("runs")
 RELATIVE_CHANGE, TRAIN_GAP = records.RELATIVE_CHANGE, records.gap(records.TRAIN)
@@ -30,25 +42,65 @@ SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
 """The repository's scripts/ beside the package: present in a checkout (an editable or
 source install), absent from a wheel."""
 BENCHMARK = "bench_ntk"
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
+"""Exit statuses: an error; Ctrl-C (128 + SIGINT); SIGTERM (128 + SIGTERM)."""
+MAX_MESSAGE = 2000
+"""The longest error or warning line printed (characters)."""
 
 
 class UserError(Exception):
     """An error in what the user asked for: reported in one line, no traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that training stops as on Ctrl-C."""
+
+
 # --------------------------------------------------------------------------- helpers
 
 
+def _note(message: str) -> None:
+    print(f"ntk-torch: {message}", file=sys.stderr)
+
+
 def _config(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.config, args.set or ())
+    """The config, validated, after checking (and printing) the code it will import."""
+    from .config import check_imports, load_config, trusted_modules
+
+    config = load_config(args.config, args.set or ())
+    for key, path in check_imports(config, trusted_modules(args.allow_import or ()), source=args.config):
+        _note(f"{key} {path!r}: the config runs code from this trusted module")
+    return config
 
 
-def _fresh_output(path: Path, force: bool) -> None:
-    """Refuse to write into an existing non-empty directory unless ``force``."""
+def _fresh_output(path: Path, force: bool) -> bool:
+    """Refuse to write into an existing non-empty directory unless ``force``; whether what
+    is there may be replaced (``force``, or a run that failed before recording anything)."""
+    path = path.resolve()
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise UserError(f"{path} already exists; pass --force to replace it or --out to choose another directory")
+    if not (path.is_dir() and any(path.iterdir())):
+        return force
+    if force:
+        return True
+    failure = _failed_without_records(path)
+    if failure is not None:
+        _note(f"replacing {path}: it holds a run that failed before recording anything ({failure})")
+        return True
+    raise UserError(f"{path} already exists; pass --force to replace it or --out to choose another directory")
+
+
+def _failed_without_records(path: Path) -> Optional[str]:
+    """The reason of the run in ``path`` if it failed with no record, else None."""
+    from .runs import load_run
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = load_run(path)
+    except (OSError, ValueError):
+        return None
+    return (run.reason or "failed") if run.status == "failed" and not len(run) else None
 
 
 def _print_table(rows: Sequence[Tuple[str, str]], title: Optional[str] = None) -> None:
@@ -68,11 +120,15 @@ def _format(value: Any) -> str:
 
 
 def _finish_run(run_dir: Path, config: RunConfig) -> List[Path]:
-    """Figures and the HTML report of a finished run; prints the summary table."""
+    """Figures and the HTML report of a finished run (with the config saved beside it, the
+    one that ran); prints the summary table."""
     from . import plots, report
+    from .config import ConfigError, load_config
     from .runs import load_run
 
     run = load_run(run_dir)
+    with contextlib.suppress(ConfigError):
+        config = load_config(run.path / "config.yaml")
     figures = plots.save_all(run, run_dir / "figures")
     page = report.write_report(run, run_dir / "report.html", config=config)
     _print_table(report.summary_table(run), title=f"\n{config.name}: {run_dir}")
@@ -84,17 +140,18 @@ def _finish_run(run_dir: Path, config: RunConfig) -> List[Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Train the config and write its figures and report; the exit status (130 on Ctrl-C)."""
+    """Train the config and write its figures and report; the exit status (130 on Ctrl-C,
+    143 on SIGTERM)."""
     from . import experiment
 
     config = _config(args)
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / config.name
-    _fresh_output(out, args.force)
+    replace = _fresh_output(out, args.force)
     try:
-        experiment.run(config, out, force=args.force, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\nntk-torch: interrupted; the run recorded so far is in {out}", file=sys.stderr)
-        return 130
+        experiment.run(config, out, force=replace, progress=not args.no_progress, allow_imports=args.allow_import or ())
+    except KeyboardInterrupt as interruption:
+        print(f"\nntk-torch: {_interrupted(interruption)}; the run recorded so far is in {out}", file=sys.stderr)
+        return _interrupt_status(interruption)
     _finish_run(out, config)
     return 0
 
@@ -105,14 +162,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     config = _config(args)
     plan = experiment.sweep_plan(config)
+    trusted = args.allow_import or ()
     if args.predict_only:
-        _print_ranking(experiment.rank_by_forecast(plan))
+        _print_ranking(experiment.rank_by_forecast(plan, allow_imports=trusted))
         return 0
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / config.name
     _fresh_output(out, args.force)
     result = experiment.sweep(
         plan, out, force=args.force, progress=not args.no_progress,
-        on_point=lambda point: _print_sweep_point(plan.parameter, point),
+        on_point=lambda point: _print_sweep_point(plan.parameter, point), allow_imports=trusted,
     )
     _print_sweep(result)
     return 0
@@ -158,9 +216,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import experiment, plots
 
     config = _config(args)
-    result = experiment.forecast(config)
-    _print_forecast(config, result)
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / f"{config.name}-predict"
+    _fresh_output(out, args.force)
+    result = experiment.forecast(config, allow_imports=args.allow_import or ())
+    _print_forecast(config, result)
     out.mkdir(parents=True, exist_ok=True)
     figure = plots.forecast_figure(result.steps, result.rows, title=f"{config.name}: predicted before training")
     for fmt in ("png", "svg"):
@@ -192,13 +251,26 @@ def _run_dir(path: str) -> Path:
     return run_dir
 
 
+def _load(path: str) -> Run:
+    """The run in ``path``; what it skipped is printed as a warning (``Run.problems``)."""
+    from .runs import load_run
+
+    return load_run(_run_dir(path))
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw a run's figures; the exit status."""
     from . import plots
 
-    run_dir = _run_dir(args.run_dir)
-    out = Path(args.out) if args.out else run_dir / "figures"
-    paths = plots.save_all(run_dir, out, formats=args.formats.split(","))
+    formats = [fmt.strip() for fmt in args.formats.split(",")]
+    run = _load(args.run_dir)
+    out = Path(args.out) if args.out else run.path / "figures"
+    try:
+        paths = plots.save_all(run, out, formats=formats)
+    except ValueError as error:
+        if "formats" in str(error):
+            raise UserError(f"--formats {args.formats!r}: {error}") from None
+        raise
     print(f"{len(paths)} figures written to {out}")
     return 0
 
@@ -206,26 +278,42 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a run's HTML report and print its path; the exit status."""
     from . import report
+    from .config import ConfigError, load_config
 
-    run_dir = _run_dir(args.run_dir)
-    config_file = run_dir / "config.yaml"
-    config = load_config(config_file) if config_file.is_file() else None
-    print(report.write_report(run_dir, args.out, config=config))
+    run = _load(args.run_dir)
+    config_file = run.path / "config.yaml"
+    config = None
+    if config_file.is_file():
+        try:
+            config = load_config(config_file)
+        except ConfigError as error:
+            warnings.warn(f"the report is written without the run's config: {error}", RuntimeWarning)
+    print(report.write_report(run, args.out, config=config))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Draw several runs in one figure; the exit status."""
+    """Draw several runs in one figure (those that can be read); the exit status."""
     from . import plots
 
-    run_dirs = [_run_dir(path) for path in args.run_dirs]
-    if args.labels and len(args.labels) != len(run_dirs):
-        raise UserError(f"--labels gives {len(args.labels)} labels for {len(run_dirs)} runs")
-    out = Path(args.out)
+    if args.labels and len(args.labels) != len(args.run_dirs):
+        raise UserError(f"--labels gives {len(args.labels)} labels for {len(args.run_dirs)} runs")
+    out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / "compare"
+    _fresh_output(out, args.force)
+    runs, labels = [], []
+    for index, path in enumerate(args.run_dirs):
+        try:
+            runs.append(_load(path))
+        except (UserError, OSError, ValueError) as error:
+            warnings.warn(f"compare skips {path}: {error}", RuntimeWarning)
+            continue
+        labels.append(args.labels[index] if args.labels else None)
+    if not runs:
+        raise UserError("none of the runs given to compare could be read")
     out.mkdir(parents=True, exist_ok=True)
-    figure = plots.compare(run_dirs, labels=args.labels)
+    figure = plots.compare(runs, labels=labels if args.labels else None)
     paths = [plots.save_figure(figure, out / f"compare.{fmt}") for fmt in ("png", "svg")]
-    print(f"comparison of {len(run_dirs)} runs: {paths[0]}")
+    print(f"comparison of {len(runs)} runs: {paths[0]}")
     return 0
 
 
@@ -244,12 +332,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 
+DEBUG_HELP = "on an error, print the Python traceback before the one-line message"
+
 
 def _add_config_options(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("config", help="a YAML config file (see configs/)")
     parser.add_argument("--out", help=out_help)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.05 (repeatable)")
+    parser.add_argument("--allow-import", action="append", metavar="MODULE",
+                        help="trust MODULE (and its submodules) for import paths 'package.module:function' in "
+                        "data.name/model.name: a config can run code, and only trusted modules are imported "
+                        "(repeatable; also NTK_TORCH_ALLOW_IMPORT=mod1,mod2)")
 
 
 def _add_training_options(parser: argparse.ArgumentParser, progress_help: str) -> None:
@@ -283,6 +377,7 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
                                   description="Before any training: the linearised model's predicted train and test "
                                   "curves and the largest stable learning rate.")
     _add_config_options(predict, "where to write the figure (default runs/<config name>-predict)")
+    predict.add_argument("--force", action="store_true", help="replace the figure in an existing output directory")
     predict.set_defaults(handler=cmd_predict)
 
 
@@ -304,8 +399,9 @@ def _add_run_dir_parsers(commands: argparse._SubParsersAction) -> None:
     compare = commands.add_parser("compare", help="overlay several runs", description="Overlay several runs' drift, "
                                   "velocity, alignment and linearisation gap in one figure.")
     compare.add_argument("run_dirs", nargs="+", help="run directories")
-    compare.add_argument("--out", default="compare", help="output directory (default ./compare)")
+    compare.add_argument("--out", help="output directory (default runs/compare)")
     compare.add_argument("--labels", nargs="+", help="one legend label per run")
+    compare.add_argument("--force", action="store_true", help="replace the figure in an existing output directory")
     compare.set_defaults(handler=cmd_compare)
 
 
@@ -316,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Training dynamics of PyTorch models through the empirical Neural Tangent Kernel.",
     )
     parser.add_argument("--version", action="version", version=f"ntk-torch {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run_parser(commands)
     _add_sweep_parser(commands)
@@ -324,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench", help="time each kernel engine and mode (markdown table)", add_help=False
     ).set_defaults(handler=cmd_bench)
+    for name, command in commands.choices.items():
+        if name != "bench":  # bench passes its arguments on: ntk-torch --debug bench
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -341,15 +441,78 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line ``argv``; the exit status (see the module docstring). Usage
+    errors and ``--help`` raise ``SystemExit`` as argparse does."""
     args = parse_args(argv)
+    with _one_line_warnings(), _sigterm_as_interrupt():
+        try:
+            return int(args.handler(args) or 0)
+        except KeyboardInterrupt as interruption:  # runs already written stay loadable
+            print(f"\nntk-torch: {_interrupted(interruption)}", file=sys.stderr)
+            return _interrupt_status(interruption)
+        except Exception as error:
+            if args.debug:
+                traceback.print_exc()
+            print(f"ntk-torch: error: {_describe(error, args.debug)}", file=sys.stderr)
+            return EXIT_ERROR
+
+
+_EXPECTED = (UserError, OSError, ValueError, TypeError, ImportError, LookupError, FloatingPointError)
+"""Errors whose message is the whole story (bad input, files); others are shown with their type."""
+
+
+def _describe(error: BaseException, debug: bool) -> str:
+    """``error`` as one line: its message (with its type unless it is an expected one), and
+    the ``--debug`` hint for an unexpected one."""
+    text = _one_line(str(error)) or type(error).__name__
+    if isinstance(error, _EXPECTED):
+        return text
+    hint = "" if debug else " (run with --debug for the traceback)"
+    return f"{type(error).__name__}: {text}{hint}"
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def _interrupted(interruption: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(interruption, Terminated) else "interrupted"
+
+
+def _interrupt_status(interruption: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"ntk-torch: warning: {_one_line(str(message))}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings printed as ``ntk-torch: warning: ...``, one line each, inside the block."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        yield
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block (main thread only), SIGTERM raises :class:`Terminated`, a
+    ``KeyboardInterrupt``: training stops and the run closes as ``interrupted``."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(ValueError, OSError):
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return int(args.handler(args) or 0)
-    except (UserError, ConfigError, FileExistsError, FileNotFoundError) as error:
-        print(f"ntk-torch: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # runs already written stay loadable
-        print("\nntk-torch: interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from ._options import (
+    check_bool,
     check_choice,
     check_dtype,
     check_int,
@@ -268,6 +269,8 @@ def digits(
     x, y = _digits_arrays()
     n, num_classes = len(y), 10
     n_test = _check_test_size(test_size, n, num_classes)
+    check_bool("standardize", standardize)
+    check_bool("images", images)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=n_test, random_state=seed, stratify=y
     )

@@ -1,6 +1,6 @@
 """Exceptions raised by ntk_torch."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 class NonFiniteKernelError(FloatingPointError):
@@ -8,12 +8,22 @@ class NonFiniteKernelError(FloatingPointError):
 
     Attributes:
         groups: the parameter groups (module paths) whose contribution is non-finite.
+        inputs: the input at fault (e.g. ``"x1"``, ``"x2[0]"``) when an input holds NaN or
+            inf entries, which is then the cause named; None when the inputs are finite.
     """
 
-    def __init__(self, groups: Sequence[str]):
+    def __init__(self, groups: Sequence[str], inputs: Optional[str] = None):
         self.groups = tuple(groups)
+        self.inputs = inputs
         listed = ", ".join(repr(g) for g in self.groups)
-        super().__init__(
-            f"the kernel is not finite (NaN or inf) in the contribution of parameter "
-            f"group {listed}; check the model's outputs and parameters for NaN/inf"
-        )
+        if inputs is not None:
+            message = (
+                f"the kernel is not finite (NaN or inf) because the input {inputs} holds NaN or "
+                f"inf entries; clean the inputs (the parameter groups affected: {listed})"
+            )
+        else:
+            message = (
+                f"the kernel is not finite (NaN or inf) in the contribution of parameter "
+                f"group {listed}; check the model's outputs and parameters for NaN/inf"
+            )
+        super().__init__(message)

@@ -19,11 +19,13 @@ config reproduces its run exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
@@ -33,13 +35,14 @@ from tqdm import tqdm
 from . import data as data_module
 from . import models as models_module
 from . import records
-from .config import ConfigError, RunConfig, set_by_path
+from ._options import check_bool
+from .config import ConfigError, RunConfig, check_imports, check_run_name, set_by_path, trusted_modules
 from .forecast import LinearisedForecast, sgd_settings
 from .losses import KNOWN_LOSSES, resolve
 from .probe import LabelledSet
 from .runs import Run, load_run
 from .schedule import Schedule
-from .tracker import NTKTracker
+from .tracker import NTKTracker, ending
 
 CONFIG_FILE = "config.yaml"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -56,30 +59,39 @@ class Setup:
     device: torch.device
 
 
-def build(config: RunConfig) -> Setup:
+def build(config: RunConfig, *, allow_imports: Sequence[str] = ()) -> Setup:
     """Data, model and optimizer for ``config``, all seeded from ``config.seed``.
 
+    A config can run code: an import path in ``data.name`` or ``model.name`` is imported
+    and called only when its module is trusted, named in ``allow_imports`` or in the
+    ``NTK_TORCH_ALLOW_IMPORT`` environment variable (:func:`ntk_torch.config.check_imports`);
+    otherwise nothing is imported.
+
     Raises:
-        ConfigError: the data or model registry refused the config's names or options,
-            the loss does not suit the data, or the device is not available.
+        ConfigError: an import path of an untrusted module, the data or model registry
+            refused the config's names or options, the loss does not suit the data, or the
+            device is not available.
     """
+    check_imports(config, trusted_modules(allow_imports))
     try:
         device = torch.device(config.train.device)
     except RuntimeError as error:
         raise ConfigError(f"train.device: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {config.train.device!r} but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device is {config.train.device!r} but MPS is not available")
     dtype = DTYPES[config.train.dtype]
     try:
         data_options = _with_seed(data_module.DATASETS.get(config.data.name), config.data.options, config.seed)
         split = data_module.load(config.data.name, **data_options)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, ImportError, AttributeError) as error:
         raise ConfigError(f"data ({config.data.name}): {error}") from None
     split = split.to(device=device, dtype=dtype)
     try:
         model_options = _with_seed(models_module.MODELS.get(config.model.name), config.model.options, config.seed)
         model = models_module.build(config.model.name, data=split, **model_options)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, ImportError, AttributeError) as error:
         raise ConfigError(f"model ({config.model.name}): {error}") from None
     model = model.to(device=device, dtype=dtype)
     _check_loss_suits(config, split)
@@ -125,7 +137,7 @@ def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False) 
         split.train,
         test=split.test,
         loss=config.train.loss,
-        probe_size=min(track.probe_size, split.x_train.shape[0]),
+        probe_size=track.probe_size,
         every=track.every,
         schedule=track.schedule,
         mode=track.mode,
@@ -138,18 +150,53 @@ def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False) 
     )
 
 
+def _check_flags(**flags: Any) -> None:
+    for name, flag in flags.items():
+        check_bool(name, flag)
+
+
+def fit_probe(config: RunConfig, n_train: int) -> RunConfig:
+    """``config`` with ``track.probe_size`` cut to ``n_train`` when it asks for more (with a
+    warning), so that the saved config says what ran."""
+    if config.track.probe_size <= n_train:
+        return config
+    warnings.warn(
+        f"track.probe_size={config.track.probe_size} is more than the {n_train} training examples; "
+        f"the probe is all {n_train} of them",
+        UserWarning,
+        stacklevel=3,
+    )
+    return dataclasses.replace(config, track=dataclasses.replace(config.track, probe_size=n_train))
+
+
 def run(
-    config: RunConfig, out_dir: Union[str, Path], *, force: bool = False, progress: bool = True
+    config: RunConfig,
+    out_dir: Union[str, Path],
+    *,
+    force: bool = False,
+    progress: bool = True,
+    allow_imports: Sequence[str] = (),
 ) -> Run:
     """Train ``config``'s model with the tracker attached; the run directory is ``out_dir``.
 
     An existing run in ``out_dir`` is replaced only with ``force``; any other non-empty
-    directory is never touched. Ctrl-C stops training and leaves a loadable run.
+    directory is never touched. Ctrl-C stops training and leaves a loadable run with
+    status ``interrupted`` (the command line turns SIGTERM into the same; otherwise the
+    tracker closes the run as interrupted before the process ends); an exception leaves
+    status ``failed`` and the reason in ``meta.json``. ``allow_imports``: as for
+    :func:`build`. The config saved beside the run (``config.yaml``) is the one that ran
+    (``track.probe_size`` cut to the data, :func:`fit_probe`).
     """
+    _check_flags(force=force, progress=progress)
     out_dir = Path(out_dir)
-    setup = build(config)
+    setup = build(config, allow_imports=allow_imports)
+    config = setup.config = fit_probe(config, setup.split.x_train.shape[0])
     tracker = make_tracker(setup, out_dir, force=force)
-    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    try:
+        (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    except BaseException as error:
+        tracker.close(*ending(error))
+        raise
     with tracker.attach(setup.optimizer):
         train_loop(setup, progress=progress)
     return load_run(out_dir)
@@ -212,7 +259,9 @@ class Forecast:
         ]
 
 
-def forecast(config: RunConfig, steps: Optional[List[int]] = None) -> Forecast:
+def forecast(
+    config: RunConfig, steps: Optional[List[int]] = None, *, allow_imports: Sequence[str] = ()
+) -> Forecast:
     """The linearised prediction of ``config``'s training curve, from the kernel at step 0.
 
     Uses the same computation as the tracker's forecast (full-batch SGD on the network
@@ -220,9 +269,10 @@ def forecast(config: RunConfig, steps: Optional[List[int]] = None) -> Forecast:
     schedule up to ``train.steps``, and ``train.steps`` itself.
 
     Raises:
-        ConfigError: the optimizer cannot be modelled (only SGD can).
+        ConfigError: the optimizer cannot be modelled (only SGD can), or what
+            :func:`build` raises (``allow_imports`` is passed on to it).
     """
-    setup = build(config)
+    setup = build(config, allow_imports=allow_imports)
     settings, names, problems = sgd_settings(setup.optimizer, setup.model)
     if problems:
         raise ConfigError("cannot forecast this config: " + "; ".join(problems))
@@ -287,14 +337,21 @@ def sweep_plan(config: RunConfig) -> SweepPlan:
     if config.sweep is None:
         raise ConfigError(f"config {config.name!r} has no sweep section (sweep: {{parameter: ..., values: [...]}})")
     parameter, seeds = config.sweep.parameter, config.sweep.seeds
-    values = []
+    values, names = [], {}
     for value in config.sweep.values:
         swept = set_by_path(config, parameter, value, source=f"sweep {parameter}={value}")
         name = f"{config.name}-{parameter.rsplit('.', 1)[-1]}{value}"
         repeats = []
         for offset in range(seeds):
             repeat = set_by_path(swept, "seed", config.seed + offset) if offset else swept
-            repeat.name = name if seeds == 1 else f"{name}-seed{config.seed + offset}"
+            repeat.name = check_run_name(
+                name if seeds == 1 else f"{name}-seed{config.seed + offset}", f"sweep value {value!r}: the run name"
+            )
+            if repeat.name in names:
+                raise ConfigError(
+                    f"sweep.values {names[repeat.name]!r} and {value!r} give two runs the same name {repeat.name!r}"
+                )
+            names[repeat.name] = value
             repeats.append(repeat)
         values.append((value, repeats))
     return SweepPlan(parameter, values)
@@ -349,6 +406,7 @@ def sweep(
     force: bool = False,
     progress: bool = True,
     on_point: Optional[Callable[[SweepPoint], None]] = None,
+    allow_imports: Sequence[str] = (),
 ) -> SweepResult:
     """Train every config of ``plan`` (:func:`run`), each into ``out_dir/<config name>``,
     and compare the values; ``on_point`` is called after each value's runs.
@@ -356,10 +414,12 @@ def sweep(
     Returns:
         The :class:`SweepResult`; the figure, when there is one, is written to ``out_dir``.
     """
+    _check_flags(force=force, progress=progress)
     out_dir = Path(out_dir)
     points = []
     for value, repeats in plan.values:
-        runs = [run(config, out_dir / config.name, force=force, progress=progress) for config in repeats]
+        runs = [run(config, _inside(out_dir, config.name), force=force, progress=progress, allow_imports=allow_imports)
+                for config in repeats]
         means = {field: _mean_finite(_last_finite(r, field) for r in runs) for field in SWEEP_FIELDS}
         points.append(SweepPoint(value, runs, means))
         if on_point is not None:
@@ -369,6 +429,14 @@ def sweep(
         return SweepResult(plan.parameter, points, {}, None)
     figure = _save_sweep_figure(on_log_axis, plan.parameter, out_dir / SWEEP_FIGURE)
     return SweepResult(plan.parameter, points, _loglog_slopes(on_log_axis), figure)
+
+
+def _inside(out_dir: Path, name: str) -> Path:
+    """``out_dir / name``, checked to stay inside ``out_dir`` (a plain name does)."""
+    child = (out_dir / check_run_name(name, "the run name")).resolve()
+    if child.parent != out_dir.resolve():
+        raise ConfigError(f"the run name {name!r} leads out of the output directory {out_dir}")
+    return child
 
 
 def _last_finite(trained: Run, field: str) -> Optional[float]:
@@ -448,14 +516,14 @@ class Ranking:
     values: List[RankedValue]
 
 
-def rank_by_forecast(plan: SweepPlan) -> Ranking:
+def rank_by_forecast(plan: SweepPlan, *, allow_imports: Sequence[str] = ()) -> Ranking:
     """Forecast every config of ``plan`` at its ``train.steps`` (:func:`forecast`, no
     training) and rank the values by predicted test accuracy, or loss without classes.
 
     Raises:
         ConfigError: a config's optimizer cannot be modelled (only SGD can).
     """
-    forecasts = [(value, _mean_forecast(repeats)) for value, repeats in plan.values]
+    forecasts = [(value, _mean_forecast(repeats, allow_imports)) for value, repeats in plan.values]
     accuracy = records.predicted(records.TEST, "accuracy")
     by_accuracy = all(predicted.get(accuracy) is not None for _, (predicted, _) in forecasts)
     metric = accuracy if by_accuracy else records.predicted(records.TEST, "loss")
@@ -467,10 +535,12 @@ def rank_by_forecast(plan: SweepPlan) -> Ranking:
     return Ranking(plan.parameter, metric, plan.values[0][1][0].train.steps, plan.seeds, ranked)
 
 
-def _mean_forecast(configs: List[RunConfig]) -> Tuple[Dict[str, Optional[float]], float]:
+def _mean_forecast(
+    configs: List[RunConfig], allow_imports: Sequence[str]
+) -> Tuple[Dict[str, Optional[float]], float]:
     """The forecast's fields at ``train.steps`` and its largest stable learning rate,
     each the mean over ``configs`` (the seeds of one swept value)."""
-    forecasts = [forecast(config, steps=[config.train.steps]) for config in configs]
+    forecasts = [forecast(config, steps=[config.train.steps], allow_imports=allow_imports) for config in configs]
     rows = [f.rows[-1] for f in forecasts]
     predicted = {
         name: _mean_finite(row[name] for row in rows) if rows[0].get(name) is not None else None for name in rows[0]

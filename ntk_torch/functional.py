@@ -68,6 +68,10 @@ def batch_size(x: Inputs, name: str) -> int:
     items = input_tensors(x, name)
     sizes = {}
     for label, t in items:
+        if t.is_meta:
+            raise ValueError(
+                f"{label} is on the meta device (a tensor without data); give it on the CPU or a GPU"
+            )
         if t.dim() == 0:
             raise ValueError(f"{label} is a scalar; inputs must be batched on dim 0")
         sizes[label] = t.shape[0]
@@ -80,21 +84,34 @@ def batch_size(x: Inputs, name: str) -> int:
     return n
 
 
-def check_compatible(x1: Inputs, x2: Inputs) -> None:
+def nonfinite_input(x: Inputs, name: str) -> Optional[str]:
+    """``"x1 (example 3)"``: the first floating tensor of ``x`` holding NaN or inf and
+    the first example where it does, or None when every input is finite."""
+    for label, t in input_tensors(x, name):
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t.detach())
+            if bad.any():
+                example = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0]) if t.dim() else 0
+                return f"{label} (example {example})"
+    return None
+
+
+def check_compatible(x1: Inputs, x2: Inputs, names: Tuple[str, str] = ("x1", "x2")) -> None:
     """Raise a ``ValueError``/``TypeError`` unless ``x2`` has the structure, feature shapes
-    and dtypes of ``x1`` (the batch sizes may differ)."""
+    and dtypes of ``x1`` (the batch sizes may differ); ``names`` are theirs in messages."""
+    n1, n2 = names
     if type(x1) is not type(x2) and not (
         isinstance(x1, (tuple, list)) and isinstance(x2, (tuple, list))
     ):
-        raise TypeError(f"x2 is a {type(x2).__name__} but x1 is a {type(x1).__name__}")
+        raise TypeError(f"{n2} is a {type(x2).__name__} but {n1} is a {type(x1).__name__}")
     if isinstance(x1, Mapping) and set(x1) != set(x2):
-        raise ValueError(f"x2 has keys {sorted(x2)} but x1 has {sorted(x1)}")
-    items1 = input_tensors(x1, "x1")
-    items2 = input_tensors(x2, "x2")
+        raise ValueError(f"{n2} has keys {sorted(x2)} but {n1} has {sorted(x1)}")
+    items1 = input_tensors(x1, n1)
+    items2 = input_tensors(x2, n2)
     if len(items1) != len(items2):
-        raise ValueError(f"x2 has {len(items2)} tensors but x1 has {len(items1)}")
+        raise ValueError(f"{n2} has {len(items2)} tensors but {n1} has {len(items1)}")
     if isinstance(x1, Mapping):
-        items2 = [(f"x2[{k!r}]", x2[k]) for k in x1]
+        items2 = [(f"{n2}[{k!r}]", x2[k]) for k in x1]
     for (l1, t1), (l2, t2) in zip(items1, items2):
         if tuple(t1.shape[1:]) != tuple(t2.shape[1:]):
             raise ValueError(
@@ -157,7 +174,15 @@ def _selected_names(trainable: Dict[str, nn.Parameter], params: ParamSelector) -
     """Names of the trainable parameters picked by ``params`` (glob patterns or modules)."""
     if params is None:
         return list(trainable)
-    selectors = [params] if isinstance(params, (str, nn.Module)) else list(params)
+    if isinstance(params, (str, nn.Module)):
+        selectors = [params]
+    elif isinstance(params, Iterable) and not isinstance(params, Iterator):  # a generator reads once
+        selectors = list(params)
+    else:
+        raise TypeError(
+            "params must be a name pattern (str), an nn.Module, a list of them or None, "
+            f"got {type(params).__name__}"
+        )
     if not selectors:
         raise ValueError("params is empty; pass None to use every trainable parameter")
     by_identity = {id(p): name for name, p in trainable.items()}

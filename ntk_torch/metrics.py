@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._options import check_bool
 from .layout import layout_of
 
 __all__ = [
@@ -236,7 +237,7 @@ def alignment(K1: KernelLike, K2: KernelLike, centered: bool = False) -> float:
             zero (after centring).
     """
     A, B = _kernel_pair(K1, K2, "K1", "K2")
-    if centered:
+    if check_bool("centered", centered):
         _require_square(A, "K1", "centred alignment")
         A, B = _matrix(A), _matrix(B)
     return _cosine(A, B, "K1", "K2", centered)
@@ -300,6 +301,7 @@ def target_alignment(K: KernelLike, y: KernelLike, centered: bool = True) -> flo
         ValueError: K not square, y of the wrong shape, labels out of range, or K or T zero
             (after centring), e.g. all targets equal with ``centered=True``.
     """
+    check_bool("centered", centered)
     K = _kernel(K, "K")
     _require_square(K, "K", "target alignment")
     outputs = layout_of(K).num_outputs(K)

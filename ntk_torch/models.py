@@ -62,6 +62,23 @@ __all__ = [
 ]
 
 
+MAX_PARAMETERS = 2**30
+"""The most parameters a built-in model is built with: 2**30 (about 1.07e9) is 4 GiB of
+float32 weights before gradients and optimizer state (which triple it) and far beyond
+what the empirical NTK of a probe set can be tracked for; the count is checked from the
+options before anything is allocated, so a typo (``width: 1e9``) fails at once instead of
+exhausting the machine's memory."""
+
+
+def _check_parameter_count(model: str, count: int, options: Mapping[str, Any]) -> None:
+    if count > MAX_PARAMETERS:
+        given = ", ".join(f"{key}={value}" for key, value in options.items())
+        raise ValueError(
+            f"{model} with {given} would have {count:,} parameters, more than the {MAX_PARAMETERS:,} "
+            "(2**30, 4 GiB of float32 weights) a built-in model is built with"
+        )
+
+
 class Erf(nn.Module):
     r""":math:`\operatorname{erf}(x)`, the sigmoid-like activation whose infinite-width
     kernels have a closed form (Williams 1997)."""
@@ -250,6 +267,8 @@ class MLP(nn.Module):
         )
 
         sizes = [input_dim] + [width] * depth + [output_dim]
+        count = sum(n_in * n_out + (n_out if bias else 0) for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+        _check_parameter_count("MLP", count, dict(input_dim=input_dim, width=width, depth=depth, output_dim=output_dim))
         with _initialisation_rng(seed):
             if parametrization == "ntk":
                 layers: List[nn.Module] = [
@@ -339,6 +358,10 @@ class CNN(nn.Module):
             batch_norm=batch_norm, seed=seed,
         )
 
+        _check_parameter_count("CNN", _cnn_parameters(in_channels, num_classes, self.image_size, channels,
+                                                      kernel_size, batch_norm),
+                               dict(in_channels=in_channels, image_size=list(self.image_size), channels=list(channels),
+                                    kernel_size=kernel_size, num_classes=num_classes))
         height, width = self.image_size
         convs, norms = [], []
         with _initialisation_rng(seed):
@@ -387,6 +410,21 @@ class CNN(nn.Module):
                 x = self.norms[index](x)
             x = self.activation(x)
         return self.head(x.flatten(1))
+
+
+def _cnn_parameters(
+    in_channels: int, num_classes: int, image_size: Tuple[int, int], channels: Tuple[int, ...],
+    kernel_size: int, batch_norm: bool,
+) -> int:
+    """The parameter count of the :class:`CNN` these options build (before building it)."""
+    height, width = image_size
+    count = 0
+    for index, (c_in, c_out) in enumerate(zip((in_channels,) + channels[:-1], channels)):
+        stride, padding = (1 if index == 0 else 2), kernel_size // 2
+        count += c_in * c_out * kernel_size**2 + c_out + (2 * c_out if batch_norm else 0)
+        height = (height + 2 * padding - kernel_size) // stride + 1
+        width = (width + 2 * padding - kernel_size) // stride + 1
+    return count + channels[-1] * height * width * num_classes + num_classes
 
 
 def _pair(name: str, value: Any) -> Tuple[int, int]:

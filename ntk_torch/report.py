@@ -32,6 +32,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 REPORT_FILE = "report.html"
 """The report's file name inside the run directory (``write_report``'s default)."""
+SHOWN_PROBLEMS = 5
+"""How many of ``Run.problems`` the summary lists (then how many more there are)."""
 
 
 # --------------------------------------------------------------------------- summary
@@ -58,7 +60,8 @@ def format_value(value: Any) -> str:
 def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
     """The run at a glance, as ``(name, value)`` string pairs.
 
-    Rows, each present only when the run has the data: status, measurements and steps,
+    Rows, each present only when the run has the data: status (and its reason), what
+    ``load_run`` skipped or found suspicious (``Run.problems``), measurements and steps,
     the final actual and predicted train/test loss and accuracy (the probe's when the run
     has no train loss), the linearisation gap, the final kernel drift (relative change,
     kernel distance), parameter distance, target alignment and effective rank (first →
@@ -74,6 +77,12 @@ def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
     run = run if isinstance(run, Run) else load_run(run)
     last_step = int(run.steps[-1]) if len(run) else None
     rows: List[Tuple[str, str]] = [("status", run.status or "unknown (run not closed)")]
+    if run.reason:
+        rows.append(("reason", run.reason))
+    if run.problems:
+        shown = run.problems[:SHOWN_PROBLEMS]
+        more = len(run.problems) - len(shown)
+        rows.append(("read with problems", "; ".join(shown) + (f"; and {more} more" if more else "")))
     if last_step is None:
         rows.append(("measurements", "0"))
         return rows

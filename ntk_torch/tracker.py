@@ -25,21 +25,23 @@ from __future__ import annotations
 import math
 import os
 import platform
+import signal
+import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import records
-from ._options import check_int
+from ._options import check_bool, check_int
 from ._version import __version__
 from .drift import KernelDrift
 from .errors import NonFiniteKernelError
 from .forecast import LinearisedForecast, current_lr, sgd_settings
-from .functional import ParamSelector, evaluation_context
+from .functional import ParamSelector, check_compatible, evaluation_context, nonfinite_input
 from .kernel import NTK
 from .losses import CLASSIFICATION, resolve
 from .probe import Data, LabelledSet, choose_probe, evaluate, load_set, sample_output
@@ -188,7 +190,8 @@ class NTKTracker:
         max_predict_points: int = 4096,
     ) -> None:
         self.model = _unwrap(model)
-        _check_options(probe_size, max_predict_points, predict, seed, keep_kernels, progress)
+        _check_options(probe_size, max_predict_points, seed, keep_kernels, predict=predict, progress=progress,
+                       overwrite=overwrite)
         self.schedule = Schedule(every, schedule)
         self.ntk = NTK(self.model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=True)
         self.output_fn = output_fn
@@ -212,6 +215,7 @@ class NTKTracker:
         self._main = _is_main_process()
         self._step, self._started, self._closed, self._hook = 0, False, False, None
         self._warned_nonfinite = self._warned_lr = False
+        self._sigterm_installed = False
         self._param_names = list(selected)
         self._theta0 = {n: p.detach().clone() for n, p in self._live_params().items()} if self._main else {}
 
@@ -226,7 +230,13 @@ class NTKTracker:
     # ------------------------------------------------------------------ set-up
 
     def _check_labels(self, train: Data) -> None:
-        """Check the probe's, train's (when tensors) and test's labels against the loss."""
+        """Check the probe's inputs (finite) and the test set's (train's shapes and dtypes),
+        then the probe's, train's (when tensors) and test's labels against the loss."""
+        bad = nonfinite_input(self.probe.x, "train")
+        if bad is not None:
+            raise ValueError(f"the input {bad} holds NaN or inf entries; every kernel would be non-finite")
+        if self.test is not None:
+            check_compatible(self.probe.x, self.test.x, names=("train", "test"))
         with torch.no_grad(), evaluation_context(self.model, self.device):
             output = sample_output(self.model, self.probe, self.output_fn)
         labels = train[1] if isinstance(train, (tuple, list)) else self.probe.y
@@ -341,7 +351,12 @@ class NTKTracker:
         Returns:
             A context manager; leaving it (also by an exception such as
             ``KeyboardInterrupt``, which is re-raised) detaches the hook and closes the
-            tracker and its run directory.
+            tracker and its run directory with status ``"completed"``, ``"interrupted"``
+            (Ctrl-C) or ``"failed"`` and the reason. A failure or Ctrl-C in the step-0
+            set-up here closes it the same way. From here until ``close``, in the main
+            thread and when SIGTERM has its default action, a SIGTERM closes the run as
+            ``"interrupted"`` and then ends the process as SIGTERM does (a handler runs
+            between Python bytecodes, so it waits for a running torch operation).
         """
         self._require_open()
         if self._hook is not None:
@@ -349,10 +364,15 @@ class NTKTracker:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not self._started:
-            if optimizer is not None and self._forecast_points is not None:
-                self._start_forecast(optimizer)
             self._started = True
-            self.measure()
+            try:  # the step-0 set-up: a failure or Ctrl-C here still closes the run with its status
+                if optimizer is not None and self._forecast_points is not None:
+                    self._start_forecast(optimizer)
+                self.measure()
+            except BaseException as error:
+                self.close(*ending(error))
+                raise
+            self._install_sigterm_handler()
         if optimizer is not None:
             self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
             self.optimizer = optimizer
@@ -405,14 +425,16 @@ class NTKTracker:
             self._progress.update()
         return record
 
-    def close(self, status: str = "completed") -> None:
-        """Detach, and close the run directory recording ``status``; idempotent."""
+    def close(self, status: str = "completed", reason: Optional[str] = None) -> None:
+        """Detach, and close the run directory recording ``status`` (and ``reason``, one
+        line saying why, for a failed or interrupted run); idempotent."""
         self.detach()
+        self._restore_sigterm_handler()
         if self._closed:
             return
         self._closed = True
         if self._writer is not None:
-            self._writer.close(status=status)
+            self._writer.close(status=status, reason=reason)
         if self._progress is not None:
             self._progress.close()
 
@@ -441,19 +463,62 @@ class NTKTracker:
                 stacklevel=3,
             )
             return
-        self.forecast = LinearisedForecast(
-            model=self.model,
-            points=self._forecast_points,
-            test=self.test,
-            loss=self.loss,
-            settings=settings,
-            param_names=names,
-            output_fn=self.output_fn,
-            approximate_points=len(self._forecast_points) < self._train_size,
-            schedule=self.schedule,
-        )
+        try:
+            self.forecast = LinearisedForecast(
+                model=self.model,
+                points=self._forecast_points,
+                test=self.test,
+                loss=self.loss,
+                settings=settings,
+                param_names=names,
+                output_fn=self.output_fn,
+                approximate_points=len(self._forecast_points) < self._train_size,
+                schedule=self.schedule,
+            )
+        except NonFiniteKernelError as error:
+            self._skip_forecast(f"the kernel at step 0 over the training points is not finite ({error})")
+            return
         if self._writer is not None:
             self._writer.update_meta(prediction=self.forecast.describe())
+
+    def _skip_forecast(self, why: str) -> None:
+        """No predicted training curve, with a warning saying ``why``; training goes on."""
+        self.forecast = None
+        warnings.warn(
+            f"NTKTracker: no predicted training curve: {why}. Kernel drift is still tracked.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        if self._writer is not None:
+            self._writer.update_meta(prediction=None)
+
+    # ------------------------------------------------------------------ SIGTERM
+
+    def _install_sigterm_handler(self) -> None:
+        """While attached, a SIGTERM (which would kill the process without any clean-up)
+        closes the run as ``"interrupted"`` first, then ends the process as SIGTERM does.
+        Only from the main thread and only when SIGTERM has its default action."""
+        self._sigterm_installed = False
+        if not self._main or threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                return
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        except (ValueError, OSError, AttributeError):  # no signals here (an embedded interpreter)
+            return
+        self._sigterm_installed = True
+
+    def _restore_sigterm_handler(self) -> None:
+        if self._sigterm_installed:
+            self._sigterm_installed = False
+            if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.close(status="interrupted", reason="SIGTERM")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
 
     # ------------------------------------------------------------------ hooks
 
@@ -479,6 +544,8 @@ class NTKTracker:
         if kernels is None:
             record.update({records.FINITE: False, records.NONFINITE_GROUPS: nonfinite_groups})
             record.update(self.drift.nonfinite())
+            if self._step == 0 and self.forecast is not None:
+                self._skip_forecast("the probe kernel at step 0 is not finite")
         else:
             record[records.FINITE] = True
             record.update(self.drift.fields(self._step, kernels))
@@ -544,17 +611,15 @@ class NTKTracker:
         )
 
 
-def _check_options(probe_size, max_predict_points, predict, seed, keep_kernels, progress) -> None:
+def _check_options(probe_size, max_predict_points, seed, keep_kernels, **flags: Any) -> None:
     check_int("probe_size", probe_size, minimum=1)
     check_int("max_predict_points", max_predict_points, minimum=1)
-    if not isinstance(predict, bool):
-        raise TypeError(f"predict must be a bool, got {type(predict).__name__}")
     check_int("seed", seed, minimum=0)
     if keep_kernels not in KEEP_KERNELS:
         options = ", ".join(map(repr, KEEP_KERNELS))
         raise ValueError(f"keep_kernels must be one of {options}, got {keep_kernels!r}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    for name, flag in flags.items():  # predict, progress, overwrite: "no" must not be truthy
+        check_bool(name, flag)
 
 
 class _Attachment:
@@ -567,11 +632,14 @@ class _Attachment:
         return self.tracker
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> bool:
-        if exc_type is None:
-            status = "completed"
-        elif issubclass(exc_type, KeyboardInterrupt):
-            status = "interrupted"
-        else:
-            status = "failed"
-        self.tracker.close(status=status)
+        self.tracker.close(*(ending(exc) if exc is not None else ("completed", None)))
         return False  # re-raise
+
+
+def ending(error: BaseException) -> Tuple[str, str]:
+    """``(status, reason)`` of a run ended by ``error``: ``"interrupted"`` for Ctrl-C (any
+    ``KeyboardInterrupt``), ``"failed"`` otherwise, the reason in one line."""
+    text = " ".join(str(error).split())
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", text or type(error).__name__
+    return "failed", f"{type(error).__name__}: {text}" if text else type(error).__name__

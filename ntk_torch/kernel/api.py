@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteKernelError
-from ..functional import FunctionalModel, Inputs, ParamSelector, evaluation_context, slice_inputs
+from ..functional import (
+    FunctionalModel,
+    Inputs,
+    ParamSelector,
+    evaluation_context,
+    nonfinite_input,
+    slice_inputs,
+)
 from ..layout import layout as as_layout
 from .analysis import AnalysisMemo
 from .cost import parse_memory
@@ -163,7 +170,9 @@ class NTK:
 
         Raises:
             ValueError / TypeError: naming the argument at fault.
-            NonFiniteKernelError: the kernel has NaN/inf entries; names the parameter groups.
+            NonFiniteKernelError: the kernel has NaN/inf entries; names the input at
+                fault when ``x1`` or ``x2`` holds NaN/inf (checked first), else the
+                parameter groups.
         """
         options = self.options
         fmodel = functional_view(options)
@@ -181,7 +190,8 @@ class NTK:
                     options.progress,
                 )
             except NonFiniteBlock as failure:
-                raise NonFiniteKernelError(_nonfinite_groups(plan, failure)) from None
+                inputs = nonfinite_input(x1, "x1") or (nonfinite_input(x2, "x2") if x2 is not None else None)
+                raise NonFiniteKernelError(_nonfinite_groups(plan, failure), inputs) from None
         if not options.per_layer:
             return kernels[TOTAL]
         parts = iter(kernels.values())

@@ -17,6 +17,7 @@ terms. ``F`` is measured once with :class:`torch.utils.flop_counter.FlopCounterM
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ def parse_memory(value: Union[int, float, str], name: str = "memory_budget") -> 
         )
     if not number > 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number of bytes, got {value!r}")
     return int(number)
 
 

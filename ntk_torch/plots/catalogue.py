@@ -4,6 +4,7 @@ several panels: one run's overview, several runs' comparison."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -138,15 +139,25 @@ def figures(run: RunLike) -> List[Tuple[FigureSpec, Figure]]:
 
     Returns:
         ``(spec, figure)`` pairs in ``FIGURES`` order; figures without data are left out
-        (e.g. no heatmaps when no kernel was kept, no accuracy for a regression task).
+        (e.g. no heatmaps when no kernel was kept, no accuracy for a regression task), and
+        so is a figure whose data turns out unreadable (a damaged kernel file), with a
+        ``RuntimeWarning`` naming it.
     """
     run = as_run(run)
     drawn = []
     for spec in FIGURES:
         if spec.available(run):
-            result = spec.draw(run, None)
+            try:
+                result = spec.draw(run, None)
+            except (ValueError, OSError) as error:  # damaged data: draw the others
+                _warn_skipped(run, spec.name, error)
+                continue
             drawn.append((spec, result if isinstance(result, Figure) else result.figure))
     return drawn
+
+
+def _warn_skipped(run: Run, what: str, error: Exception) -> None:
+    warnings.warn(f"{run_name(run)}: {what} skipped: {error}", RuntimeWarning, stacklevel=3)
 
 
 def _panel_grid(count: int, columns: int, width: float) -> Tuple[Figure, List[Axes]]:

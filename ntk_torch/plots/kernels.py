@@ -3,6 +3,7 @@ examples grouped by class."""
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -87,7 +88,9 @@ def kernel_heatmaps(
     axes: Optional[Sequence[Axes]] = None,
     sort_by_class: bool = True,
 ) -> Figure:
-    """Heatmaps of the probe kernel at saved steps (default: the first and the last).
+    """Heatmaps of the probe kernel at saved steps (default: the first and the last saved
+    kernels that can be drawn; unreadable or non-square ones are passed over with a
+    ``RuntimeWarning``).
 
     Each kernel is reduced to (N, N) (``display_kernel``) and shown as its cosine
     similarity ``K_ij / sqrt(K_ii K_jj)`` (``kernel_cosine``), in [-1, 1] on one shared
@@ -108,13 +111,21 @@ def kernel_heatmaps(
         The Figure.
 
     Raises:
-        ValueError: the run has no saved kernels, or ``axes`` does not match ``steps``.
+        ValueError: the run has no saved kernel that can be drawn, a requested one is
+            unreadable or not square, or ``axes`` does not match ``steps``.
         FileNotFoundError: a requested step has no saved kernel.
     """
     run = as_run(run)
-    steps = _steps_to_draw(run, steps)
+    if not isinstance(sort_by_class, bool):
+        raise TypeError(f"sort_by_class must be a bool (True or False), got {sort_by_class!r}")
+    if steps is None:
+        steps, kernels = _first_and_last_drawable(run)
+    else:
+        steps = [int(step) for step in steps]
+        if not steps:
+            raise ValueError("steps is empty; give at least one saved step")
+        kernels = [_square(display_kernel(run.kernel(step)), step) for step in steps]
     figure, axes = _one_axes_per_step(steps, axes)
-    kernels = [display_kernel(run.kernel(step)) for step in steps]
     order, labels = class_order(run, kernels[0].shape[0]) if sort_by_class else (None, None)
     image = None
     for ax, step, K in zip(axes, steps, kernels):
@@ -130,20 +141,50 @@ def kernel_heatmaps(
     return figure
 
 
-def _steps_to_draw(run: Run, steps: Optional[Sequence[int]]) -> List[int]:
-    """The steps asked for, or the first and the last saved one."""
-    if steps is None:
-        saved = run.kernel_steps
-        if not len(saved):
-            raise ValueError(
-                f"{run.path} has no saved kernels (keep_kernels={run.keep_kernels!r}); "
-                "track with keep_kernels='log', 'first_last' or 'all' to draw heatmaps"
-            )
-        steps = sorted({int(saved[0]), int(saved[-1])})
-    steps = [int(step) for step in steps]
-    if not steps:
-        raise ValueError("steps is empty; give at least one saved step")
-    return steps
+def _square(K: np.ndarray, step: int) -> np.ndarray:
+    if K.shape[0] != K.shape[1]:
+        raise ValueError(f"the kernel saved at step {step} is {K.shape[0]} x {K.shape[1]}, not a square probe kernel")
+    return K
+
+
+def _drawable(run: Run, step: int, skipped: List[str]) -> Optional[np.ndarray]:
+    """The (N, N) matrix of the kernel saved at ``step``, or None (noted in ``skipped``)
+    when the file cannot be read or holds no square kernel."""
+    try:
+        return _square(display_kernel(run.kernel(step)), step)
+    except (ValueError, OSError) as error:
+        skipped.append(f"step {step} ({error})")
+        return None
+
+
+def _first_and_last_drawable(run: Run) -> Tuple[List[int], List[np.ndarray]]:
+    """The first and the last saved steps whose kernel can be drawn, and their matrices;
+    a ``RuntimeWarning`` names the saved kernels passed over."""
+    saved = run.kernel_steps.tolist()
+    if not saved:
+        raise ValueError(
+            f"{run.path} has no saved kernels (keep_kernels={run.keep_kernels!r}); "
+            "track with keep_kernels='log', 'first_last' or 'all' to draw heatmaps"
+        )
+    skipped: List[str] = []
+    found: List[Tuple[int, np.ndarray]] = []
+    for step in saved:
+        K = _drawable(run, step, skipped)
+        if K is not None:
+            found.append((step, K))
+            break
+    for step in reversed(saved):
+        if found and step <= found[0][0]:
+            break
+        K = _drawable(run, step, skipped)
+        if K is not None:
+            found.append((step, K))
+            break
+    if skipped:
+        warnings.warn(f"{run_name(run)}: heatmaps skip the saved kernels of " + "; ".join(skipped), RuntimeWarning)
+    if not found:
+        raise ValueError(f"{run.path} has no saved kernel that can be drawn")
+    return [step for step, _ in found], [K for _, K in found]
 
 
 def _one_axes_per_step(steps: List[int], axes: Optional[Sequence[Axes]]) -> Tuple[Figure, List[Axes]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
@@ -42,7 +43,9 @@ def save_all(run: RunLike, out_dir: PathLike, formats: Union[str, Sequence[str]]
 
     Files are ``overview.<fmt>`` and ``<spec.name>.<fmt>`` for each ``FIGURES`` entry
     available for this run (``drift.png``, ``predicted_vs_actual_loss.svg``, ...), in
-    each format; ``out_dir`` is created if needed and existing files are replaced.
+    each format; ``out_dir`` is created if needed and existing files are replaced. What
+    cannot be drawn (no overview when no record has data; a damaged kernel file) is left
+    out with a ``RuntimeWarning``.
 
     Args:
         run: a ``Run`` or path.
@@ -56,5 +59,9 @@ def save_all(run: RunLike, out_dir: PathLike, formats: Union[str, Sequence[str]]
     run = as_run(run)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    drawn = [("overview", overview(run))] + [(spec.name, figure) for spec, figure in figures(run)]
+    drawn = [(spec.name, figure) for spec, figure in figures(run)]
+    try:
+        drawn.insert(0, ("overview", overview(run)))
+    except ValueError as error:  # no record has anything to draw
+        warnings.warn(f"no overview: {error}", RuntimeWarning, stacklevel=2)
     return [save_figure(figure, out_dir / f"{name}.{fmt}") for name, figure in drawn for fmt in formats]

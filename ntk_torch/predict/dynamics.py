@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .._options import check_bool
 from ..losses import KNOWN_LOSSES, LossArg, resolve
 from .problem import (
     KernelMatrix,
@@ -115,7 +116,7 @@ class LinearisedDynamics:
         steps = count("steps", steps)
         momentum = non_negative("momentum", momentum)
         weight_decay = non_negative("weight_decay", weight_decay)
-        if nesterov and momentum == 0:
+        if check_bool("nesterov", nesterov) and momentum == 0:
             raise ValueError("nesterov=True requires momentum > 0 (as in torch.optim.SGD)")
         records = record_steps_of(steps, record_steps)
         problem = self.problem
@@ -217,7 +218,7 @@ def _critical_rate(kernel: KernelMatrix, loss, n: int, o: int, momentum: float, 
     momentum = non_negative("momentum", momentum)
     if momentum >= 1:
         raise ValueError(f"momentum must be in [0, 1) for SGD to be stable, got {momentum}")
-    if nesterov and momentum == 0:
+    if check_bool("nesterov", nesterov) and momentum == 0:
         raise ValueError("nesterov=True requires momentum > 0 (as in torch.optim.SGD)")
     weight_decay = non_negative("weight_decay", weight_decay)
     top = float(kernel.eigh[0][-1]) if n else 0.0
