@@ -1,9 +1,9 @@
 """ntk_torch: training dynamics of PyTorch models through the empirical Neural Tangent Kernel."""
 
 from . import data, metrics, models, predict
-from .errors import NonFiniteKernelError
+from .errors import DistributedKernelError, KernelStoreError, NonFiniteKernelError
 from ._version import __version__
-from .kernel import NTK, PerLayerKernels, empirical_ntk
+from .kernel import NTK, KernelShard, KernelTile, PerLayerKernels, empirical_ntk
 from .linearize import LinearizedModel, linearize
 from .predict import Prediction
 from .runs import Run, RunWriter, load_run
@@ -20,6 +20,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "DistributedKernelError",
+    "KernelShard",
+    "KernelStoreError",
+    "KernelTile",
     "LinearizedModel",
     "NTK",
     "NTKTracker",
