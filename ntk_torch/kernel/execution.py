@@ -257,9 +257,14 @@ def _compute_to_file(ranks: Ranks, store: KernelStore, plan: KernelPlan, pairs: 
         def sink(pair: BlockPair, blocks: Blocks) -> None:
             store.write(layout, pair, blocks[TOTAL], shape)
 
+        def step() -> None:
+            try:
+                _compute_share(plan, share, sink, options.progress, ranks, description)
+            finally:  # what is written is kept, also when interrupted
+                store.sync()
+
         description = _description(ranks, share, len(pending), len(pairs))
-        ranks.in_lockstep("computing its kernel tiles",
-                          lambda: _compute_share(plan, share, sink, options.progress, ranks, description))
+        ranks.in_lockstep("computing its kernel tiles", step)
         ranks.in_lockstep("finishing the output file", lambda: store.finish() if ranks.main else None)
     gather = options.scale.gather
     if gather == "all" or (gather == "rank0" and ranks.main):

@@ -13,10 +13,12 @@ kernel file ``F`` it keeps:
 * ``F.tiles``: one byte per block pair, 1 once the pair's entries are on disk; each rank
   sets its own pairs' bytes. Removed when the kernel is complete.
 
-Each tile is written through a memory map of the row band it lies in (and of its mirror's
-band for ``x2=None``), flushed to disk (``msync``) and unmapped before its byte in
-``F.tiles`` is set, so a pair marked done is on disk and the process keeps no more than
-one tile's pages mapped. An interruption loses at most the tiles in flight; with
+Each tile is written through memory maps of the rows it lies in (and of its mirror's rows
+for ``x2=None``), a few rows at a time so that at most about :data:`MAP_BYTES` of file
+pages are mapped at once (the file's pages do not add up in the process's memory). Every
+:data:`SYNC_SECONDS`, at the end and when the computation is interrupted, the file is
+flushed to disk (``fsync``) and only then are the tiles written since marked in
+``F.tiles``: a pair marked done is on disk. An interruption loses at most the tiles in flight; with
 ``resume=True`` the computation continues with the recorded tiling and memory budget,
 computes only the pairs not marked, and gives the identical file. A record that does not
 match the request, or that is unreadable, is refused (:class:`KernelStoreError`) and
@@ -27,7 +29,9 @@ nothing is written. Several ranks may write into one kernel file only on one mac
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -42,6 +46,11 @@ from .tiling import BlockPair
 FORMAT = "ntk_torch kernel progress"
 VERSION = 1
 PARTIAL, COMPLETE = "partial", "complete"
+SYNC_SECONDS = 2.0
+"""How often written tiles are flushed to disk and marked done (at most the work an
+interruption can lose, besides the tiles in flight)."""
+MAP_BYTES = 1 << 20
+"""About the most file pages one tile write keeps mapped (and resident) at a time."""
 NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -54,6 +63,8 @@ class KernelStore:
         self.record_path = self.path.with_name(self.path.name + ".progress.json")
         self.tiles_path = self.path.with_name(self.path.name + ".tiles")
         self._offset: Optional[int] = None
+        self._unsynced: List[int] = []
+        self._synced_at = time.monotonic()
 
     # ------------------------------------------------------------------ rank 0: the record
 
@@ -182,26 +193,47 @@ class KernelStore:
         return self._offset
 
     def _write_band(self, rows: tuple, cols: tuple, values: np.ndarray, shape: tuple, dtype: Any) -> None:
-        """``kernel[rows, cols] = values`` through a map of the row band, flushed and unmapped."""
+        """``kernel[rows, cols] = values`` through maps of at most about :data:`MAP_BYTES`
+        of touched pages at a time, each unmapped once written."""
         (r0, r1), (c0, c1) = rows, cols
         row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-        band = np.memmap(self.partial, dtype=dtype, mode="r+", offset=self._data_offset() + r0 * row_bytes,
-                         shape=(r1 - r0,) + tuple(shape[1:]))
-        band[:, c0:c1] = values
-        band.flush()
-        del band
+        segment = (c1 - c0) * row_bytes // max(shape[1], 1)
+        step = max(1, MAP_BYTES // (segment + 2 * mmap.PAGESIZE))
+        for start in range(r0, r1, step):
+            stop = min(start + step, r1)
+            band = np.memmap(self.partial, dtype=dtype, mode="r+", offset=self._data_offset() + start * row_bytes,
+                             shape=(stop - start,) + tuple(shape[1:]))
+            band[:, c0:c1] = values[start - r0:stop - r0]
+            del band  # unmapped; its dirty pages stay in the page cache until synced
 
     def write(self, layout: Layout, pair: BlockPair, block: torch.Tensor, shape: tuple) -> None:
-        """Put one pair's block (and its mirror) on disk, then mark the pair done."""
+        """Put one pair's block (and its mirror) in the file; it is marked done at the next
+        :meth:`sync`, which runs when :data:`SYNC_SECONDS` have passed since the last."""
         dtype = NUMPY_DTYPES[block.dtype]
         self._write_band(pair.rows, pair.cols, block.cpu().numpy(), shape, dtype)
         if pair.mirrored:
             self._write_band(pair.cols, pair.rows, layout.transpose(block).cpu().numpy(), shape, dtype)
-        descriptor = os.open(self.tiles_path, os.O_WRONLY)
-        try:
-            os.pwrite(descriptor, b"\x01", pair.index)
-        finally:
-            os.close(descriptor)
+        self._unsynced.append(pair.index)
+        if time.monotonic() - self._synced_at >= SYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush the kernel file to disk (``fsync``), then mark the pairs written since
+        the last sync done: a pair marked done is on disk."""
+        if self._unsynced:
+            descriptor = os.open(self.partial, os.O_RDWR)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            descriptor = os.open(self.tiles_path, os.O_WRONLY)
+            try:
+                for index in self._unsynced:
+                    os.pwrite(descriptor, b"\x01", index)
+            finally:
+                os.close(descriptor)
+            self._unsynced = []
+        self._synced_at = time.monotonic()
 
     def result(self) -> torch.Tensor:
         """The finished kernel as a CPU tensor over a copy-on-write map of the file: read
