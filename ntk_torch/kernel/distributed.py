@@ -36,6 +36,10 @@ from ..errors import DistributedKernelError, NonFiniteKernelError
 from ..functional import FunctionalModel
 from .tiling import BlockPair, pair_count
 
+PAIRS_PER_RANK = 2
+"""The fewest block pairs per rank a distributed computation is tiled into (unless a
+progress record fixes the tiling); ``batch_size`` and the memory budget may make more."""
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -210,14 +214,18 @@ def assign(pairs: Sequence[BlockPair], world_size: int) -> List[List[BlockPair]]
 
 
 def shared_block_size(block_size: int, n1: int, n2: int, symmetric: bool, world_size: int) -> int:
-    """The largest block size ``<= block_size`` that makes at least ``world_size`` block
-    pairs (when the kernel has that many examples), so that every rank has work."""
+    """The largest block size ``<= block_size`` that makes at least
+    :data:`PAIRS_PER_RANK` block pairs per rank (as many as the kernel's example pairs
+    allow), so that every rank has work and the shares are even to within one pair of
+    about ``PAIRS_PER_RANK``."""
+    wanted = PAIRS_PER_RANK * world_size
+
     def enough(size: int) -> bool:
-        return pair_count(n1, n2, size, symmetric) >= world_size
+        return pair_count(n1, n2, size, symmetric) >= wanted
 
     if world_size == 1 or enough(block_size):
         return block_size
-    if not enough(1):  # fewer example pairs than ranks: one example per block
+    if not enough(1):  # fewer example pairs than wanted: one example per block
         return 1
     low, high = 1, block_size
     while low < high:

@@ -10,8 +10,9 @@ rank (a single process is a group of one), each step in lockstep
 2. the memory budget: the smallest of the ranks' budgets, or the progress record's when
    ``out=`` continues a computation (rank 0 reads the record);
 3. the plan (:func:`.planning.plan_kernel`) under that budget; unless a record fixes the
-   tiling, its block size is lowered until there are at least as many block pairs as
-   ranks; the ranks' fingerprints (:mod:`.fingerprint`) must agree;
+   tiling, its block size is lowered until there are at least
+   :data:`~.distributed.PAIRS_PER_RANK` block pairs per rank; the ranks' fingerprints
+   (:mod:`.fingerprint`) must agree;
 4. with ``out=``, rank 0 checks the record against the fingerprint, or creates the files;
 5. the pairs not done yet are shared out (:func:`.distributed.assign`) and each rank
    computes its own, writing them to the file, into its kernel, or keeping them;
