@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -17,15 +18,11 @@ from ntk_torch import cli, experiment
 from ntk_torch.config import parse_config
 from ntk_torch.kernel import execution
 
+import test_cli
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "data": {"name": "teacher", "options": {"n_train": 24, "n_test": 16, "input_dim": 4, "output_dim": 2}},
-    "model": {"name": "mlp", "options": {"width": 32, "depth": 1, "parametrization": "ntk", "activation": "tanh"}},
-    "train": {"optimizer": "sgd", "lr": 0.5, "batch_size": None, "steps": 12, "loss": "mse"},
-    "track": {"every": 4, "probe_size": 12, "mode": "trace"},
-}
+TINY = {key: value for key, value in copy.deepcopy(test_cli.TINY).items() if key != "sweep"}
+TINY["data"]["options"].update(n_test=16, output_dim=2)  # two outputs: full and diagonal kernels differ
 
 
 @pytest.fixture

@@ -15,24 +15,14 @@ from torch import nn
 
 import ntk_torch as ntk
 
+from test_kernel_distributed import MODES, _inputs, _model  # the same tiny model and inputs
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
 ]
-MODES = ("full", "trace", "diagonal")
 JOIN_S = 300
-
-
-def _model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-
-def _inputs():
-    generator = torch.Generator().manual_seed(7)
-    return torch.randn(10, 4, dtype=torch.float64, generator=generator), \
-        torch.randn(7, 4, dtype=torch.float64, generator=generator)
 
 
 def test_a_cuda_kernel_written_out_of_core_equals_the_cpu_kernel(tmp_path):

@@ -259,3 +259,16 @@ def test_a_kernel_larger_than_the_memory_budget_stays_under_it(tmp_path):
     assert extra < budget < kernel_bytes
     kernel = np.load(out, mmap_mode="r")
     assert kernel.shape == (n, n) and np.array_equal(kernel[:5, -5:], kernel[-5:, :5].T)
+
+
+def test_the_model_is_left_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    x = _inputs(6, 1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    kernel = ntk.empirical_ntk(model, x, mode="trace", out=tmp_path / "k.npy", batch_size=2)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(kernel, ntk.empirical_ntk(model.eval(), x, mode="trace", batch_size=2))  # eval mode, no dropout

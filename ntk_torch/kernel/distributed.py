@@ -34,7 +34,7 @@ import torch
 
 from ..errors import DistributedKernelError, NonFiniteKernelError
 from ..functional import FunctionalModel
-from .tiling import BlockPair, pair_count
+from .tiling import BlockPair, largest_size, pair_count
 
 PAIRS_PER_RANK = 2
 """The fewest block pairs per rank a distributed computation is tiled into (unless a
@@ -227,11 +227,4 @@ def shared_block_size(block_size: int, n1: int, n2: int, symmetric: bool, world_
         return block_size
     if not enough(1):  # fewer example pairs than wanted: one example per block
         return 1
-    low, high = 1, block_size
-    while low < high:
-        middle = (low + high + 1) // 2
-        if enough(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return low
+    return largest_size(enough, block_size)

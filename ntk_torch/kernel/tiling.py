@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -60,10 +60,16 @@ def plan_block_size(
             stacklevel=4,
         )
         return 1
-    low, high = 1, limit  # fits(low) holds; find the largest b that fits
+    return largest_size(fits, limit)
+
+
+def largest_size(holds: Callable[[int], bool], limit: int) -> int:
+    """The largest ``b`` in ``[1, limit]`` for which ``holds(b)``, by bisection, for a
+    ``holds`` true at 1 and false from some size on."""
+    low, high = 1, limit
     while low < high:
         mid = (low + high + 1) // 2
-        if fits(mid):
+        if holds(mid):
             low = mid
         else:
             high = mid - 1
