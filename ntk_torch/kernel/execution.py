@@ -119,7 +119,7 @@ def compute(
         ranks.adopt_rank0(fmodel)
         record, budget = _agree_budget(ranks, options, fmodel.device, store)
         plan = _plan(options, memo, fmodel, x1, x2, ranks, budget, record)
-        request = _agree_request(ranks, plan, options)
+        request = _agree_request(ranks, plan, options, weights=store is not None)
         pairs = block_pairs(plan.n1, plan.n2, plan.block_size, plan.symmetric)
         if store is not None:
             return _compute_to_file(ranks, store, plan, pairs, record, request, options)
@@ -157,10 +157,11 @@ def _plan(options: KernelOptions, memo: AnalysisMemo, fmodel, x1: Inputs, x2: Op
     return dataclasses.replace(plan, block_size=block)
 
 
-def _agree_request(ranks: Ranks, plan: KernelPlan, options: KernelOptions) -> Dict[str, Any]:
-    """The request's fingerprint and tiling, checked to be the same on every rank."""
+def _agree_request(ranks: Ranks, plan: KernelPlan, options: KernelOptions, weights: bool) -> Dict[str, Any]:
+    """The request's fingerprint (with the weights' digest if ``weights``; every rank
+    holds rank 0's weights already) and tiling, checked to be the same on every rank."""
     def step() -> Dict[str, Any]:
-        return {**fingerprint(plan, options.output_fn), "block_size": plan.block_size}
+        return {**fingerprint(plan, options.output_fn, weights), "block_size": plan.block_size}
 
     requests = ranks.in_lockstep("comparing the kernel requests", step)
     for rank, other in enumerate(requests[1:], start=1):

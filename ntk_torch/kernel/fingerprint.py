@@ -73,13 +73,15 @@ def callable_name(fn: Any) -> Any:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
-def fingerprint(plan: "KernelPlan", output_fn: Any) -> Dict[str, Any]:
-    """The fingerprint of the kernel ``plan`` computes (see the module docstring)."""
+def fingerprint(plan: "KernelPlan", output_fn: Any, weights: bool = True) -> Dict[str, Any]:
+    """The fingerprint of the kernel ``plan`` computes (see the module docstring);
+    ``weights=False`` leaves the weights' digest out (None), for ranks that hold rank 0's
+    tensors by construction."""
     fmodel, engine = plan.fmodel, plan.engine
     layout = engine.layout
     return {
         "model": type(fmodel.model).__qualname__,
-        "weights": weights_digest(fmodel.params, fmodel.constants),
+        "weights": weights_digest(fmodel.params, fmodel.constants) if weights else None,
         "inputs": inputs_digest(plan.x1, plan.x2, plan.symmetric),
         "params": list(fmodel.params),
         "groups": [group.name for group in plan.groups],
