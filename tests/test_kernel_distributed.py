@@ -122,6 +122,10 @@ def _failures(rank: int, world: int, model: nn.Module, x1, x2) -> dict:
     results = {}
     mine = x1 + rank if rank == world - 1 else x1  # one rank's inputs differ
     results["other_inputs"] = _error(lambda: ntk.empirical_ntk(model, mine, mode="trace", distributed=True))
+    unusable = x1[:, :3] if rank == world - 1 else x1  # the model cannot take them: planning fails there
+    started = time.monotonic()
+    results["unusable_inputs"] = _error(lambda: ntk.empirical_ntk(model, unusable, mode="trace", distributed=True))
+    results["unusable_inputs_s"] = time.monotonic() - started
 
     def fail():
         raise ValueError("a bug on the last rank")
@@ -245,6 +249,9 @@ def _check_files_and_failures(results: list, world: int) -> None:
         assert "DistributedKernelError" in result["other_inputs"] and "inputs" in result["other_inputs"]
         assert result["failing_rank_s"] < TIMEOUT_S  # told at once, not at the timeout
         assert result["nonfinite"] == list(alone_nonfinite.value.groups)
+    for result in results[:last]:
+        assert result["unusable_inputs"].startswith(f"DistributedKernelError: rank {last} failed planning the kernel")
+        assert result["unusable_inputs_s"] < TIMEOUT_S
     assert results[last]["failing_rank"] == "ValueError: a bug on the last rank"
     for result in results[:last]:
         assert result["failing_rank"] == (

@@ -9,8 +9,8 @@ rank (a single process is a group of one), each step in lockstep
 1. every rank takes rank 0's parameters and buffers (:meth:`~.distributed.Ranks.adopt_rank0`);
 2. the memory budget: the smallest of the ranks' budgets, or the progress record's when
    ``out=`` continues a computation (rank 0 reads the record);
-3. the plan (:func:`.planning.plan_kernel`) under that budget; unless a record fixes the
-   tiling, its block size is lowered until there are at least
+3. the plan (:func:`.planning.plan_kernel`, which checks the inputs) under that budget;
+   unless a record fixes the tiling, its block size is lowered until there are at least
    :data:`~.distributed.PAIRS_PER_RANK` block pairs per rank; the ranks' fingerprints
    (:mod:`.fingerprint`) must agree;
 4. with ``out=``, rank 0 checks the record against the fingerprint, or creates the files;
@@ -118,8 +118,7 @@ def compute(
     with torch.no_grad(), evaluation_context(options.model, fmodel.device):
         ranks.adopt_rank0(fmodel)
         record, budget = _agree_budget(ranks, options, fmodel.device, store)
-        plan = _plan(options, memo, fmodel, x1, x2, ranks, budget, record)
-        request = _agree_request(ranks, plan, options, weights=store is not None)
+        plan, request = _agree_plan(ranks, options, memo, fmodel, x1, x2, budget, record, store is not None)
         pairs = block_pairs(plan.n1, plan.n2, plan.block_size, plan.symmetric)
         if store is not None:
             return _compute_to_file(ranks, store, plan, pairs, record, request, options)
@@ -157,13 +156,18 @@ def _plan(options: KernelOptions, memo: AnalysisMemo, fmodel, x1: Inputs, x2: Op
     return dataclasses.replace(plan, block_size=block)
 
 
-def _agree_request(ranks: Ranks, plan: KernelPlan, options: KernelOptions, weights: bool) -> Dict[str, Any]:
-    """The request's fingerprint (with the weights' digest if ``weights``; every rank
-    holds rank 0's weights already) and tiling, checked to be the same on every rank."""
+def _agree_plan(ranks: Ranks, options: KernelOptions, memo: AnalysisMemo, fmodel, x1: Inputs,
+                x2: Optional[Inputs], budget: int, record: Optional[Dict[str, Any]], weights: bool):
+    """``(plan, fingerprint)``: every rank's plan (:func:`_plan`), and its request's
+    fingerprint (with the weights' digest if ``weights``: every rank holds rank 0's weights
+    already) and tiling, checked to be the same on every rank."""
+    planned: Dict[str, KernelPlan] = {}
+
     def step() -> Dict[str, Any]:
+        plan = planned["plan"] = _plan(options, memo, fmodel, x1, x2, ranks, budget, record)
         return {**fingerprint(plan, options.output_fn, weights), "block_size": plan.block_size}
 
-    requests = ranks.in_lockstep("comparing the kernel requests", step)
+    requests = ranks.in_lockstep("planning the kernel", step)
     for rank, other in enumerate(requests[1:], start=1):
         differ = differences(other, requests[0])
         if differ:
@@ -174,7 +178,7 @@ def _agree_request(ranks: Ranks, plan: KernelPlan, options: KernelOptions, weigh
             )
     request = dict(requests[0])
     del request["block_size"]
-    return request
+    return planned["plan"], request
 
 
 def _compute_share(plan: KernelPlan, share: Sequence[BlockPair], sink: Callable[[BlockPair, Blocks], None],
