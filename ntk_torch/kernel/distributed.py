@@ -214,17 +214,20 @@ def assign(pairs: Sequence[BlockPair], world_size: int) -> List[List[BlockPair]]
 
 
 def shared_block_size(block_size: int, n1: int, n2: int, symmetric: bool, world_size: int) -> int:
-    """The largest block size ``<= block_size`` that makes at least
+    """The block size for ``world_size`` ranks: at most ``block_size``, giving at least
     :data:`PAIRS_PER_RANK` block pairs per rank (as many as the kernel's example pairs
-    allow), so that every rank has work and the shares are even to within one pair of
-    about ``PAIRS_PER_RANK``."""
+    allow) so that every rank has work, and then the smallest size that keeps the longer
+    side's number of blocks, so that its last block is as large as that number allows (a
+    last block of a few examples would leave the ranks of its pairs nearly idle)."""
     wanted = PAIRS_PER_RANK * world_size
 
     def enough(size: int) -> bool:
         return pair_count(n1, n2, size, symmetric) >= wanted
 
-    if world_size == 1 or enough(block_size):
+    if world_size == 1:
         return block_size
     if not enough(1):  # fewer example pairs than wanted: one example per block
         return 1
-    return largest_size(enough, block_size)
+    size = block_size if enough(block_size) else largest_size(enough, block_size)
+    longer = max(n1, n2)
+    return -(-longer // -(-longer // size))  # ceil(longer / T) for T = ceil(longer / size) blocks
