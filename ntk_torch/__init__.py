@@ -14,6 +14,10 @@ from ._version import __version__
 from .errors import NonFiniteKernelError
 
 _DEFINED_IN = {
+    "DistributedKernelError": "errors",
+    "KernelStoreError": "errors",
+    "KernelShard": "kernel",
+    "KernelTile": "kernel",
     "NTK": "kernel",
     "PerLayerKernels": "kernel",
     "empirical_ntk": "kernel",
@@ -57,6 +61,10 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "DistributedKernelError",
+    "KernelShard",
+    "KernelStoreError",
+    "KernelTile",
     "LinearizedModel",
     "NTK",
     "NTKTracker",

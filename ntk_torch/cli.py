@@ -1,4 +1,4 @@
-"""The ``ntk-torch`` command: run, sweep, predict, plot, report, compare, bench.
+"""The ``ntk-torch`` command: run, sweep, predict, kernel, plot, report, compare, bench.
 
 Exit statuses: 0 on success; 2 for any error, printed as one line on stderr,
 ``ntk-torch: error: ...``, without a traceback (``--debug`` prints the traceback first;
@@ -244,6 +244,32 @@ def _print_forecast(config: RunConfig, result: Forecast) -> None:
           f"{result.description['points']} training points")
 
 
+def cmd_kernel(args: argparse.Namespace) -> int:
+    """Write the kernel of the config's model on a data split to a .npy file; the exit status."""
+    from . import experiment
+    from .errors import DistributedKernelError, KernelStoreError
+
+    config = _config(args)
+    if Path(args.out).suffix != ".npy":
+        raise UserError(f"--out {args.out}: the kernel is written as a .npy file; give a name ending in .npy")
+    try:
+        written = experiment.kernel_file(
+            config, args.out, split=args.split, mode=args.mode, weights=args.weights, resume=args.resume,
+            memory_budget=args.memory_budget, progress=not args.no_progress,
+        )
+    except (experiment.CheckpointError, KernelStoreError, DistributedKernelError) as error:
+        raise UserError(str(error)) from None
+    except FileExistsError:
+        raise UserError(f"--out {args.out} (or its .partial/.progress.json files) already exists; pass --resume to "
+                        "continue or reuse it, or delete them to start again") from None
+    if written.main:
+        at = f"weights {written.weights}" if written.weights is not None else "initialisation"
+        over = f" over {written.ranks} processes" if written.ranks > 1 else ""
+        print(f"{config.name}: {written.mode} kernel {written.shape} on the {written.split} split at {at}, "
+              f"written to {written.path} in {written.seconds:.1f} s{over}")
+    return 0
+
+
 def _run_dir(path: str) -> Path:
     run_dir = Path(path)
     if not (run_dir / "meta.json").is_file():
@@ -381,6 +407,28 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     predict.set_defaults(handler=cmd_predict)
 
 
+def _add_kernel_parser(commands: argparse._SubParsersAction) -> None:
+    from .layout import MODES
+
+    kernel = commands.add_parser(
+        "kernel", help="write the kernel of a config's model on its data to a .npy file",
+        description="The empirical NTK of the config's model (at initialisation, or at --weights) on every example "
+        "of a data split, written tile by tile to a .npy file that need not fit in memory. Under torchrun "
+        "--nproc_per_node=K the K processes share the tiles.")
+    kernel.add_argument("config", help="a YAML config file (see configs/)")
+    kernel.add_argument("--out", required=True, help="the .npy file to write")
+    kernel.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set model.options.width=512 (repeatable)")
+    kernel.add_argument("--resume", action="store_true", help="continue an interrupted computation of --out")
+    kernel.add_argument("--weights", help="a state dict saved with torch.save (default: the model at initialisation)")
+    kernel.add_argument("--split", choices=("train", "test"), default="train",
+                        help="the data split whose examples the kernel is over (default train: the whole training set)")
+    kernel.add_argument("--mode", choices=MODES, help="the kernel's layout (default the config's track.mode)")
+    kernel.add_argument("--memory-budget", help="peak extra memory per tile, e.g. 2GB (default a quarter of free RAM)")
+    kernel.add_argument("--no-progress", action="store_true", help="no progress bar")
+    kernel.set_defaults(handler=cmd_kernel)
+
+
 def _add_run_dir_parsers(commands: argparse._SubParsersAction) -> None:
     """``plot``, ``report`` and ``compare``: the commands that read finished runs."""
     plot = commands.add_parser("plot", help="draw every figure of a run",
@@ -417,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(commands)
     _add_sweep_parser(commands)
     _add_predict_parser(commands)
+    _add_kernel_parser(commands)
     _add_run_dir_parsers(commands)
     commands.add_parser(
         "bench", help="time each kernel engine and mode (markdown table)", add_help=False

@@ -27,3 +27,14 @@ class NonFiniteKernelError(FloatingPointError):
                 f"group {listed}; check the model's outputs and parameters for NaN/inf"
             )
         super().__init__(message)
+
+
+class DistributedKernelError(RuntimeError):
+    """A distributed kernel could not be computed: another rank failed (the message names
+    it and its error), the ranks' requests differ, or a collective did not complete within
+    the process group's timeout."""
+
+
+class KernelStoreError(ValueError):
+    """An out-of-core kernel's progress record is refused: it was made for another
+    request, or it is corrupt. Nothing is written; the message says what differs."""

@@ -67,6 +67,25 @@ def _is_main_process() -> bool:
     return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
 
 
+def _shares_kernel(distributed: Optional[bool]) -> bool:
+    """Whether the ranks compute the probe kernel together: ``distributed``, by default
+    whether torch.distributed runs more than one process."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be None or a bool, got {type(distributed).__name__}")
+    dist = torch.distributed
+    running = dist.is_available() and dist.is_initialized()
+    if distributed and not running:
+        raise ValueError("distributed=True needs torch.distributed initialised (init_process_group) first")
+    return running and dist.get_world_size() > 1 if distributed is None else distributed
+
+
+def _rank0_probe(probe: LabelledSet) -> LabelledSet:
+    """Rank 0's probe on every rank (ranks may hold different shards of the data)."""
+    shared = [probe.to(torch.device("cpu")) if _is_main_process() else None]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def _versions() -> Dict[str, str]:
     return {
         "ntk_torch": __version__,
@@ -122,6 +141,9 @@ class NTKTracker:
         max_predict_points: the forecast covers all of ``train`` up to this many
             examples, else a subset of this size drawn with ``seed`` (recorded, and the
             forecast is flagged approximate).
+        distributed: share the probe kernel's tiles out over the ``torch.distributed``
+            ranks (see below); None (the default) shares them when torch.distributed is
+            initialised with more than one process.
 
     Each record (a dict; see ``NTKTracker.measure``) holds:
 
@@ -158,8 +180,13 @@ class NTKTracker:
 
     A metric that is undefined (e.g. alignment with constant targets) is None.
 
-    Under ``torch.distributed`` only rank 0 measures and writes (no collectives are
-    issued); the other ranks count steps and keep no records.
+    Under ``torch.distributed`` with more than one process (or ``distributed=True``),
+    every rank computes a share of each probe kernel (``NTK(..., distributed=True,
+    gather="rank0")``: rank 0's probe, parameters and buffers, broadcast to the others) and
+    rank 0 records and writes; the other ranks count steps and keep no records. Every rank
+    must then create the tracker and step it in lockstep, as the optimizer hook does when
+    every rank trains (DistributedDataParallel). ``distributed=False`` keeps the kernel on
+    rank 0 alone and issues no collective (for a tracker created on rank 0 only).
 
     Raises:
         ValueError / TypeError: naming the argument at fault, e.g. ``probe_size`` larger
@@ -188,18 +215,24 @@ class NTKTracker:
         overwrite: bool = False,
         predict: bool = True,
         max_predict_points: int = 4096,
+        distributed: Optional[bool] = None,
     ) -> None:
         self.model = _unwrap(model)
         _check_options(probe_size, max_predict_points, seed, keep_kernels, predict=predict, progress=progress,
                        overwrite=overwrite)
         self.schedule = Schedule(every, schedule)
-        self.ntk = NTK(self.model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=True)
+        self._shares_kernel = _shares_kernel(distributed)
+        self._shared_step: Optional[int] = None
+        self.ntk = NTK(self.model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=True,
+                       distributed=self._shares_kernel, gather="rank0" if self._shares_kernel else "all")
         self.output_fn = output_fn
         self.loss = resolve(loss)
         selected = self.ntk.view().params
         self.device = next(iter(selected.values())).device
 
         probe, train_size = choose_probe(train, probe_size, seed, "train")
+        if self._shares_kernel:
+            probe = _rank0_probe(probe)
         self.probe: LabelledSet = probe.to(self.device)
         self.test: Optional[LabelledSet] = load_set(test, "test") if test is not None else None
         self._check_labels(train)
@@ -412,6 +445,9 @@ class NTKTracker:
         self._require_open()
         self._started = True
         if not self._main:
+            if self._shares_kernel and self._shared_step != self._step:
+                self._compute_kernel_share()
+                self._shared_step = self._step
             return None
         if self.records and self.records[-1][records.STEP] == self._step:
             return self.records[-1]
@@ -558,6 +594,14 @@ class NTKTracker:
             record.update(self.forecast.fields(self._step, self.model, self.device, record))
         record[records.MEASURE_TIME] = time.perf_counter() - started
         return record
+
+    def _compute_kernel_share(self) -> None:
+        """Off rank 0, with a shared kernel: this rank's tiles of the probe kernel, which
+        go to rank 0 (a non-finite kernel is recorded there)."""
+        try:
+            self.ntk(self.probe.x)
+        except NonFiniteKernelError:
+            pass
 
     def _measure_kernel(self):
         """The per-layer probe kernels at this step and no groups, or, when they are not

@@ -3,11 +3,14 @@
 from ..layout import MODES
 from .api import NTK, PerLayerKernels, empirical_ntk, explain
 from .explain import StructuredReport
+from .gathering import KernelShard, KernelTile
 from .planning import METHODS, choose_method
 
 __all__ = [
     "MODES",
     "METHODS",
+    "KernelShard",
+    "KernelTile",
     "NTK",
     "PerLayerKernels",
     "StructuredReport",

@@ -3,33 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from ..errors import NonFiniteKernelError
-from ..functional import (
-    FunctionalModel,
-    Inputs,
-    ParamSelector,
-    evaluation_context,
-    nonfinite_input,
-    slice_inputs,
-)
+from ..functional import FunctionalModel, Inputs, ParamSelector, evaluation_context
 from ..layout import layout as as_layout
 from .analysis import AnalysisMemo
 from .cost import parse_memory
-from .engine import Engine
+from .execution import compute, nonfinite_error, scale_options
 from .explain import StructuredReport, structured_report
-from .jacobian import JacobianEngine
-from .planning import METHODS, TOTAL, KernelOptions, KernelPlan, functional_view, plan_kernel
+from .gathering import KernelShard
+from .planning import METHODS, TOTAL, KernelOptions, functional_view, plan_kernel
 from .structured import StructuredEngine
 from .tiling import NonFiniteBlock, compute_kernel
 
 logger = logging.getLogger("ntk_torch.kernel")
 
 MemorySize = Union[int, float, str]
+KernelResult = Union[torch.Tensor, "PerLayerKernels", KernelShard, None]
 
 
 class PerLayerKernels(Mapping[str, torch.Tensor]):
@@ -100,7 +94,32 @@ class NTK:
         memory_budget: peak extra bytes for one block (int or a string like ``"2GB"``);
             default a quarter of free host memory (half of free CUDA memory) at each call.
         batch_size: the largest block of examples per side.
-        progress: show a tqdm progress bar over blocks.
+        progress: show a tqdm progress bar over blocks (on rank 0 when distributed).
+        distributed: share the block tiles out over the ranks of the default
+            ``torch.distributed`` process group (gloo on CPU, NCCL on CUDA; launched with
+            ``torchrun``): balanced contiguous runs of the row-major list of block pairs
+            (for ``x2=None`` only the upper block triangle exists), each rank computing
+            its own on its model's device. Every rank must make the same call with the
+            same inputs (checked by hash); the kernel is that of rank 0's parameters and
+            buffers, which every rank receives (its own model untouched).
+        process_group: a ``torch.distributed.ProcessGroup`` to distribute over (implies
+            ``distributed``).
+        gather: who receives the assembled kernel: ``"all"`` (every rank; the default),
+            ``"rank0"`` (rank 0; the others get None) or ``"none"`` (each rank gets a
+            :class:`~.gathering.KernelShard`: its own tiles with their example ranges).
+            With ``out=``, who receives the file's kernel (``"none"``: nobody).
+        out: a ``.npy`` file to write the kernel into, tile by tile, through memory maps
+            (:mod:`.store`): the kernel need not fit in memory, and the call returns it
+            as a CPU tensor over a copy-on-write map of the file. The file appears only
+            when complete (it is written as ``out.partial``); a progress record
+            ``out.progress.json`` (and ``out.tiles``) beside it says which tiles are done
+            and what was asked for. With ``distributed``, every rank writes its own tiles
+            (all ranks on one machine).
+        resume: with ``out=``, continue an interrupted computation to the identical
+            result (with the recorded tiling and memory budget), or return the kernel
+            already complete; a record made for another request (weights, inputs, mode,
+            dtype, shape, method) is refused. Without ``resume``, an existing ``out`` is
+            an error.
 
     Raises:
         ValueError / TypeError: naming the argument at fault.
@@ -119,6 +138,11 @@ class NTK:
         memory_budget: Optional[MemorySize] = None,
         batch_size: Optional[int] = None,
         progress: bool = False,
+        distributed: bool = False,
+        process_group: Any = None,
+        gather: str = "all",
+        out: Union[str, "os.PathLike[str]", None] = None,
+        resume: bool = False,
     ) -> None:
         layout = as_layout(mode)
         if method not in METHODS:
@@ -132,8 +156,9 @@ class NTK:
             if batch_size < 1:
                 raise ValueError(f"batch_size must be a positive int or None, got {batch_size}")
         budget = None if memory_budget is None else parse_memory(memory_budget)
+        scale = scale_options(distributed, process_group, gather, out, resume, per_layer)
         self.options = KernelOptions(
-            model, layout, method, params, output_fn, per_layer, dtype, budget, batch_size, progress
+            model, layout, method, params, output_fn, per_layer, dtype, budget, batch_size, progress, scale
         )
         functional_view(self.options)  # checks model, params, output_fn and dtype now
         self._memo = AnalysisMemo()
@@ -154,7 +179,7 @@ class NTK:
         """The model as a function of the selected parameters, as they are now."""
         return functional_view(self.options)
 
-    def __call__(self, x1: Inputs, x2: Optional[Inputs] = None) -> Union[torch.Tensor, PerLayerKernels]:
+    def __call__(self, x1: Inputs, x2: Optional[Inputs] = None) -> KernelResult:
         """The kernel between ``x1`` and ``x2``.
 
         Args:
@@ -166,15 +191,25 @@ class NTK:
 
         Returns:
             The kernel on the model's device in the compute dtype (layout ``mode``), or a
-            :class:`PerLayerKernels` when ``per_layer=True``.
+            :class:`PerLayerKernels` when ``per_layer=True``. With ``out=``, a CPU tensor
+            over the finished file. With ``gather="rank0"``, None on the other ranks; with
+            ``gather="none"`` in memory, this rank's :class:`~.gathering.KernelShard`
+            (with ``out=``, None).
 
         Raises:
             ValueError / TypeError: naming the argument at fault.
             NonFiniteKernelError: the kernel has NaN/inf entries; names the input at
                 fault when ``x1`` or ``x2`` holds NaN/inf (checked first), else the
                 parameter groups.
+            FileExistsError / KernelStoreError: ``out`` exists without ``resume``, or its
+                progress record is corrupt or was made for another request.
+            DistributedKernelError: another rank failed, or the collectives did not
+                complete (the process group's timeout).
         """
         options = self.options
+        if not options.scale.plain:
+            result = compute(options, self._memo, x1, x2)
+            return self._assembled(result) if isinstance(result, dict) else result
         fmodel = functional_view(options)
         with torch.no_grad(), evaluation_context(options.model, fmodel.device):
             plan = plan_kernel(options, self._memo, fmodel, x1, x2)
@@ -190,9 +225,12 @@ class NTK:
                     options.progress,
                 )
             except NonFiniteBlock as failure:
-                inputs = nonfinite_input(x1, "x1") or (nonfinite_input(x2, "x2") if x2 is not None else None)
-                raise NonFiniteKernelError(_nonfinite_groups(plan, failure), inputs) from None
-        if not options.per_layer:
+                raise nonfinite_error(plan, failure) from None
+        return self._assembled(kernels)
+
+    def _assembled(self, kernels: Dict[str, torch.Tensor]) -> Union[torch.Tensor, PerLayerKernels]:
+        """The total kernel, or the :class:`PerLayerKernels` of ``{group: kernel}``."""
+        if not self.options.per_layer:
             return kernels[TOTAL]
         parts = iter(kernels.values())
         total = next(parts).clone()
@@ -220,26 +258,6 @@ class NTK:
         return f"NTK({type(o.model).__name__}, mode={self.mode!r}, method={o.method!r}, per_layer={o.per_layer})"
 
 
-def _nonfinite_groups(plan: KernelPlan, failure: NonFiniteBlock):
-    """The parameter groups whose contribution to the failing block is not finite.
-
-    Diagnosed per group with reverse mode (Jacobian contraction) whatever the engine:
-    forward mode turns zero tangents through infinite weights into NaN, which would
-    blame groups whose own contribution is finite.
-    """
-    engine: Engine = plan.engine
-    if isinstance(engine, JacobianEngine) and failure.groups != [TOTAL]:
-        return failure.groups
-    diagnosis = JacobianEngine(
-        engine.fmodel, engine.layout, engine.fmodel.groups, engine.profile, engine.memory_budget
-    )
-    rows = diagnosis.prepare_rows(slice_inputs(plan.x1, *failure.rows))
-    cols = diagnosis.prepare_cols(slice_inputs(plan.x2, *failure.cols))
-    blocks = diagnosis.contract(rows, cols)
-    bad = [name for name, block in blocks.items() if not torch.isfinite(block).all()]
-    return bad or [TOTAL]
-
-
 def empirical_ntk(
     model: nn.Module,
     x1: Inputs,
@@ -254,7 +272,12 @@ def empirical_ntk(
     memory_budget: Optional[MemorySize] = None,
     dtype: Optional[torch.dtype] = None,
     progress: bool = False,
-) -> Union[torch.Tensor, PerLayerKernels]:
+    distributed: bool = False,
+    process_group: Any = None,
+    gather: str = "all",
+    out: Union[str, "os.PathLike[str]", None] = None,
+    resume: bool = False,
+) -> KernelResult:
     r"""The empirical neural tangent kernel of ``model`` between ``x1`` and ``x2``.
 
     ``NTK(model, **options)(x1, x2)``: see :class:`NTK` for the formula, every option and
@@ -265,11 +288,13 @@ def empirical_ntk(
     Returns:
         ``(N1, N2, O, O)`` (``mode="full"``), ``(N1, N2)`` (``"trace"``) or
         ``(N1, N2, O)`` (``"diagonal"``) on the model's device in the compute dtype, or a
-        :class:`PerLayerKernels` when ``per_layer=True``.
+        :class:`PerLayerKernels` when ``per_layer=True``; with ``distributed``, ``gather``
+        or ``out`` as :meth:`NTK.__call__` says.
     """
     kernel = NTK(
         model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=per_layer,
         dtype=dtype, memory_budget=memory_budget, batch_size=batch_size, progress=progress,
+        distributed=distributed, process_group=process_group, gather=gather, out=out, resume=resume,
     )
     return kernel(x1, x2)
 

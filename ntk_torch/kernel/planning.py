@@ -10,6 +10,7 @@ lowest estimated FLOPs, :func:`method_costs`) and the block size under the memor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Type
 
 import torch
@@ -35,6 +36,27 @@ TOTAL = "total"
 """The name of the one parameter group of a kernel computed without ``per_layer``."""
 
 
+GATHERS = ("all", "rank0", "none")
+"""Who receives a distributed kernel: every rank, rank 0, or nobody (each keeps its tiles)."""
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    """Where a computation's tiles run and where the kernel goes (checked by
+    :func:`~.execution.scale_options`; see :class:`~.api.NTK`)."""
+
+    distributed: bool = False
+    process_group: Any = None
+    gather: str = "all"
+    out: Optional[Path] = None
+    resume: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """One process and the whole kernel in memory: the tiling's own loop."""
+        return not self.distributed and self.process_group is None and self.out is None and self.gather == GATHERS[0]
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """The checked configuration of an :class:`~.api.NTK` (see there)."""
@@ -49,6 +71,7 @@ class KernelOptions:
     memory_budget: Optional[int]
     batch_size: Optional[int]
     progress: bool
+    scale: ScaleOptions = ScaleOptions()
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,14 @@ kernel once; when one block covers the whole kernel it is the kernel (no assembl
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
 
 from ..functional import Inputs, slice_inputs
+from ..layout import Layout
 from .engine import Engine
 
 Tile = Tuple[int, int]
@@ -58,10 +60,16 @@ def plan_block_size(
             stacklevel=4,
         )
         return 1
-    low, high = 1, limit  # fits(low) holds; find the largest b that fits
+    return largest_size(fits, limit)
+
+
+def largest_size(holds: Callable[[int], bool], limit: int) -> int:
+    """The largest ``b`` in ``[1, limit]`` for which ``holds(b)``, by bisection, for a
+    ``holds`` true at 1 and false from some size on."""
+    low, high = 1, limit
     while low < high:
         mid = (low + high + 1) // 2
-        if fits(mid):
+        if holds(mid):
             low = mid
         else:
             high = mid - 1
@@ -71,6 +79,91 @@ def plan_block_size(
 def tiles(n: int, size: int) -> List[Tile]:
     """``[(0, size), (size, 2 size), ..., (., n)]``."""
     return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@dataclass(frozen=True)
+class BlockPair:
+    """One block of the kernel: rows ``x1[rows[0]:rows[1]]`` against columns
+    ``x2[cols[0]:cols[1]]``.
+
+    Attributes:
+        index: its position in :func:`block_pairs`' row-major list (the same on every
+            process, so it names the block in progress records and between ranks).
+        rows, cols: the example ranges.
+        symmetric: part of the kernel of ``x2=None`` (only blocks with ``cols >= rows``
+            exist; block ``(cols, rows)`` is this one's transpose).
+    """
+
+    index: int
+    rows: Tile
+    cols: Tile
+    symmetric: bool
+
+    @property
+    def diagonal(self) -> bool:
+        """A diagonal block of ``x2=None``: its columns are its rows."""
+        return self.symmetric and self.rows == self.cols
+
+    @property
+    def mirrored(self) -> bool:
+        """An off-diagonal block of ``x2=None``: it also fills its transpose's place."""
+        return self.symmetric and self.rows != self.cols
+
+
+def block_pairs(n1: int, n2: int, block_size: int, symmetric: bool) -> List[BlockPair]:
+    """Every block of the ``n1 x n2`` kernel in row-major order; with ``symmetric`` only
+    the upper block triangle (``J >= I``), ``T (T + 1) / 2`` blocks for ``T`` row tiles."""
+    row_tiles, col_tiles = tiles(n1, block_size), tiles(n2, block_size)
+    pairs: List[BlockPair] = []
+    for i, rows in enumerate(row_tiles):
+        for cols in col_tiles[i if symmetric else 0:]:
+            pairs.append(BlockPair(len(pairs), rows, cols, symmetric))
+    return pairs
+
+
+def pair_count(n1: int, n2: int, block_size: int, symmetric: bool) -> int:
+    """``len(block_pairs(n1, n2, block_size, symmetric))``, without listing them."""
+    rows, cols = -(-n1 // block_size), -(-n2 // block_size)
+    return rows * (rows + 1) // 2 if symmetric else rows * cols
+
+
+def compute_blocks(
+    engine: Engine, x1: Inputs, x2: Inputs, pairs: Sequence[BlockPair]
+) -> Iterator[Tuple[BlockPair, Dict[str, torch.Tensor]]]:
+    """``(pair, {group name: block})`` for each of ``pairs`` in order, in the engine
+    layout's tensor shape; diagonal blocks of ``x2=None`` exactly symmetric.
+
+    A row block's state is prepared once for consecutive pairs that share it. Raises
+    :class:`NonFiniteBlock` at the first block with a non-finite contribution.
+    """
+    layout = engine.layout
+    rows_tile, rows = None, None
+    for pair in pairs:
+        if pair.rows != rows_tile:
+            rows = None  # free the previous row state first
+            x_rows = slice_inputs(x1, *pair.rows)
+            rows, rows_tile = engine.prepare_rows(x_rows), pair.rows
+        if pair.diagonal:
+            cols = engine.cols_from_rows(rows, x_rows)
+        else:
+            cols = engine.prepare_cols(slice_inputs(x2, *pair.cols))
+        blocks = engine.contract(rows, cols)
+        del cols
+        bad = [name for name, block in blocks.items() if not all_finite(block)]
+        if bad:
+            raise NonFiniteBlock(bad, pair.rows, pair.cols)
+        if pair.diagonal and not engine.exact_symmetric:
+            blocks = {name: layout.symmetrize(block) for name, block in blocks.items()}
+        yield pair, blocks
+
+
+def place_block(kernel: torch.Tensor, layout: Layout, pair: BlockPair, block: torch.Tensor) -> None:
+    """Copy ``block`` into its place in ``kernel`` (and its transpose into the mirrored
+    place, for an off-diagonal block of ``x2=None``)."""
+    (r0, r1), (c0, c1) = pair.rows, pair.cols
+    kernel[r0:r1, c0:c1] = block
+    if pair.mirrored:
+        kernel[c0:c1, r0:r1] = layout.transpose(block)
 
 
 def compute_kernel(
@@ -89,48 +182,19 @@ def compute_kernel(
     Raises :class:`NonFiniteBlock` at the first block with a non-finite contribution.
     """
     fmodel, layout = engine.fmodel, engine.layout
+    pairs = block_pairs(n1, n2, block_size, symmetric)
+    if len(pairs) == 1:  # the whole kernel is this block: no assembly copy
+        _, blocks = next(compute_blocks(engine, x1, x2, pairs))
+        return {name: block.contiguous() for name, block in blocks.items()}
     shape = layout.shape(n1, n2, engine.num_outputs)
-    row_tiles, col_tiles = tiles(n1, block_size), tiles(n2, block_size)
-    single = len(row_tiles) == 1 and len(col_tiles) == 1
-    kernels: Dict[str, torch.Tensor] = {}
-    if not single:
-        kernels = {
-            group.name: torch.empty(shape, dtype=fmodel.dtype, device=fmodel.device)
-            for group in engine.groups
-        }
-    num_pairs = (
-        len(row_tiles) * (len(row_tiles) + 1) // 2 if symmetric else len(row_tiles) * len(col_tiles)
-    )
-    with tqdm(total=num_pairs, disable=not progress, desc="eNTK blocks", unit="block") as bar:
-        for i, (r0, r1) in enumerate(row_tiles):
-            x_rows = slice_inputs(x1, r0, r1)
-            rows = engine.prepare_rows(x_rows)
-            for j, (c0, c1) in enumerate(col_tiles):
-                if symmetric and j < i:
-                    continue
-                if symmetric and j == i:
-                    cols = engine.cols_from_rows(rows, x_rows)
-                else:
-                    cols = engine.prepare_cols(slice_inputs(x2, c0, c1))
-                blocks = engine.contract(rows, cols)
-                del cols
-                bad = [name for name, block in blocks.items() if not all_finite(block)]
-                if bad:
-                    raise NonFiniteBlock(bad, (r0, r1), (c0, c1))
-                for name in list(blocks):
-                    block = blocks.pop(name)
-                    if symmetric and i == j and not engine.exact_symmetric:
-                        block = layout.symmetrize(block)
-                    if single:
-                        # The whole kernel is this block: no assembly copy.
-                        kernels[name] = block.contiguous()
-                        continue
-                    kernels[name][r0:r1, c0:c1] = block
-                    if symmetric and i != j:
-                        kernels[name][c0:c1, r0:r1] = layout.transpose(block)
-                    del block
-                bar.update()
-            del rows
+    kernels = {
+        group.name: torch.empty(shape, dtype=fmodel.dtype, device=fmodel.device) for group in engine.groups
+    }
+    with tqdm(total=len(pairs), disable=not progress, desc="eNTK blocks", unit="block") as bar:
+        for pair, blocks in compute_blocks(engine, x1, x2, pairs):
+            for name in list(blocks):
+                place_block(kernels[name], layout, pair, blocks.pop(name))
+            bar.update()
     return kernels
 
 
