@@ -7,6 +7,9 @@ Layout of a run directory::
                                 "status": "completed"}   (status: once closed with one)
     metrics.jsonl              one JSON object per line, one line per measurement
     kernels/step_00000010.npy  kernel measured at optimizer step 10 (numpy .npy, no pickle)
+    forecast.json              the dense forecast, written once when the tracker closes:
+                               {"steps": [0, 1, 2, ...], "fields": {"predicted_train_loss":
+                               [...], ...}} (optional; Run.dense_forecast)
 
 Guarantees, so that a crash or Ctrl-C loses at most the record being written:
 
@@ -37,14 +40,15 @@ import tempfile
 import warnings
 from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import (Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
+                    Tuple, Union)
 
 import numpy as np
 import torch
 
 from . import records
 
-__all__ = ["KEEP_KERNELS", "Run", "RunWriter", "load_run"]
+__all__ = ["Curve", "DenseForecast", "KEEP_KERNELS", "Run", "RunWriter", "load_run"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -56,6 +60,7 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 KERNELS_DIR = "kernels"
+FORECAST_FILE = "forecast.json"
 _KERNEL_FILE = re.compile(r"step_(\d+)\.npy")
 
 
@@ -315,6 +320,30 @@ class RunWriter:
         self._header = {**self._header, "meta": meta}
         _atomic_write(self._path / META_FILE, lambda file: file.write(encoded))
 
+    def write_forecast(self, steps: Sequence[int], fields: Mapping[str, Sequence[Optional[float]]]) -> Path:
+        """Write the dense forecast, ``forecast.json``, atomically (replacing an earlier one).
+
+        Args:
+            steps: increasing optimizer steps (>= 0).
+            fields: record field name (``predicted_train_loss``, ...) -> one value per
+                step (a number, NaN or None).
+
+        Returns:
+            The file written.
+        """
+        self._require_open()
+        steps = [_check_step(step, "steps[i]") for step in steps]
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError("steps must be strictly increasing")
+        columns = {str(name): list(values) for name, values in fields.items()}
+        for name, values in columns.items():
+            if len(values) != len(steps):
+                raise ValueError(f"fields[{name!r}] has {len(values)} values for {len(steps)} steps")
+        encoded = _dumps({"steps": steps, "fields": columns}).encode()
+        target = self._path / FORECAST_FILE
+        _atomic_write(target, lambda file: file.write(encoded))
+        return target
+
     def close(self, status: Optional[str] = None) -> None:
         """Close ``metrics.jsonl``; idempotent. Everything appended is already on disk.
 
@@ -439,6 +468,51 @@ def load_run(path: PathLike) -> "Run":
         keep_kernels=header.get("keep_kernels"),
         status=header.get("status"),
     )
+
+
+class DenseForecast(NamedTuple):
+    """A run's dense forecast (``forecast.json``): the predicted fields at many steps.
+
+    Attributes:
+        steps: int64 ``(S,)``, increasing.
+        columns: record field name -> float64 ``(S,)`` (NaN where a value is missing).
+    """
+
+    steps: np.ndarray
+    columns: Dict[str, np.ndarray]
+
+
+def _read_forecast(path: Path) -> Optional[DenseForecast]:
+    """``forecast.json`` of a run, or None when there is none or it is unreadable (with a
+    ``RuntimeWarning``: the records still hold the forecast at every measurement)."""
+    file = path / FORECAST_FILE
+    if not file.is_file():
+        return None
+    try:
+        content = json.loads(file.read_bytes())
+        steps = np.asarray(content["steps"], dtype=np.int64)
+        columns = {str(name): _column(list(values)) for name, values in content["fields"].items()}
+        if steps.ndim != 1 or any(c.shape != steps.shape or c.dtype == object for c in columns.values()):
+            raise ValueError("the steps and fields do not line up")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        warnings.warn(f"{file} is unreadable ({error}); using the forecast at the measurements only",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return DenseForecast(steps, columns)
+
+
+class Curve(NamedTuple):
+    """One split's curves at the measurements that have both (``Run.predicted_vs_actual``).
+
+    Attributes:
+        steps: int64 ``(M,)``, the measured optimizer steps.
+        actual: float64 ``(M,)``, the network's loss there.
+        predicted: float64 ``(M,)``, the forecast's loss there.
+    """
+
+    steps: np.ndarray
+    actual: np.ndarray
+    predicted: np.ndarray
 
 
 def _flatten(record: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -573,8 +647,15 @@ class Run:
         row = finite[position]
         return float(values[row]), int(self.steps[row])
 
-    def predicted_vs_actual(self) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The tracker's actual and predicted loss curves: ``{split: (steps, actual,
+    @cached_property
+    def dense_forecast(self) -> Optional[DenseForecast]:
+        """The forecast at every step up to 1000 and on the log schedule beyond (the
+        kernel forecast) or at the measurements and log-spaced steps (the twin), as the
+        tracker wrote it when it closed; None for a run without one."""
+        return _read_forecast(self.path)
+
+    def predicted_vs_actual(self) -> Dict[str, Curve]:
+        """The tracker's actual and predicted loss curves: ``{split: Curve(steps, actual,
         predicted)}`` for ``"train"`` and ``"test"``, at the measurements that have both
         (empty when the run has no forecast)."""
         columns = self.metrics
@@ -586,7 +667,7 @@ class Run:
                 continue
             both = np.isfinite(actual) & np.isfinite(predicted)
             if both.any():
-                curves[split] = (self.steps[both], actual[both], predicted[both])
+                curves[split] = Curve(self.steps[both], actual[both], predicted[both])
         return curves
 
     def __len__(self) -> int:

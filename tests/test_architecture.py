@@ -25,14 +25,17 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("kernel",),
     ("metrics", "losses"),
     ("predict", "probe", "schedule", "linearize"),
-    ("forecast", "drift"),
-    ("tracker",),
+    ("forecast", "drift", "twin", "diagnostics"),
+    ("tracker", "forecasting"),
     ("plots",),
     ("report", "data", "models", "config"),
     ("experiment",),
     ("cli",),
 )
-ALSO_ALLOWED = {("report", "config")}  # the report prints the run's config
+ALSO_ALLOWED = {
+    ("report", "config"),  # the report prints the run's config
+    ("tracker", "forecasting"),  # the tracker runs the forecast forecasting chooses
+}
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}
 
 
