@@ -17,7 +17,7 @@ hyperparameters, dampening) is the linearised twin's (:mod:`ntk_torch.twin`);
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from .functional import FunctionalModel, evaluation_context
 from .kernel import NTK
 from .layout import FULL, TRACE
 from .losses import CLASSIFICATION, REGRESSION, Loss
-from .predict import LinearisedDynamics, Prediction
+from .predict import LinearisedDynamics
 from .probe import LabelledSet, call_model
 from .steps import dense_then_log_steps
 
@@ -82,10 +82,6 @@ def sgd_settings(
         weight_decay=float(first.get("weight_decay", 0.0)),
     )
     return settings, names, []
-
-
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    return float(_plain(optimizer.param_groups[0]["lr"]))
 
 
 def _plain(value: Any) -> Any:

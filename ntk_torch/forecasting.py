@@ -233,6 +233,7 @@ class TrackedForecast:
             self.pending = False
             if minibatches:
                 self.kernel, self.forecast = None, self.twin
+                self.twin.at(0)  # still at step 0: its dense record starts where the kernel's did
             else:
                 self.twin = None
         if self.forecast is self.twin and self._batches:

@@ -120,7 +120,7 @@ class LinearisedTwin:
         """``"full"`` (the forecast's training points at every step) or ``"minibatch"``
         (the batches given to :meth:`step`), for the run's metadata."""
         self.step_count = 0
-        self._initial = {"optimizer": type(optimizer).__name__, "lr": [_plain(g["lr"]) for g in optimizer.param_groups]}
+        self._initial = {"optimizer": type(optimizer).__name__, "lr": [float(g["lr"]) for g in optimizer.param_groups]}
         self._cached: Optional[Tuple[int, Dict[str, Optional[float]]]] = None
         self._log_steps = log_steps()
         self._log_next = next(self._log_steps)
@@ -224,10 +224,6 @@ class LinearisedTwin:
     def max_learning_rate(self) -> Optional[float]:
         """Not known for the twin (it needs the kernel's spectrum): None."""
         return None
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 def _clone(

@@ -231,6 +231,7 @@ def test_auto_takes_the_kernel_for_full_batch_sgd_and_the_twin_once_a_minibatch_
         choices[observe] = tracker.forecast
     assert isinstance(choices[False], LinearisedForecast)
     assert isinstance(choices[True], LinearisedTwin) and choices[True].batches == "minibatch"
+    assert choices[True].dense()[0] == [0, 1, 2, 3, 4, 5]  # from step 0, though chosen at step 1
 
 
 @pytest.mark.parametrize("make", [
