@@ -112,7 +112,7 @@ class LinearisedTwin:
         self.points, self.test, self.loss, self.output_fn = points, test, loss, output_fn
         self.approximate_points = approximate_points
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
-        self.network = LinearizedModel(model)
+        self.network = LinearizedModel(model, forward_ad=True)
         self.device = next(self.network.parameters()).device
         self.optimizer = _clone(optimizer, model, self.network)
         self._trained = [p for group in self.optimizer.param_groups for p in group["params"]]
