@@ -156,9 +156,17 @@ def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Optio
 
 
 def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False) -> NTKTracker:
-    """The tracker a config asks for, writing to ``run_dir``."""
+    """The tracker a config asks for, writing to ``run_dir``. ``track.forecast: auto`` is
+    resolved here by :func:`ntk_torch.forecasting.choose`, which knows from the config
+    whether :func:`train_loop` will show the tracker minibatches (so the tracker need not
+    prepare the kernel forecast for a minibatch run)."""
     config, split = setup.config, setup.split
     track = config.track
+    forecast = track.forecast
+    if forecast == "auto":
+        chosen, _ = choose("auto", setup.optimizer, setup.model, clipping=config.train.clip_grad_norm is not None,
+                           minibatches=_is_minibatch(setup))
+        forecast = chosen or forecast  # none possible: the tracker says why
     return NTKTracker(
         setup.model,
         split.train,
@@ -174,9 +182,15 @@ def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False) 
         progress=False,
         seed=config.seed,
         overwrite=force,
-        forecast=track.forecast,
+        forecast=forecast,
         clip_grad_norm=config.train.clip_grad_norm,
     )
+
+
+def _is_minibatch(setup: Setup) -> bool:
+    """Whether the config's steps use fewer examples than the training set."""
+    batch = setup.config.train.batch_size
+    return batch is not None and batch < setup.split.x_train.shape[0]
 
 
 def run(
@@ -290,9 +304,8 @@ def forecast(config: RunConfig, steps: Optional[List[int]] = None) -> Forecast:
     if requested is None:
         raise ConfigError("track.forecast is null: there is no forecast to make")
     n = setup.split.x_train.shape[0]
-    minibatch = config.train.batch_size is not None and config.train.batch_size < n
     kind, problems = choose(requested, setup.optimizer, setup.model,
-                            clipping=config.train.clip_grad_norm is not None, minibatches=minibatch)
+                            clipping=config.train.clip_grad_norm is not None, minibatches=_is_minibatch(setup))
     if kind is None:
         raise ConfigError("cannot forecast this config: " + "; ".join(problems))
     split = setup.split

@@ -67,13 +67,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as directory:
         if args.only in (None, "quickstart"):
-            run = quickstart(Path(directory) / "quickstart")
+            run = quickstart(Path(directory) / "mine")  # runs/mine in the README
             ax = plots.predicted_vs_actual(run, metric="loss")
             print(save_figure(ax.figure, args.out / "quickstart_adam_loss.png"))
             summary(run)
         if args.only in (None, "default"):
             config = load_config(ROOT / "configs" / "digits_mlp.yaml")
-            run = experiment.run(config, Path(directory) / "default", progress=False)
+            run = experiment.run(config, Path(directory) / config.name, progress=False)
             saved = plots.save_all(run, Path(directory) / "figures", formats=["png"])
             for path in saved:
                 if path.stem in DEFAULT_FIGURES:

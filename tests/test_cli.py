@@ -241,7 +241,7 @@ def test_every_configured_optimizer_runs_with_the_twin(tmp_path, optimizer):
     assert run.meta["prediction"]["optimizer"].lower() == optimizer
 
 
-@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "teacher_ntk_param", "width_sweep"])
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_adam", "digits_cnn", "teacher_ntk_param", "width_sweep"])
 def test_shipped_configs_are_valid(name):
     from ntk_torch.config import load_config
 

@@ -15,12 +15,7 @@ from ntk_torch.runs import Curve
 from ntk_torch.tracker import NTKTracker
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n=16, seed=0):
@@ -41,19 +36,24 @@ def full_batch(model, optimizer, x, y, steps):
         optimizer.step()
 
 
+def sgd_run(path, steps, every, **options):
+    """A tiny network trained full batch with SGD under a tracker writing ``path``."""
+    x, y = data()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+    tracker = NTKTracker(model, (x, y), loss="mse", probe_size=4, every=every, progress=False, run_dir=path,
+                         **options)
+    with tracker.attach(optimizer):
+        full_batch(model, optimizer, x, y, steps)
+    return tracker, load_run(path)
+
+
 # --------------------------------------------------------------------------- the last step
 
 
 @pytest.mark.parametrize("steps, every, expected", [(5, 20, [0, 5]), (23, 10, [0, 10, 20, 23]), (20, 10, [0, 10, 20])])
 def test_the_last_step_is_measured_and_marked_final(tmp_path, steps, every, expected):
-    x, y = data()
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    tracker = NTKTracker(model, (x, y), loss="mse", probe_size=4, every=every, progress=False,
-                         run_dir=tmp_path / "run")
-    with tracker.attach(optimizer):
-        full_batch(model, optimizer, x, y, steps)
-    run = load_run(tmp_path / "run")
+    _, run = sgd_run(tmp_path / "run", steps, every)
     assert run.steps.tolist() == expected
     finals = [r.get("final") for r in run.records]
     assert finals == [None] * (len(expected) - 1) + ([True] if steps % every else [None])
@@ -127,14 +127,7 @@ def test_live_tensor_bytes_stay_flat_over_10000_steps_with_the_twin():
 
 
 def test_the_kernel_forecast_is_on_disk_at_every_step(tmp_path):
-    x, y = data()
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
-    tracker = NTKTracker(model, (x, y), test=data(8, seed=1), loss="mse", probe_size=4, every=20, progress=False,
-                         run_dir=tmp_path / "run")
-    with tracker.attach(optimizer):
-        full_batch(model, optimizer, x, y, 130)
-    run = load_run(tmp_path / "run")
+    _, run = sgd_run(tmp_path / "run", 130, 20, test=data(8, seed=1))
     dense = run.dense_forecast
     assert dense.steps.tolist() == list(range(131))
     for record in run.records:  # the dense curve passes through every measured prediction
@@ -163,13 +156,8 @@ def test_the_twin_is_on_disk_at_log_spaced_steps_and_measurements(tmp_path):
 
 
 def test_predicted_vs_actual_has_named_fields(tmp_path):
-    x, y = data()
-    model = tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
-    tracker = NTKTracker(model, (x, y), loss="mse", probe_size=4, every=5, progress=False, run_dir=tmp_path / "run")
-    with tracker.attach(optimizer):
-        full_batch(model, optimizer, x, y, 10)
-    curve = load_run(tmp_path / "run").predicted_vs_actual()["train"]
+    tracker, run = sgd_run(tmp_path / "run", 10, 5)
+    curve = run.predicted_vs_actual()["train"]
     assert isinstance(curve, Curve)
     assert curve.steps.tolist() == [0, 5, 10]
     np.testing.assert_array_equal(curve.actual, [r["train_loss"] for r in tracker.records])

@@ -18,13 +18,7 @@ from ntk_torch.twin import LinearisedTwin
 STEPS, EVERY, BATCH = 100, 10, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 networks: one thread is faster, and steady on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def class_data(n=48, features=5, seed=0):
