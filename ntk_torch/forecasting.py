@@ -211,11 +211,11 @@ class TrackedForecast:
             self._batches.append(batch)
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
-        """After optimizer step ``step``: decide (first step of ``"auto"``), step the twin,
-        and check for what explains a gap."""
+        """After optimizer step ``step``: decide (at the first step seen, for ``"auto"``),
+        step the twin, and check for what explains a gap."""
         if self.forecast is None:
             return
-        if step == 1:
+        if not self.settled:
             self._settle()
         if self.forecast is self.twin:
             self._step_twin(step, optimizer)

@@ -465,8 +465,9 @@ class NTKTracker:
             )
         self._step += 1
         if self._forecasting is not None and self.optimizer is not None:
+            settled = self._forecasting.settled
             self._forecasting.after_step(self._step, self.optimizer)
-            if self._step == 1 and self._writer is not None:
+            if not settled and self._writer is not None:
                 self._writer.update_meta(**self._forecasting.meta())
         return self.measure() if self._step in self.schedule else None
 
