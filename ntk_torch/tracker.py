@@ -624,6 +624,7 @@ class NTKTracker:
                     fields.update({records.actual(split, key): value for key, value in result.items()})
         return fields
 
+
 def _check_options(probe_size, max_predict_points, seed, keep_kernels, progress) -> None:
     check_int("probe_size", probe_size, minimum=1)
     check_int("max_predict_points", max_predict_points, minimum=1)
