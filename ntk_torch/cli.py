@@ -236,12 +236,17 @@ def _print_forecast(config: RunConfig, result: Forecast) -> None:
     for step, row in zip(result.steps, result.rows):
         cells = (_format(row.get(records.predicted(split, metric))) for split, metric in columns)
         print("  " + f"{step:>8}" + "".join(f"{cell:>16}" for cell in cells))
-    lr, max_lr = config.train.lr, result.max_learning_rate
+    lr, max_lr, description = config.train.lr, result.max_learning_rate, result.description
+    if description.get("kind") == "twin":
+        batches = "minibatches" if description.get("batches") == "minibatch" else "the full batch"
+        print(f"  forecast: the linearised twin, trained alone with {description['optimizer']} on {batches} "
+              f"(no real training), {description['points']} training points")
+        return
     print(f"  largest stable learning rate: {_format(max_lr)} (config lr {lr})")
     if max_lr is not None and lr > max_lr:
         print(f"  warning: train.lr={lr} is above the stable limit; the linearised model diverges")
-    print(f"  kernel: {result.description['kernel_mode']} ({result.description['approximation']}), "
-          f"{result.description['points']} training points")
+    print(f"  kernel: {description['kernel_mode']} ({description['approximation']}), "
+          f"{description['points']} training points")
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
@@ -399,9 +404,11 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
-    predict = commands.add_parser("predict", help="predict the training curve from the kernel at initialisation",
+    predict = commands.add_parser("predict", help="predict the training curve of the network linearised at step 0",
                                   description="Before any training: the linearised model's predicted train and test "
-                                  "curves and the largest stable learning rate.")
+                                  "curves, from the kernel at initialisation (full-batch SGD: also the largest stable "
+                                  "learning rate) or by training the linearised twin alone (other optimizers, "
+                                  "schedulers, clipping, minibatches).")
     _add_config_options(predict, "where to write the figure (default runs/<config name>-predict)")
     predict.add_argument("--force", action="store_true", help="replace the figure in an existing output directory")
     predict.set_defaults(handler=cmd_predict)

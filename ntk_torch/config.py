@@ -6,8 +6,9 @@ A config has five sections (all optional but ``train.steps`` has a default too):
     seed: 0
     data:  {name: digits, options: {test_size: 0.2}}
     model: {name: mlp, options: {width: 256, depth: 2}}
-    train: {optimizer: sgd, lr: 0.1, momentum: 0.0, batch_size: 64, steps: 600, loss: cross_entropy}
-    track: {every: 10, probe_size: 256, mode: trace}
+    train: {optimizer: sgd, lr: 0.1, momentum: 0.0, batch_size: 64, steps: 600, loss: cross_entropy,
+            scheduler: {name: cosine}, clip_grad_norm: 1.0}
+    track: {every: 10, probe_size: 256, mode: trace, forecast: auto}
     sweep: {parameter: model.options.width, values: [64, 256, 1024], seeds: 2}
 
 Every key is checked: an unknown key or a value of the wrong type is a
@@ -65,17 +66,31 @@ class ModelConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    """A learning-rate scheduler, stepped after every optimizer step (options in steps)."""
+
+    name: str = "step"  # step | cosine | one-cycle
+    step_size: Optional[int] = None  # step: steps between decays (default train.steps // 3)
+    gamma: Optional[float] = None  # step: the decay factor (default 0.1)
+    eta_min: Optional[float] = None  # cosine: the final learning rate (default 0)
+    max_lr: Optional[float] = None  # one-cycle: the peak learning rate (default train.lr)
+    pct_start: Optional[float] = None  # one-cycle: the fraction of steps rising (default 0.3)
+
+
+@dataclass
 class TrainConfig:
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # sgd | adam | adamw | rmsprop | adagrad
     lr: float = 0.1
-    momentum: float = 0.0
-    nesterov: bool = False
+    momentum: float = 0.0  # sgd, rmsprop
+    nesterov: bool = False  # sgd
     weight_decay: float = 0.0
     batch_size: Optional[int] = None  # None: full batch
     steps: int = 500
     loss: str = "cross_entropy"
     device: str = "cpu"
     dtype: str = "float32"
+    scheduler: Optional[SchedulerConfig] = None
+    clip_grad_norm: Optional[float] = None  # clip_grad_norm_ before each step
 
 
 @dataclass
@@ -86,6 +101,7 @@ class TrackConfig:
     mode: str = "trace"
     method: str = "auto"
     keep_kernels: str = "log"
+    forecast: Optional[str] = "auto"  # auto | kernel | twin | null (see NTKTracker)
 
 
 @dataclass
@@ -110,8 +126,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+SCHEDULERS = {"step": ("step_size", "gamma"), "cosine": ("eta_min",), "one-cycle": ("max_lr", "pct_start")}
+"""The schedulers a config names, and the options each takes."""
+FORECASTS = ("auto", "kernel", "twin")
+MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
+
 CHOICES = {
-    "train.optimizer": ("sgd", "adam"),
+    "train.optimizer": OPTIMIZERS,
     "train.loss": KNOWN_LOSSES,
     "train.dtype": ("float32", "float64"),
     "track.mode": MODES,
@@ -362,6 +384,11 @@ def _check_values(config: RunConfig, source: str) -> None:
     check_run_name(config.name, f"{source}: name")
     _check_schedule(config.track.schedule, source)
     _check_device(config.train.device, source)
+    _check_training(config.train, source)
+    if config.track.forecast is not None and config.track.forecast not in FORECASTS:
+        raise ConfigError(
+            f"{source}: track.forecast must be one of {', '.join(FORECASTS)} or null, got {config.track.forecast!r}"
+        )
     if config.sweep is not None:
         if not config.sweep.values:
             raise ConfigError(f"{source}: sweep.values must list at least one value")
@@ -447,6 +474,38 @@ def check_imports(config: RunConfig, trusted: Sequence[str], source: str = "<con
                 f"--allow-import {module} (or set {IMPORT_ENV}={module}) if you trust it"
             )
     return found
+
+
+def _check_training(train: TrainConfig, source: str) -> None:
+    """The optimizer's options suit it; the scheduler's and clipping's are in range."""
+    if train.momentum and train.optimizer not in MOMENTUM_OPTIMIZERS:
+        raise ConfigError(f"{source}: train.momentum applies to sgd and rmsprop, not {train.optimizer}; remove it")
+    if train.nesterov and train.optimizer != "sgd":
+        raise ConfigError(f"{source}: train.nesterov applies to sgd only, not {train.optimizer}")
+    if train.clip_grad_norm is not None and not train.clip_grad_norm > 0:
+        raise ConfigError(f"{source}: train.clip_grad_norm must be positive (or null), got {train.clip_grad_norm!r}")
+    scheduler = train.scheduler
+    if scheduler is None:
+        return
+    if scheduler.name not in SCHEDULERS:
+        raise ConfigError(f"{source}: train.scheduler.name must be one of {', '.join(SCHEDULERS)}, got {scheduler.name!r}")
+    for option in (f.name for f in dataclasses.fields(SchedulerConfig) if f.name != "name"):
+        if getattr(scheduler, option) is not None and option not in SCHEDULERS[scheduler.name]:
+            raise ConfigError(
+                f"{source}: train.scheduler.{option} is not an option of the {scheduler.name} scheduler "
+                f"(its options: {', '.join(SCHEDULERS[scheduler.name])})"
+            )
+    checks = {
+        "step_size": (lambda v: v >= 1, "at least 1"),
+        "gamma": (lambda v: v > 0, "positive"),
+        "eta_min": (lambda v: v >= 0, "non-negative"),
+        "max_lr": (lambda v: v > 0, "positive"),
+        "pct_start": (lambda v: 0 < v < 1, "between 0 and 1"),
+    }
+    for option, (valid, expected) in checks.items():
+        value = getattr(scheduler, option)
+        if value is not None and not valid(value):
+            raise ConfigError(f"{source}: train.scheduler.{option} must be {expected}, got {value!r}")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:

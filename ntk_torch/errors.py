@@ -1,6 +1,11 @@
-"""Exceptions raised by ntk_torch."""
+"""Exceptions and warnings raised by ntk_torch, and where a warning should point."""
 
+import contextlib
+import os
+import sys
 from typing import Optional, Sequence
+
+import torch
 
 
 class NonFiniteKernelError(FloatingPointError):
@@ -38,3 +43,29 @@ class DistributedKernelError(RuntimeError):
 class KernelStoreError(ValueError):
     """An out-of-core kernel's progress record is refused: it was made for another
     request, or it is corrupt. Nothing is written; the message says what differs."""
+
+
+class ForecastWarning(UserWarning):
+    """Something in the training set-up that the forecast does not model, and that may
+    explain a gap between the predicted and the actual curve (BatchNorm in train mode,
+    Dropout, a learning rate beyond the stable one, minibatches forecast as full batch,
+    gradient clipping the tracker was not told about)."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn``, called from the function that calls this
+    one, that points at the first frame outside ntk_torch and torch (and contextlib): the
+    user's own line (``optimizer.step()``, ``with tracker.attach(...)``, ...)."""
+    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_PATHS):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+_INTERNAL_PATHS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,  # ntk_torch
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,  # the optimizer and module hooks
+    contextlib.__file__,  # generator-based context managers
+)

@@ -5,8 +5,11 @@ This is what the ``ntk-torch`` command runs:
 * :func:`run` trains a config's model with :class:`~ntk_torch.NTKTracker` attached and
   writes the run directory (``meta.json``, ``metrics.jsonl``, ``kernels/``, and the
   config as ``config.yaml``);
-* :func:`forecast` computes, before any training, what the kernel at initialisation
-  predicts for the config's training curve, and the largest stable learning rate;
+* :func:`forecast` computes, before any training, the training curve of the network
+  linearised at initialisation: from the kernel (full-batch SGD at a constant learning
+  rate: also the largest stable learning rate) or, where that does not apply (another
+  optimizer, a scheduler, clipping, minibatches), by training the linearised twin alone
+  for the configured steps, on the minibatches the real run would draw;
 * :func:`sweep_plan` expands a config's ``sweep`` section into one config per value and
   seed; :func:`sweep` trains them all (kernel drift and linearisation gap against the
   swept value, fitted log-log slopes, ``sweep.png``) and :func:`rank_by_forecast` ranks
@@ -17,7 +20,9 @@ This is what the ``ntk-torch`` command runs:
 
 Training is plain PyTorch: minibatches drawn each epoch from a permutation of a private
 generator seeded with ``config.seed`` (the model and data are seeded from it too), so a
-config reproduces its run exactly.
+config reproduces its run exactly; each minibatch is shown to the tracker
+(``NTKTracker.observe``), gradients are clipped when ``train.clip_grad_norm`` says so, and
+the scheduler steps after every optimizer step.
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ from ._options import check_bool
 from .config import ConfigError, RunConfig, check_imports, check_run_name, set_by_path, trusted_modules
 from .forecast import LinearisedForecast, sgd_settings
 from .kernel import NTK
+from .forecasting import choose
 from .losses import KNOWN_LOSSES, resolve
 from .probe import LabelledSet
 from .runs import Run, load_run
 from .schedule import Schedule
 from .tracker import NTKTracker, ending
+from .twin import LinearisedTwin
 
 CONFIG_FILE = "config.yaml"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -57,13 +64,16 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class Setup:
-    """What a config builds: the data (on the device, in the dtype), model and optimizer."""
+    """What a config builds: the data (on the device, in the dtype), model, optimizer and
+    scheduler; ``tracker`` is set while :func:`run` trains with one."""
 
     config: RunConfig
     split: data_module.DataSplit
     model: nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
+    scheduler: Optional[Any] = None
+    tracker: Optional[NTKTracker] = None
 
 
 def build(config: RunConfig, *, allow_imports: Sequence[str] = ()) -> Setup:
@@ -102,7 +112,8 @@ def build(config: RunConfig, *, allow_imports: Sequence[str] = ()) -> Setup:
         raise ConfigError(f"model ({config.model.name}): {error}") from None
     model = model.to(device=device, dtype=dtype)
     _check_loss_suits(config, split)
-    return Setup(config, split, model, make_optimizer(config, model), device)
+    optimizer = make_optimizer(config, model)
+    return Setup(config, split, model, optimizer, device, make_scheduler(config, optimizer))
 
 
 def _check_loss_suits(config: RunConfig, split: data_module.DataSplit) -> None:
@@ -125,20 +136,56 @@ def _with_seed(builder: Optional[Callable[..., Any]], options: Dict[str, Any], s
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """``torch.optim.SGD`` or ``torch.optim.Adam`` with the config's hyperparameters."""
+    """The config's ``torch.optim`` optimizer (``train.optimizer``: SGD, Adam, AdamW,
+    RMSprop or Adagrad) with its lr and weight decay, and momentum (SGD, RMSprop) and
+    Nesterov (SGD)."""
     train = config.train
     params = [p for p in model.parameters() if p.requires_grad]
+    options: Dict[str, Any] = {"lr": train.lr, "weight_decay": train.weight_decay}
     if train.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov, weight_decay=train.weight_decay
-        )
-    return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.SGD(params, momentum=train.momentum, nesterov=train.nesterov, **options)
+    if train.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, momentum=train.momentum, **options)
+    classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
+    return classes[train.optimizer](params, **options)
+
+
+def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Optional[Any]:
+    """The config's learning-rate scheduler on ``optimizer`` (None without one), in
+    optimizer steps: ``step`` (``StepLR``: every ``step_size``, default a third of the
+    steps, times ``gamma``, default 0.1), ``cosine`` (``CosineAnnealingLR`` over
+    ``train.steps`` down to ``eta_min``) or ``one-cycle`` (``OneCycleLR`` over
+    ``train.steps`` up to ``max_lr``, default ``train.lr``, rising for ``pct_start``; the
+    learning rate only, momentum stays as configured)."""
+    scheduler, steps = config.train.scheduler, config.train.steps
+    if scheduler is None:
+        return None
+    schedulers = torch.optim.lr_scheduler
+
+    def given(option: str, default: Any) -> Any:
+        value = getattr(scheduler, option)
+        return default if value is None else value
+
+    if scheduler.name == "step":
+        return schedulers.StepLR(optimizer, step_size=given("step_size", max(1, steps // 3)), gamma=given("gamma", 0.1))
+    if scheduler.name == "cosine":
+        return schedulers.CosineAnnealingLR(optimizer, T_max=steps, eta_min=given("eta_min", 0.0))
+    return schedulers.OneCycleLR(optimizer, max_lr=given("max_lr", config.train.lr), total_steps=steps,
+                                 pct_start=given("pct_start", 0.3), cycle_momentum=False)
 
 
 def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False) -> NTKTracker:
-    """The tracker a config asks for, writing to ``run_dir``."""
+    """The tracker a config asks for, writing to ``run_dir``. ``track.forecast: auto`` is
+    resolved here by :func:`ntk_torch.forecasting.choose`, which knows from the config
+    whether :func:`train_loop` will show the tracker minibatches (so the tracker need not
+    prepare the kernel forecast for a minibatch run)."""
     config, split = setup.config, setup.split
     track = config.track
+    forecast = track.forecast
+    if forecast == "auto":
+        chosen, _ = choose("auto", setup.optimizer, setup.model, clipping=config.train.clip_grad_norm is not None,
+                           minibatches=_is_minibatch(setup))
+        forecast = chosen or forecast  # none possible: the tracker says why
     return NTKTracker(
         setup.model,
         split.train,
@@ -154,6 +201,8 @@ def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False) 
         progress=False,
         seed=config.seed,
         overwrite=force,
+        forecast=forecast,
+        clip_grad_norm=config.train.clip_grad_norm,
     )
 
 
@@ -174,6 +223,12 @@ def fit_probe(config: RunConfig, n_train: int) -> RunConfig:
         stacklevel=3,
     )
     return dataclasses.replace(config, track=dataclasses.replace(config.track, probe_size=n_train))
+
+
+def _is_minibatch(setup: Setup) -> bool:
+    """Whether the config's steps use fewer examples than the training set."""
+    batch = setup.config.train.batch_size
+    return batch is not None and batch < setup.split.x_train.shape[0]
 
 
 def run(
@@ -204,35 +259,53 @@ def run(
     except BaseException as error:
         tracker.close(*ending(error))
         raise
+    setup.tracker = tracker
     with tracker.attach(setup.optimizer):
         train_loop(setup, progress=progress)
     return load_run(out_dir)
 
 
-def train_loop(setup: Setup, *, progress: bool = True) -> None:
-    """``config.train.steps`` optimizer steps of minibatch (or full-batch) training."""
-    config, split, model, optimizer = setup.config, setup.split, setup.model, setup.optimizer
-    loss_fn = resolve(config.train.loss).fn
+def minibatches(setup: Setup) -> Iterator[Tuple[Any, torch.Tensor, bool]]:
+    """``(x, y, is_minibatch)`` for each of ``config.train.steps`` optimizer steps: the
+    training set, or minibatches drawn each epoch from a permutation of a generator
+    seeded with ``config.seed`` (so a config draws the same batches every time)."""
+    config, split = setup.config, setup.split
     n = split.x_train.shape[0]
     batch = n if config.train.batch_size is None else min(config.train.batch_size, n)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.arange(n)
     position = n  # start with a fresh permutation
-    model.train()
-    bar = tqdm(range(config.train.steps), desc=config.name, unit="step", disable=not progress)
-    for _ in bar:
+    for _ in range(config.train.steps):
         if batch < n:
             if position + batch > n:
                 order, position = torch.randperm(n, generator=generator), 0
             index = order[position:position + batch].to(setup.device)
             position += batch
-            x, y = split.x_train[index], split.y_train[index]
+            yield split.x_train[index], split.y_train[index], True
         else:
-            x, y = split.x_train, split.y_train
+            yield split.x_train, split.y_train, False
+
+
+def train_loop(setup: Setup, *, progress: bool = True) -> None:
+    """``config.train.steps`` optimizer steps of minibatch (or full-batch) training, each
+    minibatch shown to ``setup.tracker`` when there is one, gradients clipped to
+    ``train.clip_grad_norm`` when set, the scheduler stepped after each step."""
+    config, model, optimizer = setup.config, setup.model, setup.optimizer
+    loss_fn = resolve(config.train.loss).fn
+    clip = config.train.clip_grad_norm
+    model.train()
+    bar = tqdm(minibatches(setup), total=config.train.steps, desc=config.name, unit="step", disable=not progress)
+    for x, y, is_minibatch in bar:
+        if is_minibatch and setup.tracker is not None:
+            setup.tracker.observe(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
+        if setup.scheduler is not None:
+            setup.scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
 
@@ -245,8 +318,9 @@ class Forecast:
         rows: one dict per step: ``predicted_train_loss``, ``predicted_test_loss`` and,
             for classes, ``predicted_train_accuracy`` / ``predicted_test_accuracy``.
         max_learning_rate: the largest stable lr of the linearised model under the
-            config's loss and momentum (``predict.max_learning_rate``).
-        description: the forecast's settings (points, kernel mode, lr, ...).
+            config's loss and momentum (``predict.max_learning_rate``); None for the twin.
+        description: the forecast's settings (``kind``: ``"kernel"`` or ``"twin"``,
+            points, kernel mode or optimizer, lr, ...).
     """
 
     steps: List[int]
@@ -269,41 +343,62 @@ class Forecast:
 def forecast(
     config: RunConfig, steps: Optional[List[int]] = None, *, allow_imports: Sequence[str] = ()
 ) -> Forecast:
-    """The linearised prediction of ``config``'s training curve, from the kernel at step 0.
+    """The training curve of ``config``'s network linearised at step 0, before training.
 
-    Uses the same computation as the tracker's forecast (full-batch SGD on the network
-    linearised at initialisation, Lee et al. 2019). ``steps`` defaults to the log
-    schedule up to ``train.steps``, and ``train.steps`` itself.
+    The same computation as the tracker's forecast (:func:`ntk_torch.forecasting.choose`
+    decides, with ``track.forecast``): from the kernel at step 0 for full-batch SGD at a
+    constant learning rate (Lee et al. 2019); otherwise the linearised twin trained alone,
+    on the minibatches the real run would draw, with the config's optimizer, scheduler and
+    clipping. ``steps`` defaults to the log schedule up to ``train.steps``, and
+    ``train.steps`` itself.
 
     Raises:
-        ConfigError: the optimizer cannot be modelled (only SGD can), or what
+        ConfigError: ``track.forecast`` is null, the optimizer cannot be modelled, or what
             :func:`build` raises (``allow_imports`` is passed on to it).
     """
     setup = build(config, allow_imports=allow_imports)
-    settings, names, problems = sgd_settings(setup.optimizer, setup.model)
-    if problems:
+    requested = config.track.forecast
+    if requested is None:
+        raise ConfigError("track.forecast is null: there is no forecast to make")
+    n = setup.split.x_train.shape[0]
+    kind, problems = choose(requested, setup.optimizer, setup.model,
+                            clipping=config.train.clip_grad_norm is not None, minibatches=_is_minibatch(setup))
+    if kind is None:
         raise ConfigError("cannot forecast this config: " + "; ".join(problems))
     split = setup.split
-    n = split.x_train.shape[0]
     points = LabelledSet(split.x_train, split.y_train, tuple(range(n)))
     test = LabelledSet(split.x_test, split.y_test)
-    schedule = Schedule(schedule="log")
-    result = LinearisedForecast(
-        model=setup.model,
-        points=points,
-        test=test,
-        loss=resolve(config.train.loss),
-        settings=settings,
-        param_names=names,
-        output_fn=None,
-        approximate_points=False,
-        schedule=schedule,
-    )
     if steps is None:
-        steps = schedule.steps_until(config.train.steps) + [config.train.steps]
+        steps = Schedule(schedule="log").steps_until(config.train.steps) + [config.train.steps]
     steps = sorted(set(steps))
+    common = dict(model=setup.model, points=points, test=test, loss=resolve(config.train.loss), output_fn=None,
+                  approximate_points=False)
+    if kind == "twin":
+        return _twin_forecast(setup, steps, common)
+    settings, names, _ = sgd_settings(setup.optimizer, setup.model)
+    result = LinearisedForecast(settings=settings, param_names=names, **common)
     rows = [result.at(step) for step in steps]
     return Forecast(steps, rows, result.max_learning_rate(), result.describe())
+
+
+def _twin_forecast(setup: Setup, steps: List[int], common: Dict[str, Any]) -> Forecast:
+    """Train the linearised twin alone for ``max(steps)`` steps, on the batches
+    :func:`minibatches` draws, with its own copy of the scheduler; its rows at ``steps``."""
+    twin = LinearisedTwin(optimizer=setup.optimizer, clip_grad_norm=setup.config.train.clip_grad_norm, **common)
+    scheduler = make_scheduler(setup.config, twin.optimizer)
+    wanted = set(steps)
+    rows = {0: twin.at(0)} if 0 in wanted else {}
+    for step, (x, y, is_minibatch) in enumerate(minibatches(setup), start=1):
+        if step > steps[-1]:
+            break
+        twin.batches = "minibatch" if is_minibatch else "full"
+        twin.step([(x, y)] if is_minibatch else None)
+        if scheduler is not None:
+            scheduler.step()
+        if step in wanted:
+            rows[step] = twin.at(step)
+    kept = [step for step in steps if step in rows]  # steps beyond train.steps are not trained
+    return Forecast(kept, [rows[step] for step in kept], None, twin.describe())
 
 
 # --------------------------------------------------------------------------- sweeps

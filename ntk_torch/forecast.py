@@ -1,25 +1,23 @@
-"""The forecast: the linearised model's training curve from the kernel at step 0.
+"""The kernel forecast: the linearised model's training curve from the kernel at step 0.
 
 At step 0 the tracker (or ``ntk-torch predict``) builds a :class:`LinearisedForecast` over
 the training data (all of it up to ``max_points`` examples, else a seeded subset) from the
-optimizer's SGD hyperparameters; at each measurement it asks for the record fields at that
-step (:meth:`LinearisedForecast.fields`): the network's own loss on the forecast's points,
-the predicted train and test loss (and accuracy) computed by one
-:class:`ntk_torch.predict.LinearisedDynamics` — exactly what full-batch
-``torch.optim.SGD`` on the linearised network gives (Lee et al. 2019) — and the
-linearisation gaps.
+optimizer's SGD hyperparameters (:func:`sgd_settings`); at each measurement it asks for the
+predicted train and test loss (and accuracy) at that step (:meth:`LinearisedForecast.at`),
+computed in function space by one :class:`ntk_torch.predict.LinearisedDynamics` — exactly
+what full-batch ``torch.optim.SGD`` on the linearised network gives (Lee et al. 2019).
 
-What cannot be modelled is named in a warning and no forecast is made: optimizers other
-than SGD (Adam, ...), parameter groups with different hyperparameters, dampening,
-``maximize``, parameters the model does not own. A learning rate that changes later (a
-scheduler) is warned about when it is seen; the forecast keeps the initial one.
+This is the cheap, exact path for one case: full-batch SGD with one set of
+hyperparameters. Everything else (Adam, schedulers, clipping, minibatches, per-group
+hyperparameters, dampening) is the linearised twin's (:mod:`ntk_torch.twin`);
+:func:`sgd_settings` names what this path cannot model, and
+:mod:`ntk_torch.forecasting` chooses between the two.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,15 +28,13 @@ from .functional import FunctionalModel, evaluation_context
 from .kernel import NTK
 from .layout import FULL, TRACE
 from .losses import CLASSIFICATION, REGRESSION, Loss
-from .predict import LinearisedDynamics, Prediction
-from .probe import LabelledSet, call_model, evaluate
-from .schedule import Schedule
+from .predict import LinearisedDynamics
+from .probe import LabelledSet, call_model
+from .steps import dense_then_log_steps
 
 MAX_FULL_ENTRIES = 2**24
 """The prediction kernel is ``full`` (exact) while ``(N O)^2`` stays under this many
 entries (128 MiB in float64); above, it is ``trace``, used as the isotropic approximation."""
-
-MIN_HORIZON = 32
 
 
 @dataclass(frozen=True)
@@ -88,10 +84,6 @@ def sgd_settings(
     return settings, names, []
 
 
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    return float(_plain(optimizer.param_groups[0]["lr"]))
-
-
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
@@ -108,14 +100,18 @@ class LinearisedForecast:
         param_names: the parameters the optimizer trains (the kernel's parameters).
         output_fn: as for ``empirical_ntk``.
         approximate_points: whether ``points`` is a subset of the training data.
-        schedule: the measurement schedule, whose steps a trajectory keeps.
 
     The kernel over ``points`` is ``full`` (exact) while ``(N O)^2`` stays under
     :data:`MAX_FULL_ENTRIES`, else ``trace`` (the isotropic approximation). The trajectory
-    is computed up to a horizon that doubles whenever a later step is asked for, so a run
-    of ``T`` steps costs ``O(T)`` kernel products in all, with one eigendecomposition;
-    only the scheduled steps' outputs are kept.
+    is one :class:`ntk_torch.predict.GDTrajectory` (one eigendecomposition for the closed
+    form; the SGD recurrence otherwise, advanced as later steps are asked for, so a run of
+    ``T`` steps costs ``O(T)`` kernel products in all). Only the current state is kept,
+    and, for figures, the predicted losses (plain floats) at every step up to
+    :data:`ntk_torch.steps.DENSE_STEPS` and on the log schedule beyond (:meth:`dense`):
+    memory does not grow with the number of steps.
     """
+
+    kind = "kernel"
 
     def __init__(
         self,
@@ -128,14 +124,12 @@ class LinearisedForecast:
         param_names: Sequence[str],
         output_fn: Optional[Callable[[Any], torch.Tensor]],
         approximate_points: bool,
-        schedule: Schedule,
     ) -> None:
         self.settings = settings
         self.points = points
         self.test = test
         self.loss = loss
         self.output_fn = output_fn
-        self.schedule = schedule
         device = next(model.parameters()).device
         with torch.no_grad(), evaluation_context(model, device):
             f0 = call_model(model, points.x, output_fn)
@@ -168,10 +162,13 @@ class LinearisedForecast:
         )
         self.approximate = approximate_points or layout is TRACE
         self.approximate_points = approximate_points
-        self._horizon = -1
-        self._trajectory: Optional[Prediction] = None
-        self._positions: Dict[int, int] = {}
-        self._initial_losses: Dict[str, Optional[float]] = {}
+        self._trajectory = self.dynamics.gd_trajectory(
+            lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov,
+            weight_decay=settings.weight_decay,
+        )
+        self._dense_steps = dense_then_log_steps()
+        self._dense_next = next(self._dense_steps)
+        self._dense: Dict[int, Dict[str, Optional[float]]] = {}
 
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
         if self.loss.kind == REGRESSION:
@@ -181,6 +178,7 @@ class LinearisedForecast:
     def describe(self) -> Dict[str, Any]:
         """What the forecast is, for the run's metadata."""
         return {
+            "kind": self.kind,
             "points": len(self.points),
             "indices": list(self.points.indices) if self.approximate_points else None,
             "approximate": self.approximate,
@@ -193,80 +191,54 @@ class LinearisedForecast:
             "assumes": "full-batch SGD on the linearised network (Lee et al. 2019)",
         }
 
-    def max_learning_rate(self) -> Optional[float]:
+    def max_learning_rate(self, exact: bool = True) -> Optional[float]:
         """The largest stable lr of the linearised model under this loss and momentum
-        (:func:`ntk_torch.predict.max_learning_rate`); None for a custom loss."""
+        (:func:`ntk_torch.predict.max_learning_rate`; ``exact=False`` may estimate the
+        kernel's top eigenvalue, see :meth:`LinearisedDynamics.max_learning_rate`); None
+        for a custom loss."""
         if self.dynamics.loss.closed_form is None:
             return None
         s = self.settings
         return float(self.dynamics.max_learning_rate(
-            momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay
+            momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay, exact=exact
         ))
 
     def at(self, step: int) -> Dict[str, Optional[float]]:
         """Predicted ``train``/``test`` loss (and accuracies) at optimizer step ``step``,
-        under their record field names."""
-        if step > self._horizon:
-            self._extend(max(2 * self._horizon, step, MIN_HORIZON))
-        trajectory, position = self._trajectory, self._positions.get(step)
-        if position is None:  # a step off the schedule (tracker.measure()): one-off
-            trajectory, position = self._compute(step, [step]), 0
+        under their record field names. Steps asked in increasing order are cheapest;
+        the dense record (:meth:`dense`) is filled up to ``step`` on the way, and keeps
+        ``step`` itself."""
+        while self._dense_next < step:
+            self._dense[self._dense_next] = self._fields(self._dense_next)
+            self._dense_next = next(self._dense_steps)
+        fields = self._dense[step] = self._fields(step)
+        if step == self._dense_next:
+            self._dense_next = next(self._dense_steps)
+        return fields
+
+    def _fields(self, step: int) -> Dict[str, Optional[float]]:
+        prediction = self._trajectory.at(step)
         fields = {
-            records.predicted("train"): float(trajectory.train_loss[position]),
-            records.predicted("test"): _item(trajectory.test_loss, position),
+            records.predicted("train"): float(prediction.train_loss[0]),
+            records.predicted("test"): _item(prediction.test_loss),
         }
         if self.classes:
-            fields[records.predicted("train", "accuracy")] = _item(trajectory.train_accuracy, position)
-            fields[records.predicted("test", "accuracy")] = _item(trajectory.test_accuracy, position)
+            fields[records.predicted("train", "accuracy")] = _item(prediction.train_accuracy)
+            fields[records.predicted("test", "accuracy")] = _item(prediction.test_accuracy)
         return fields
 
-    def _extend(self, horizon: int) -> None:
-        steps = sorted(set(self.schedule.steps_until(horizon)) | {0})
-        self._trajectory = self._compute(horizon, steps)
-        self._positions = {s: i for i, s in enumerate(steps)}
-        self._horizon = horizon
-
-    def _compute(self, horizon: int, steps: List[int]) -> Prediction:
-        s = self.settings
-        return self.dynamics.gd(
-            lr=s.lr, steps=horizon, momentum=s.momentum, nesterov=s.nesterov,
-            weight_decay=s.weight_decay, record_steps=steps,
-        )
-
-    def fields(self, step: int, model: nn.Module, device: torch.device, measured: Mapping[str, Any]) -> Dict[str, Any]:
-        """The record fields of the forecast at ``step``: the network's own loss (and
-        accuracy) on the forecast's training points, the predictions (:meth:`at`) and the
-        linearisation gaps ``|actual - predicted| / actual at step 0`` on the training
-        points and, when ``measured`` holds the test loss, on the test set. The losses at
-        the first call are the reference."""
-        with torch.no_grad(), evaluation_context(model, device):
-            result = evaluate(model, self.points, self.loss, self.output_fn, device)
-        fields: Dict[str, Any] = {records.actual("train", key): value for key, value in result.items()}
-        fields.update(self.at(step))
-        actual = {**measured, **fields}
-        if not self._initial_losses:
-            self._initial_losses = {split: actual.get(records.actual(split)) for split in records.FORECAST_SPLITS}
-        for split in records.FORECAST_SPLITS:
-            fields[records.gap(split)] = linearisation_gap(
-                actual.get(records.actual(split)), actual.get(records.predicted(split)),
-                self._initial_losses.get(split),
-            )
-        return fields
+    def dense(self) -> Tuple[List[int], Dict[str, List[Optional[float]]]]:
+        """The predictions recorded so far, at every step up to ``DENSE_STEPS``, on the
+        log schedule beyond, and wherever :meth:`at` was asked: the steps, and each
+        field's values at them."""
+        return records.columns(self._dense)
 
 
-def _item(values: Optional[torch.Tensor], position: int) -> Optional[float]:
-    return None if values is None else float(values[position])
+def _item(values: Optional[torch.Tensor]) -> Optional[float]:
+    return None if values is None else float(values[0])
 
 
 def _jtheta0(fmodel: FunctionalModel, x: Any) -> torch.Tensor:
     """``J(x) theta_0`` ``(N, O)``: one forward-mode product with the tangent ``theta_0``."""
     x = fmodel.prepare_inputs(x)
     return jvp(lambda p: fmodel(p, x), (fmodel.params,), (fmodel.params,))[1]
-
-
-def linearisation_gap(actual: Optional[float], predicted: Optional[float], initial: Optional[float]) -> Optional[float]:
-    """``|L_actual - L_predicted| / L_actual(step 0)``: the gap as a fraction of the
-    initial loss (None where undefined)."""
-    if actual is None or predicted is None or not initial or not math.isfinite(initial):
-        return None
-    return abs(actual - predicted) / initial

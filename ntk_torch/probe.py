@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, default_collate
 from .functional import Inputs, call_arguments, input_tensors, map_inputs, select_output
 from .losses import Loss
 
-__all__ = ["Data", "LabelledSet", "call_model", "choose_probe", "evaluate", "load_set", "sample_output"]
+__all__ = ["Data", "LabelledSet", "batch_size", "call_model", "choose_probe", "evaluate", "load_set", "sample_output"]
 
 EVAL_BATCH = 1024
 """Examples per forward pass when evaluating the loss on a set."""
@@ -90,6 +90,12 @@ def _size(data: Any, name: str) -> int:
     if n == 0:
         raise ValueError(f"{name} is empty (0 examples); it needs at least one (input, label) pair")
     return n
+
+
+def batch_size(x: Inputs, y: Any, name: str) -> int:
+    """The number of examples in a batch ``(x, y)``: inputs batched on dim 0 and a label
+    Tensor, all of one length (else a clear error naming ``name``)."""
+    return _size((x, y), name)
 
 
 def _gather(data: Data, indices: Sequence[int], name: str) -> Tuple[Inputs, torch.Tensor]:

@@ -30,12 +30,17 @@ field                       value
 ``predicted_{split}_accuracy``  the forecast's accuracy
 ``linearisation_gap``       ``|train_loss - predicted_train_loss| / train_loss at step 0``
 ``test_linearisation_gap``  the same on the test set
+``final``                   true on the record the tracker adds when it is detached or
+                            closed, for a last optimizer step the schedule did not measure
 ==========================  ================================================================
+
+A run's dense forecast (the predicted fields at many more steps than the measurements, for
+figures) uses the same ``predicted_*`` names, as columns (:func:`columns`).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 __all__ = [
     "DRIFT",
@@ -45,6 +50,7 @@ __all__ = [
     "TEST",
     "TRAIN",
     "EFFECTIVE_RANK",
+    "FINAL",
     "FINITE",
     "FROBENIUS",
     "KERNEL_DISTANCE",
@@ -62,6 +68,7 @@ __all__ = [
     "TRACE",
     "VELOCITY",
     "actual",
+    "columns",
     "gap",
     "predicted",
 ]
@@ -81,6 +88,7 @@ KERNEL_DISTANCE = "kernel_distance"
 VELOCITY = "velocity"
 LAYER_SHARE = "layer_share"
 PARAM_DISTANCE = "param_distance"
+FINAL = "final"
 
 KERNEL_STATISTICS: Tuple[str, ...] = (TRACE, FROBENIUS, TOP_EIGENVALUES, EFFECTIVE_RANK, TARGET_ALIGNMENT)
 """The fields computed from the probe kernel alone."""
@@ -110,3 +118,13 @@ def gap(split: str) -> str:
     """The linearisation gap on ``split``: ``"linearisation_gap"`` (train) or
     ``"test_linearisation_gap"``."""
     return "linearisation_gap" if split == TRAIN else f"{split}_linearisation_gap"
+
+
+def columns(
+    by_step: Mapping[int, Mapping[str, Optional[float]]]
+) -> Tuple[List[int], Dict[str, List[Optional[float]]]]:
+    """``{step: {field: value}}`` as the sorted steps and, per field, its values at them
+    (None where a step lacks the field)."""
+    steps = sorted(by_step)
+    names = dict.fromkeys(name for step in steps for name in by_step[step])
+    return steps, {name: [by_step[step].get(name) for step in steps] for name in names}

@@ -61,8 +61,9 @@ def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
     """The run at a glance, as ``(name, value)`` string pairs.
 
     Rows, each present only when the run has the data: status (and its reason), what
-    ``load_run`` skipped or found suspicious (``Run.problems``), measurements and steps,
-    the final actual and predicted train/test loss and accuracy (the probe's when the run
+    ``load_run`` skipped or found suspicious (``Run.problems``), measurements and steps
+    (saying so when the last one was measured at the end of training, ``final`` in its
+    record), the final actual and predicted train/test loss and accuracy (the probe's when the run
     has no train loss), the linearisation gap, the final kernel drift (relative change,
     kernel distance), parameter distance, target alignment and effective rank (first →
     last), how the prediction was made (``meta["prediction"]``), and saved kernels. A
@@ -86,7 +87,8 @@ def summary_table(run: Union[Run, PathLike]) -> List[Tuple[str, str]]:
     if last_step is None:
         rows.append(("measurements", "0"))
         return rows
-    rows.append(("measurements", f"{len(run)} (steps {int(run.steps[0])}–{last_step})"))
+    at_end = ", the last measured at the end of training" if run.records[-1].get(records.FINAL) else ""
+    rows.append(("measurements", f"{len(run)} (steps {int(run.steps[0])}–{last_step}{at_end})"))
 
     def final(name: str, column: str) -> None:
         found = run.last_finite(column)

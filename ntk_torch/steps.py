@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Iterator, List
 
-__all__ = ["DENSE_STEPS", "dense_then_log", "log_steps", "log_schedule"]
+__all__ = ["DENSE_STEPS", "dense_then_log", "dense_then_log_steps", "log_steps", "log_schedule"]
 
 DENSE_STEPS = 1000
 """``dense_then_log`` keeps every step up to this one."""
@@ -60,3 +60,13 @@ def dense_then_log(stop: int, dense: int = DENSE_STEPS) -> List[int]:
         if steps[-1] != stop:
             steps.append(stop)
     return steps
+
+
+def dense_then_log_steps(dense: int = DENSE_STEPS) -> Iterator[int]:
+    """0, 1, 2, ..., ``dense``, then the log schedule's steps beyond ``dense``, unbounded:
+    the steps of :func:`dense_then_log` without an end, for trajectories recorded while
+    they are computed."""
+    yield from range(dense + 1)
+    for step in log_steps():
+        if step > dense:
+            yield step

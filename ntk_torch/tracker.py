@@ -9,42 +9,41 @@ directory (``load_run``)::
     tracker = NTKTracker(model, train=(x, y), test=(xt, yt), loss="cross_entropy",
                          every=10, run_dir="runs/exp")
     with tracker.attach(optimizer):      # measures step 0 now
-        for xb, yb in loader:
+        for xb, yb in tracker.batches(loader):   # shows the forecast each minibatch
             optimizer.zero_grad()
             loss_fn(model(xb), yb).backward()
             optimizer.step()             # measured after steps 10, 20, ...
+                                         # leaving the block measures the last step
 
 Do no harm: training with the tracker attached gives bit-identical parameters to training
 without it. Measurements run in eval mode under ``torch.no_grad`` on detached parameters,
 fork the RNG, and leave every ``.grad``, ``requires_grad`` and ``training`` flag as found.
-Only the kernel at step 0 and the previous one stay in memory.
+Only the kernel at step 0 and the previous one stay in memory (and, with a forecast, its
+fixed-size state): memory does not grow with the number of steps.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import platform
-import signal
-import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import records
 from ._options import check_bool, check_int
-from ._version import __version__
 from .drift import KernelDrift
 from .errors import NonFiniteKernelError
-from .forecast import LinearisedForecast, current_lr, sgd_settings
+from .forecasting import Forecast, TrackedForecast, clip_options, forecast_option
 from .functional import ParamSelector, check_compatible, evaluation_context, nonfinite_input
+from .lifecycle import Attachment, SigtermGuard, ending
+from .provenance import describe, run_metadata
 from .kernel import NTK
 from .losses import CLASSIFICATION, resolve
-from .probe import Data, LabelledSet, choose_probe, evaluate, load_set, sample_output
+from .probe import Data, LabelledSet, batch_size, choose_probe, evaluate, load_set, sample_output
 from .runs import KEEP_KERNELS, Run, RunWriter, load_run
 from .schedule import Schedule
 
@@ -86,26 +85,6 @@ def _rank0_probe(probe: LabelledSet) -> LabelledSet:
     return shared[0]
 
 
-def _versions() -> Dict[str, str]:
-    return {
-        "ntk_torch": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _describe(value: Any) -> Any:
-    """A JSON-friendly description of a configuration value (callables by name)."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
-    if isinstance(value, nn.Module):
-        return type(value).__name__
-    return getattr(value, "__qualname__", type(value).__name__)
-
-
 class NTKTracker:
     """Measures the empirical NTK of a probe set during training and records its drift.
 
@@ -136,14 +115,20 @@ class NTKTracker:
         progress: show a progress line (tqdm) with the step and drift.
         seed: seed of the private ``torch.Generator`` that draws the probe.
         overwrite: replace an existing run in ``run_dir``.
-        predict: forecast the training curve from the kernel at step 0 (see below) when
-            attached to a ``torch.optim.SGD`` optimizer.
+        forecast: the predicted training curve of the network linearised at step 0 (see
+            below): ``"auto"`` (default), ``"kernel"``, ``"twin"``, or None for none. It
+            needs an optimizer (``attach(optimizer)``).
+        clip_grad_norm, clip_grad_value: how training clips gradients
+            (``clip_grad_norm_(params, max_norm)`` with the 2-norm, ``clip_grad_value_``),
+            so that the twin clips the same way.
         max_predict_points: the forecast covers all of ``train`` up to this many
             examples, else a subset of this size drawn with ``seed`` (recorded, and the
-            forecast is flagged approximate).
+            forecast is flagged approximate); the twin's full batch is these examples.
         distributed: share the probe kernel's tiles out over the ``torch.distributed``
             ranks (see below); None (the default) shares them when torch.distributed is
             initialised with more than one process.
+        predict: deprecated alias: ``predict=False`` is ``forecast=None``, ``True`` is
+            ``forecast="auto"``.
 
     Each record (a dict; see ``NTKTracker.measure``) holds:
 
@@ -166,17 +151,30 @@ class NTKTracker:
       forecast's training points, ``predicted_train_loss``, ``predicted_test_loss`` (and
       ``predicted_*_accuracy``), and the linearisation gaps ``linearisation_gap`` =
       |train_loss - predicted_train_loss| / train_loss at step 0 and
-      ``test_linearisation_gap`` (the same on the test set).
+      ``test_linearisation_gap`` (the same on the test set);
+    * ``final``: true on the record made when the tracker is detached or closed (leaving
+      ``with tracker.attach(...)`` normally) for a last step the schedule did not measure.
 
-    The forecast is what full-batch ``torch.optim.SGD`` (the optimizer's lr, momentum,
-    Nesterov and weight decay) would do to the network linearised at step 0 (Lee et al.
-    2019), computed by :mod:`ntk_torch.forecast` from the kernel at step 0 over the training
-    points: the ``full`` kernel (exact) while (N O)^2 <= 2^24, else the ``trace`` kernel
-    (the isotropic approximation, flagged in ``meta["prediction"]``). What it cannot
-    model — another optimizer such as Adam, per-group hyperparameters, dampening — is
-    named in a warning and no forecast is made; a learning rate that changes later (a
-    scheduler) is warned about once. Minibatch SGD follows the full-batch forecast only
-    on average.
+    The forecast is the training curve of the network linearised at step 0 (Lee et al.
+    2019), ``f0(x) + J0(x)(theta - theta0)``, in eval mode like the kernel
+    (:mod:`ntk_torch.forecasting` chooses, :mod:`ntk_torch.diagnostics` explains gaps):
+
+    * ``"kernel"``: full-batch ``torch.optim.SGD`` (lr, momentum, Nesterov, weight decay)
+      in function space from the kernel at step 0 over the training points (``full``,
+      exact, while (N O)^2 <= 2^24, else ``trace``, the isotropic approximation); cheap,
+      and recorded at every step up to 1000 and on the log schedule beyond for figures.
+    * ``"twin"``: the linearised network trained with a clone of the optimizer (any
+      ``torch.optim`` one but LBFGS and SparseAdam), at the learning rate the optimizer has
+      at each step (schedulers), clipped as ``clip_grad_*`` say, on the minibatches shown
+      by :meth:`observe` / :meth:`batches` (else full batch); about two to three training
+      steps per step, and a few copies of the parameters.
+    * ``"auto"``: the kernel for a plain SGD (one set of hyperparameters, no scheduler, no
+      clipping) on full batches (no minibatch observed before the first step), else the twin.
+
+    ``meta["forecast"]`` holds its ``kind`` and ``batches`` (``"full"``/``"minibatch"``),
+    ``meta["prediction"]`` how it was made. BatchNorm in train mode, Dropout, a learning
+    rate above the stable one, minibatches forecast as full batch and unannounced
+    clipping are each warned about once (``ntk_torch.errors.ForecastWarning``).
 
     A metric that is undefined (e.g. alignment with constant targets) is None.
 
@@ -213,13 +211,17 @@ class NTKTracker:
         progress: bool = True,
         seed: int = 0,
         overwrite: bool = False,
-        predict: bool = True,
+        forecast: Optional[str] = "auto",
+        clip_grad_norm: Optional[float] = None,
+        clip_grad_value: Optional[float] = None,
         max_predict_points: int = 4096,
+        predict: Optional[bool] = None,
         distributed: Optional[bool] = None,
     ) -> None:
         self.model = _unwrap(model)
-        _check_options(probe_size, max_predict_points, seed, keep_kernels, predict=predict, progress=progress,
-                       overwrite=overwrite)
+        forecast = forecast_option(forecast, predict)
+        _check_options(probe_size, max_predict_points, seed, keep_kernels, progress=progress, overwrite=overwrite)
+        self._clip = clip_options(clip_grad_norm, clip_grad_value)
         self.schedule = Schedule(every, schedule)
         self._shares_kernel = _shares_kernel(distributed)
         self._shared_step: Optional[int] = None
@@ -237,18 +239,18 @@ class NTKTracker:
         self.test: Optional[LabelledSet] = load_set(test, "test") if test is not None else None
         self._check_labels(train)
         self._train_size = train_size
-        self._forecast_points = (
-            self._choose_forecast_points(train, min(train_size, max_predict_points), seed) if predict else None
-        )
-        self.forecast: Optional[LinearisedForecast] = None
+        self._forecast_kind = forecast
+        self._forecast_points = None if forecast is None else self._choose_forecast_points(
+            train, min(train_size, max_predict_points), seed)
+        self._forecasting: Optional[TrackedForecast] = None
         self.drift = KernelDrift(self.ntk.options.layout, self.probe.y)
 
         self.records: List[Dict[str, Any]] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None  # while attached
         self._main = _is_main_process()
         self._step, self._started, self._closed, self._hook = 0, False, False, None
-        self._warned_nonfinite = self._warned_lr = False
-        self._sigterm_installed = False
+        self._warned_nonfinite = False
+        self._sigterm = SigtermGuard(self.close)
         self._param_names = list(selected)
         self._theta0 = {n: p.detach().clone() for n, p in self._live_params().items()} if self._main else {}
 
@@ -289,46 +291,27 @@ class NTKTracker:
         return {name: named[name] for name in self._param_names}
 
     def _meta(self, train_size: int, config: Dict[str, Any]) -> dict:
-        all_params = list(self.model.parameters())
         options = self.ntk.options
-        return {
-            "model": {
-                "class": type(self.model).__name__,
-                "summary": str(self.model),
-                "num_params": sum(p.numel() for p in all_params),
-                "num_trainable": sum(p.numel() for p in all_params if p.requires_grad),
-                "num_tracked": sum(p.numel() for p in self._live_params().values()),
-                "device": str(self.device),
-            },
-            "probe": {
-                "size": len(self.probe),
-                "indices": list(self.probe.indices),
-                "train_size": train_size,
-                "labels": self._class_labels(),
-            },
-            "test": {"size": len(self.test)} if self.test is not None else None,
-            "config": {
-                "probe_size": config["probe_size"],
-                "every": config["every"],
+        return run_metadata(
+            self.model,
+            tracked=self._live_params().values(),
+            device=self.device,
+            probe=self.probe,
+            test=self.test,
+            train_size=train_size,
+            labels=self.probe.y.tolist() if self.loss.kind == CLASSIFICATION and self.probe.y.dim() == 1 else None,
+            config={
+                **config,
                 "schedule": self.schedule.description,
                 "mode": self.ntk.mode,
                 "method": self.ntk.method,
-                "params": _describe(options.params),
-                "output_fn": _describe(self.output_fn),
+                "params": describe(options.params),
+                "output_fn": describe(self.output_fn),
                 "loss": self.loss.name,
-                "keep_kernels": config["keep_kernels"],
-                "seed": config["seed"],
+                "forecast": self._forecast_kind,
+                **self._clip,
             },
-            "versions": _versions(),
-            "created": time.time(),
-        }
-
-    def _class_labels(self) -> Optional[List[int]]:
-        """The probe's class labels (for figures sorted by class), when it has classes."""
-        y = self.probe.y
-        if self.loss.kind == CLASSIFICATION and y.dim() == 1:
-            return y.tolist()
-        return None
+        )
 
     def _progress_bar(self):
         from tqdm import tqdm
@@ -348,6 +331,13 @@ class NTKTracker:
     @property
     def params(self) -> ParamSelector:
         return self.ntk.options.params
+
+    @property
+    def forecast(self) -> Optional[Forecast]:
+        """The forecast made: a :class:`~ntk_torch.forecast.LinearisedForecast` (kernel) or
+        a :class:`~ntk_torch.twin.LinearisedTwin`, or None (none asked, none possible, off
+        rank 0, or before ``attach``)."""
+        return None if self._forecasting is None else self._forecasting.forecast
 
     @property
     def step_count(self) -> int:
@@ -372,7 +362,7 @@ class NTKTracker:
             raise ValueError("this tracker has no run_dir; pass run_dir=... or use tracker.records")
         return load_run(self.run_dir)
 
-    def attach(self, optimizer: Optional[torch.optim.Optimizer] = None) -> "_Attachment":
+    def attach(self, optimizer: Optional[torch.optim.Optimizer] = None) -> Attachment:
         """Measure step 0 now, then measure after every scheduled optimizer step.
 
         Hooks ``optimizer.step`` (``register_step_post_hook``): every call that updates
@@ -405,18 +395,67 @@ class NTKTracker:
             except BaseException as error:
                 self.close(*ending(error))
                 raise
-            self._install_sigterm_handler()
+            if self._main:
+                self._sigterm.install()
         if optimizer is not None:
             self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
             self.optimizer = optimizer
-        return _Attachment(self)
+            if self._forecasting is not None:
+                self._forecasting.attach(optimizer)
+        return Attachment(self)
 
     def detach(self) -> None:
-        """Remove the optimizer hook; idempotent. The tracker stays usable."""
+        """Measure the last optimizer step if the schedule did not (a record with
+        ``final: true``), and remove the optimizer hook; idempotent. The tracker stays
+        usable (a forecast's twin does not see steps taken while detached)."""
+        self._measure_final()
+        self._unhook()
+
+    def _unhook(self) -> None:
         if self._hook is not None:
             hook, self._hook = self._hook, None
             hook.remove()
+        if self._forecasting is not None:
+            self._forecasting.detach()
         self.optimizer = None
+
+    def observe(self, inputs: Any, targets: torch.Tensor) -> None:
+        """Show the forecast the minibatch of the coming optimizer step.
+
+        Call it before ``optimizer.step()`` (or iterate ``tracker.batches(loader)``); with
+        gradient accumulation, once per micro-batch: the twin averages their losses. The
+        twin (``forecast="twin"``, or ``"auto"``, which picks it once a minibatch is
+        observed before the first step) then trains on the same minibatches as the
+        network. The batch is referenced until the step, not copied; without a forecast
+        nothing is kept.
+
+        Args:
+            inputs: the batch's inputs, as the model takes them (Tensor, tuple or dict,
+                batched on dim 0).
+            targets: its labels or targets, a Tensor of the same length.
+        """
+        self._require_open()
+        if not self._started:
+            raise RuntimeError("call tracker.attach(optimizer) before observing batches")
+        batch_size(inputs, targets, "the observed batch")
+        if self._forecasting is not None:
+            self._forecasting.observe((inputs, targets))
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """Yield the ``(inputs, targets)`` batches of ``loader`` (a ``DataLoader`` or any
+        iterable of pairs), showing each to the forecast first (:meth:`observe`)::
+
+            for x, y in tracker.batches(loader):
+                ...
+        """
+        for item in loader:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise TypeError(
+                    f"tracker.batches needs (inputs, targets) pairs, got a {type(item).__name__}; "
+                    "call tracker.observe(inputs, targets) yourself for other batch layouts"
+                )
+            self.observe(*item)
+            yield item
 
     def step(self) -> Optional[Dict[str, Any]]:
         """Count one optimizer step and measure if the schedule says so.
@@ -434,6 +473,11 @@ class NTKTracker:
                 "kernel) is measured; then call tracker.step() after each update"
             )
         self._step += 1
+        if self._forecasting is not None and self.optimizer is not None:
+            settled = self._forecasting.settled
+            self._forecasting.after_step(self._step, self.optimizer)
+            if not settled and self._writer is not None:
+                self._writer.update_meta(**self._forecasting.meta())
         return self.measure() if self._step in self.schedule else None
 
     def measure(self) -> Optional[Dict[str, Any]]:
@@ -451,7 +495,17 @@ class NTKTracker:
             return None
         if self.records and self.records[-1][records.STEP] == self._step:
             return self.records[-1]
-        record = self._measurement()
+        return self._append(self._measurement())
+
+    def _measure_final(self) -> None:
+        """Measure the current step, marked final, unless it was measured already."""
+        if self._started and self._main and not self._closed and self.records \
+                and self.records[-1][records.STEP] != self._step:
+            record = self._measurement()
+            record[records.FINAL] = True
+            self._append(record)
+
+    def _append(self, record: Dict[str, Any]) -> Dict[str, Any]:
         self.records.append(record)
         if self._writer is not None:
             self._writer.append(record)
@@ -462,14 +516,23 @@ class NTKTracker:
         return record
 
     def close(self, status: str = "completed", reason: Optional[str] = None) -> None:
-        """Detach, and close the run directory recording ``status`` (and ``reason``, one
-        line saying why, for a failed or interrupted run); idempotent."""
-        self.detach()
-        self._restore_sigterm_handler()
+        """Close the tracker and its run directory, recording ``status`` (and ``reason``,
+        one line saying why, for a failed or interrupted run); idempotent.
+
+        A ``"completed"`` run first has its last optimizer step measured if the schedule
+        did not (a record with ``final: true``); an interrupted or failed one stops where
+        it is. The forecast's dense record goes to the run directory
+        (``Run.dense_forecast``)."""
+        if status == "completed":
+            self._measure_final()
+        self._unhook()
+        self._sigterm.restore()
         if self._closed:
             return
         self._closed = True
         if self._writer is not None:
+            if self._forecasting is not None:
+                self._forecasting.write_dense(self._writer)
             self._writer.close(status=status, reason=reason)
         if self._progress is not None:
             self._progress.close()
@@ -487,39 +550,30 @@ class NTKTracker:
         )
 
     def _start_forecast(self, optimizer: torch.optim.Optimizer) -> None:
-        """Build the forecast from the kernel at step 0, or warn what cannot be modelled."""
+        """Make the forecast at step 0 (:class:`~ntk_torch.forecasting.TrackedForecast`),
+        or warn why none can be made."""
         if not self._main:
             return
-        settings, names, problems = sgd_settings(optimizer, self.model)
-        if problems:
-            warnings.warn(
-                "NTKTracker: no predicted training curve: " + "; ".join(problems) + ". Kernel "
-                "drift is still tracked.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return
         try:
-            self.forecast = LinearisedForecast(
-                model=self.model,
-                points=self._forecast_points,
-                test=self.test,
-                loss=self.loss,
-                settings=settings,
-                param_names=names,
-                output_fn=self.output_fn,
-                approximate_points=len(self._forecast_points) < self._train_size,
-                schedule=self.schedule,
+            tracked = TrackedForecast(
+                self._forecast_kind, model=self.model, optimizer=optimizer, points=self._forecast_points,
+                test=self.test, loss=self.loss, output_fn=self.output_fn, train_size=self._train_size,
+                approximate_points=len(self._forecast_points) < self._train_size, **self._clip,
             )
         except NonFiniteKernelError as error:
             self._skip_forecast(f"the kernel at step 0 over the training points is not finite ({error})")
             return
+        if tracked.forecast is None:
+            return
+        self._forecasting = tracked
         if self._writer is not None:
-            self._writer.update_meta(prediction=self.forecast.describe())
+            self._writer.update_meta(**tracked.meta())
 
     def _skip_forecast(self, why: str) -> None:
         """No predicted training curve, with a warning saying ``why``; training goes on."""
-        self.forecast = None
+        if self._forecasting is not None:
+            self._forecasting.detach()
+        self._forecasting = None
         warnings.warn(
             f"NTKTracker: no predicted training curve: {why}. Kernel drift is still tracked.",
             RuntimeWarning,
@@ -527,34 +581,6 @@ class NTKTracker:
         )
         if self._writer is not None:
             self._writer.update_meta(prediction=None)
-
-    # ------------------------------------------------------------------ SIGTERM
-
-    def _install_sigterm_handler(self) -> None:
-        """While attached, a SIGTERM (which would kill the process without any clean-up)
-        closes the run as ``"interrupted"`` first, then ends the process as SIGTERM does.
-        Only from the main thread and only when SIGTERM has its default action."""
-        self._sigterm_installed = False
-        if not self._main or threading.current_thread() is not threading.main_thread():
-            return
-        try:
-            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-                return
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-        except (ValueError, OSError, AttributeError):  # no signals here (an embedded interpreter)
-            return
-        self._sigterm_installed = True
-
-    def _restore_sigterm_handler(self) -> None:
-        if self._sigterm_installed:
-            self._sigterm_installed = False
-            if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.close(status="interrupted", reason="SIGTERM")
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGTERM)
 
     # ------------------------------------------------------------------ hooks
 
@@ -580,7 +606,7 @@ class NTKTracker:
         if kernels is None:
             record.update({records.FINITE: False, records.NONFINITE_GROUPS: nonfinite_groups})
             record.update(self.drift.nonfinite())
-            if self._step == 0 and self.forecast is not None:
+            if self._step == 0 and self._forecasting is not None:
                 self._skip_forecast("the probe kernel at step 0 is not finite")
         else:
             record[records.FINITE] = True
@@ -589,9 +615,8 @@ class NTKTracker:
                 self._writer.save_kernel(self._step, kernels.total)
         record[records.PARAM_DISTANCE] = self._parameter_distance()
         record.update(self._evaluation())
-        if self.forecast is not None:
-            self._warn_if_lr_changed()
-            record.update(self.forecast.fields(self._step, self.model, self.device, record))
+        if self._forecasting is not None:
+            record.update(self._forecasting.fields(self._step, self.device, record))
         record[records.MEASURE_TIME] = time.perf_counter() - started
         return record
 
@@ -640,20 +665,6 @@ class NTKTracker:
                     fields.update({records.actual(split, key): value for key, value in result.items()})
         return fields
 
-    def _warn_if_lr_changed(self) -> None:
-        """Warn once when the optimizer's learning rate has left the forecast's."""
-        initial = self.forecast.settings.lr
-        if self._warned_lr or self.optimizer is None or current_lr(self.optimizer) == initial:
-            return
-        self._warned_lr = True
-        warnings.warn(
-            f"NTKTracker: the learning rate changed from {initial} to "
-            f"{current_lr(self.optimizer)} by step {self._step} (a scheduler?); the "
-            "predicted curve keeps the initial learning rate",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
 
 def _check_options(probe_size, max_predict_points, seed, keep_kernels, **flags: Any) -> None:
     check_int("probe_size", probe_size, minimum=1)
@@ -662,28 +673,5 @@ def _check_options(probe_size, max_predict_points, seed, keep_kernels, **flags: 
     if keep_kernels not in KEEP_KERNELS:
         options = ", ".join(map(repr, KEEP_KERNELS))
         raise ValueError(f"keep_kernels must be one of {options}, got {keep_kernels!r}")
-    for name, flag in flags.items():  # predict, progress, overwrite: "no" must not be truthy
+    for name, flag in flags.items():  # progress, overwrite: "no" must not be truthy
         check_bool(name, flag)
-
-
-class _Attachment:
-    """What ``NTKTracker.attach`` returns: leaving the ``with`` block closes the tracker."""
-
-    def __init__(self, tracker: NTKTracker) -> None:
-        self.tracker = tracker
-
-    def __enter__(self) -> NTKTracker:
-        return self.tracker
-
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> bool:
-        self.tracker.close(*(ending(exc) if exc is not None else ("completed", None)))
-        return False  # re-raise
-
-
-def ending(error: BaseException) -> Tuple[str, str]:
-    """``(status, reason)`` of a run ended by ``error``: ``"interrupted"`` for Ctrl-C (any
-    ``KeyboardInterrupt``), ``"failed"`` otherwise, the reason in one line."""
-    text = " ".join(str(error).split())
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted", text or type(error).__name__
-    return "failed", f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import ntk_torch as ntk
@@ -196,7 +197,51 @@ def test_digits_mlp_drifts_more_at_small_width(tmp_path):
     assert drift[32] > drift[512]
 
 
-@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "teacher_ntk_param", "width_sweep"])
+def test_predict_and_run_use_the_same_twin_for_adam_a_scheduler_and_clipping(tmp_path, capsys):
+    """``predict`` trains the twin alone; ``run`` trains the network with the twin beside it,
+    on the same minibatches, at the same learning rates: the curves agree."""
+    from ntk_torch import experiment
+    from ntk_torch.config import load_config
+
+    train = {"optimizer": "adam", "lr": 0.02, "batch_size": 8, "steps": 12, "loss": "mse",
+             "scheduler": {"name": "step", "step_size": 5, "gamma": 0.5}, "clip_grad_norm": 0.05}
+    path = tmp_path / "adam.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "name": "adam", "train": train}))
+    assert ntk_torch_cli("predict", path, "--out", tmp_path / "pred") == 0
+    printed = capsys.readouterr().out
+    assert "the linearised twin, trained alone with Adam on minibatches (no real training)" in printed
+    assert (tmp_path / "pred" / "predicted.png").exists()
+    config = load_config(path)
+    before = experiment.forecast(config, steps=[0, 4, 8, 12])
+    assert before.max_learning_rate is None and before.description["kind"] == "twin"
+
+    run = experiment.run(config, tmp_path / "run", progress=False)  # what `ntk-torch run` trains
+    assert run.meta["forecast"] == {"kind": "twin", "batches": "minibatch"}
+    assert run.meta["prediction"]["clip_grad_norm"] == 0.05
+    assert list(run.steps) == [0, 4, 8, 12]
+    for step, row, record in zip(before.steps, before.rows, run.records):
+        assert record["step"] == step
+        assert record["predicted_train_loss"] == pytest.approx(row["predicted_train_loss"], rel=1e-6)
+        assert record["predicted_test_loss"] == pytest.approx(row["predicted_test_loss"], rel=1e-6)
+    assert run.records[-1]["predicted_train_loss"] < run.records[0]["predicted_train_loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop", "adagrad"])
+def test_every_configured_optimizer_runs_with_the_twin(tmp_path, optimizer):
+    from ntk_torch import experiment
+    from ntk_torch.config import parse_config
+
+    config = parse_config({**TINY, "train": {**TINY["train"], "optimizer": optimizer, "lr": 0.01, "steps": 4,
+                                             "scheduler": {"name": "one-cycle"}}})
+    setup = experiment.build(config)
+    assert type(setup.optimizer).__name__.lower() == optimizer
+    assert isinstance(setup.scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    run = experiment.run(config, tmp_path / optimizer, progress=False)
+    assert run.meta["forecast"] == {"kind": "twin", "batches": "full"}
+    assert run.meta["prediction"]["optimizer"].lower() == optimizer
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_adam", "digits_cnn", "teacher_ntk_param", "width_sweep"])
 def test_shipped_configs_are_valid(name):
     from ntk_torch.config import load_config
 

@@ -34,7 +34,20 @@ def test_unknown_key_names_file_and_key(tmp_path):
         ("train: {lr: fast}", "train.lr must be a number, got 'fast'"),
         ("train: {steps: 2.5}", "train.steps must be an integer, got 2.5"),
         ("train: {nesterov: 1}", "train.nesterov must be true or false"),
-        ("train: {optimizer: lbfgs}", "train.optimizer must be one of sgd, adam, got 'lbfgs'"),
+        ("train: {optimizer: lbfgs}", "train.optimizer must be one of sgd, adam, adamw, rmsprop, adagrad, got 'lbfgs'"),
+        ("train: {optimizer: adam, momentum: 0.9}", "train.momentum applies to sgd and rmsprop, not adam"),
+        ("train: {optimizer: rmsprop, nesterov: true}", "train.nesterov applies to sgd only"),
+        ("train: {clip_grad_norm: 0}", r"train.clip_grad_norm must be positive \(or null\), got 0.0"),
+        ("train: {clip_grad_norm: big}", "train.clip_grad_norm must be a number"),
+        ("train: {scheduler: {name: exponential}}", "train.scheduler.name must be one of step, cosine, one-cycle"),
+        ("train: {scheduler: {name: cosine, gamma: 0.5}}",
+         r"train.scheduler.gamma is not an option of the cosine scheduler \(its options: eta_min\)"),
+        ("train: {scheduler: {name: step, step_size: 0}}", "train.scheduler.step_size must be at least 1"),
+        ("train: {scheduler: {name: step, gamma: -1}}", "train.scheduler.gamma must be positive"),
+        ("train: {scheduler: {name: one-cycle, pct_start: 1.5}}", "train.scheduler.pct_start must be between 0 and 1"),
+        ("train: {scheduler: {name: one-cycle, warmup: 3}}", "unknown key 'train.scheduler.warmup'"),
+        ("train: {scheduler: cosine}", "train.scheduler must be a mapping"),
+        ("track: {forecast: both}", "track.forecast must be one of auto, kernel, twin or null"),
         ("track: {method: fastest}", "track.method must be one of auto, jacobian, ntk_vp, structured, got 'fastest'"),
         ("train: {steps: 0}", "train.steps must be at least 1"),
         ("train: {lr: -1}", "train.lr must be non-negative"),
@@ -50,6 +63,23 @@ def test_unknown_key_names_file_and_key(tmp_path):
 def test_wrong_values(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text + "\n"))
+
+
+def test_optimizers_schedulers_clipping_and_the_forecast(tmp_path):
+    text = ("train: {optimizer: adamw, lr: 0.001, clip_grad_norm: 1, scheduler: {name: one-cycle, max_lr: 0.01}}\n"
+            "track: {forecast: twin}\n")
+    config = load_config(write(tmp_path, text))
+    assert config.train.optimizer == "adamw" and config.train.clip_grad_norm == 1.0
+    assert config.train.scheduler.name == "one-cycle" and config.train.scheduler.max_lr == 0.01
+    assert config.train.scheduler.pct_start is None  # the default, filled in when it is built
+    assert config.track.forecast == "twin"
+    assert load_config(write(tmp_path, "track: {forecast: null}\n")).track.forecast is None
+    assert load_config(write(tmp_path, "train: {optimizer: rmsprop, momentum: 0.9}\n")).train.momentum == 0.9
+    defaults = load_config(write(tmp_path, "name: plain\n"))
+    assert defaults.train.scheduler is None and defaults.train.clip_grad_norm is None
+    assert defaults.track.forecast == "auto"
+    step = load_config(write(tmp_path, "train: {scheduler: {name: step}}\n"), ["train.scheduler.gamma=0.5"])
+    assert step.train.scheduler.gamma == 0.5
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from torch import nn
 
 from ntk_torch import plots
 from ntk_torch.runs import RunWriter, load_run
+from ntk_torch.tracker import NTKTracker
 
 from test_plots import lines_by_label, shared_tracked_run, synthetic_run
 
@@ -37,6 +40,14 @@ def caption(name):
 def luminance(colour):
     red, green, blue = to_rgb(colour)
     return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+
+def marked_points(line):
+    """The (x, y) data of a line where it draws a marker."""
+    assert line.get_marker() not in (None, "None", "", " "), line.get_label()
+    x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+    every = line.get_markevery()
+    return (x, y) if every is None else (x[every], y[every])
 
 
 def assert_one_colour_per_split(lines):
@@ -89,8 +100,19 @@ def test_loss_caption_solid_actual_dashed_prediction_one_colour_per_split(real_r
     for label, line in lines.items():
         assert line.get_linestyle() == ("--" if "predicted" in label else "-")
     assert_one_colour_per_split(lines)
-    np.testing.assert_allclose(lines["train (predicted)"].get_ydata(), real_run.metrics["predicted_train_loss"])
     np.testing.assert_allclose(lines["test (actual)"].get_ydata(), real_run.metrics["test_loss"])
+    # "drawn at every step up to 1000 (the kernel forecast)": the run's dense forecast
+    dense = real_run.dense_forecast
+    assert real_run.meta["forecast"]["kind"] == "kernel"
+    assert lines["train (predicted)"].get_xdata().tolist() == dense.steps.tolist() == list(range(7))
+    np.testing.assert_allclose(lines["train (predicted)"].get_ydata(), dense.columns["predicted_train_loss"])
+    # "both curves have a marker at each measurement": there, the recorded values
+    for label, line in lines.items():
+        x, y = marked_points(line)
+        assert x.tolist() == real_run.steps.tolist(), label
+        column = "predicted_" + label.split(" ")[0] + "_loss" if "predicted" in label else label.split(" ")[0] + "_loss"
+        np.testing.assert_allclose(y, real_run.metrics[column])
+    assert ax.get_xscale() == "symlog" and ax.xaxis.get_transform().linthresh == 1.0  # "linear below step 1"
 
     # "train (the probe set when the run has no train loss)"
     path = tmp_path / "probe_only"
@@ -98,6 +120,31 @@ def test_loss_caption_solid_actual_dashed_prediction_one_colour_per_split(real_r
         for step in (0, 5, 10):
             writer.append({"step": step, "probe_loss": 1.0 / (1 + step), "test_loss": 1.2 / (1 + step)})
     assert set(lines_by_label(draw("predicted_vs_actual_loss", load_run(path)))) == {"probe (actual)", "test (actual)"}
+
+
+def test_loss_caption_the_twin_at_log_spaced_steps_and_the_measurements(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=generator)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = NTKTracker(model, (x, y), test=(x[:10], y[:10]), probe_size=8, every=10, progress=False,
+                         run_dir=tmp_path / "twin")
+    with tracker.attach(optimizer):
+        for step in range(25):
+            batch = slice((step * 8) % 40, (step * 8) % 40 + 8)
+            tracker.observe(x[batch], y[batch])
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    run = load_run(tmp_path / "twin")
+    ax = draw("predicted_vs_actual_loss", run)
+    lines = lines_by_label(ax)
+    log_spaced = [0, 1, 2, 3, 4, 6, 8, 11, 16, 23]
+    assert lines["train (predicted)"].get_xdata().tolist() == sorted(set(log_spaced) | {10, 20, 25})
+    assert marked_points(lines["train (predicted)"])[0].tolist() == [0, 10, 20, 25] == run.steps.tolist()
+    assert "linearised twin trained with Adam on observed minibatches" in ax.get_title()
 
 
 def test_loss_caption_log_y_axis_exactly_when_the_loss_spans_more_than_20(real_run, tmp_path):
@@ -120,6 +167,7 @@ def test_accuracy_caption_solid_dashed_one_colour_per_split_between_0_and_1(real
     for label, line in lines.items():
         assert line.get_linestyle() == ("--" if "predicted" in label else "-")
         assert ((line.get_ydata() >= 0) & (line.get_ydata() <= 1)).all()
+        assert marked_points(line)[0].tolist() == real_run.steps.tolist()  # "a marker at each measurement"
     assert_one_colour_per_split(lines)
     assert ax.get_ylim() == pytest.approx((-0.02, 1.02))
 

@@ -290,6 +290,19 @@ def test_state_dict_round_trip_and_dtype_move():
     torch.testing.assert_close(out, lin(x).float(), rtol=1e-5, atol=1e-5)
 
 
+def test_forward_ad_is_the_same_model_but_does_not_nest_in_torch_func():
+    model = mlp().double()
+    x = torch.randn(5, 4, dtype=DTYPE)
+    default, dual = linearize(model), linearize(model, forward_ad=True)
+    step_parameters(default), step_parameters(dual)
+    torch.testing.assert_close(dual(x), default(x), rtol=0, atol=1e-13)
+    with pytest.raises(TypeError, match="forward_ad must be True or False"):
+        linearize(model, forward_ad="yes")
+    with pytest.raises(RuntimeError, match="Nested forward mode AD"):  # the documented limit
+        torch.func.jvp(lambda inputs: dual(inputs), (x,), (torch.ones_like(x),))
+    torch.func.jvp(lambda inputs: default(inputs), (x,), (torch.ones_like(x),))  # the default nests
+
+
 def test_bad_models_get_clear_errors():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         linearize(lambda x: x)
@@ -380,10 +393,11 @@ def test_zoo_output_change_is_the_jacobian_times_the_parameter_change(name):
     torch.testing.assert_close(change, jacobian @ delta, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("forward_ad", [False, True], ids=["func.jvp", "forward_ad"])
 @pytest.mark.parametrize("name", ZOO_NAMES)
-def test_zoo_gradient_is_the_transposed_jacobian_times_the_output_gradient(name):
+def test_zoo_gradient_is_the_transposed_jacobian_times_the_output_gradient(name, forward_ad):
     case, x = zoo_case(name)
-    lin = linearize(case.model)
+    lin = linearize(case.model, forward_ad=forward_ad)
     step_parameters(lin, scale=0.3)
     out = selected(case, lin(x))
     target = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=DTYPE)

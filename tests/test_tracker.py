@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import random
@@ -173,25 +174,52 @@ def _rng_states(device):
     return states
 
 
-def _run(device, tracked):
-    """Train for 9 steps (Adam, BatchNorm, Dropout) from fixed seeds; return everything
-    the tracker must not change."""
+def _train_adam(model, optimizer, scheduler, data, steps, tracker=None, batch=16):
+    """Minibatches (shown to the tracker when there is one), clipped gradients, a
+    scheduler stepped after each optimizer step."""
+    x, y = data
+    model.train()
+    for step in range(steps):
+        start = (step * batch) % len(x)
+        xb, yb = x[start:start + batch], y[start:start + batch]
+        if tracker is not None:
+            tracker.observe(xb, yb)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        scheduler.step()
+
+
+def _run(device, tracked, recipe="sgd"):
+    """Train for 9 steps (SGD with momentum and weight decay, or Adam with a scheduler,
+    clipping and observed minibatches; BatchNorm, Dropout) from fixed seeds; return
+    everything the tracker must not change."""
     x, y = make_data()
     data = (x.to(device), y.to(device))
     model = make_model().to(device)
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=1e-3
-    )
+    trained = [p for p in model.parameters() if p.requires_grad]
+    scheduler = None
+    if recipe == "sgd":
+        optimizer = torch.optim.SGD(trained, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    else:
+        optimizer = torch.optim.Adam(trained, lr=0.05, weight_decay=1e-3)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     if device == "cuda":
         torch.cuda.manual_seed(1)
+    tracker = None
     if tracked:
-        tracker = tracker_for(model, data, test=make_data(n=30, seed=2), every=2)
-        with tracker.attach(optimizer):
+        options = {"clip_grad_norm": 0.5} if recipe == "adam" else {}
+        tracker = tracker_for(model, data, test=make_data(n=30, seed=2), every=2, **options)
+    with tracker.attach(optimizer) if tracked else contextlib.nullcontext():
+        if recipe == "sgd":
             train(model, optimizer, data, steps=9)
-        assert steps_of(tracker) == [0, 2, 4, 6, 8]
-    else:
-        train(model, optimizer, data, steps=9)
+        else:
+            _train_adam(model, optimizer, scheduler, data, steps=9, tracker=tracker)
+    if tracked:
+        assert steps_of(tracker) == [0, 2, 4, 6, 8, 9]  # the last step, measured at close
+        assert tracker.forecast.kind == ("kernel" if recipe == "sgd" else "twin")
     return {
         "state": {k: v.cpu().clone() for k, v in model.state_dict().items()},
         "grads": [None if p.grad is None else p.grad.cpu().clone() for p in model.parameters()],
@@ -199,12 +227,14 @@ def _run(device, tracked):
         "training": [m.training for m in model.modules()],
         "rng": _rng_states(device),
         "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
     }
 
 
+@pytest.mark.parametrize("recipe", ["sgd", "adam"], ids=["sgd", "adam+scheduler+clipping+observed"])
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_training_with_tracker_is_bit_identical(device):
-    plain, tracked = _run(device, tracked=False), _run(device, tracked=True)
+def test_training_with_tracker_is_bit_identical(device, recipe):
+    plain, tracked = _run(device, tracked=False, recipe=recipe), _run(device, tracked=True, recipe=recipe)
     for name, value in plain["state"].items():
         assert torch.equal(value, tracked["state"][name]), name
     for a, b in zip(plain["grads"], tracked["grads"]):
@@ -216,9 +246,14 @@ def test_training_with_tracker_is_bit_identical(device):
     assert plain["rng"][2] == tracked["rng"][2]
     if device == "cuda":
         assert torch.equal(plain["rng"][3], tracked["rng"][3])
-    momentum = lambda s: [v["momentum_buffer"] for v in s["state"].values()]  # noqa: E731
-    for a, b in zip(momentum(plain["optimizer"]), momentum(tracked["optimizer"])):
-        assert torch.equal(a, b)
+    states = plain["optimizer"]["state"], tracked["optimizer"]["state"]
+    assert states[0].keys() == states[1].keys()
+    for index, entry in states[0].items():
+        assert entry.keys() == states[1][index].keys()
+        for key, value in entry.items():  # momentum buffers; Adam's moments and step counts
+            assert torch.equal(value, states[1][index][key]), (index, key)
+    assert plain["optimizer"]["param_groups"] == tracked["optimizer"]["param_groups"]
+    assert plain["scheduler"] == tracked["scheduler"]
 
 
 def test_measurement_leaves_grads_modes_and_graph_alone():
@@ -545,12 +580,13 @@ def test_misuse_of_the_lifecycle():
     with pytest.raises(TypeError, match="optimizer must be"):
         tracker_for(model, make_data()).attach(object())
     train(model, optimizer, make_data(), steps=1)
-    tracker.detach()
+    tracker.detach()  # measures the step it leaves at: 1, off the schedule
     assert tracker.optimizer is None
     train(model, optimizer, make_data(), steps=1)  # not counted
     tracker.attach(optimizer)  # re-attaching continues counting, without a new step 0
     train(model, optimizer, make_data(), steps=1)
-    assert tracker.step_count == 2 and steps_of(tracker) == [0, 2]
+    assert tracker.step_count == 2 and steps_of(tracker) == [0, 1, 2]
+    assert tracker.records[1]["final"] is True and "final" not in tracker.records[2]
     tracker.close()
     with pytest.raises(ValueError, match="no run_dir"):
         tracker.run

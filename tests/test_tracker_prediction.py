@@ -113,9 +113,10 @@ def test_wide_network_follows_the_prediction_and_the_run_exposes_both_curves(tmp
     ],
 )
 def test_what_cannot_be_modelled_is_named_and_nothing_is_predicted(make_optimizer, message):
+    """The kernel forecast, asked for, names what it cannot model (``"auto"`` takes the twin)."""
     x, y = regression_data()
     model = mlp()
-    tracker = NTKTracker(model, (x, y), loss="mse", probe_size=8, progress=False)
+    tracker = NTKTracker(model, (x, y), loss="mse", probe_size=8, progress=False, forecast="kernel")
     with pytest.warns(RuntimeWarning, match=message):
         tracker.attach(make_optimizer(model))
     assert tracker.forecast is None
@@ -128,7 +129,7 @@ def test_a_changing_learning_rate_is_warned_about_once():
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    tracker = NTKTracker(model, (x, y), loss="mse", probe_size=8, every=1, progress=False)
+    tracker = NTKTracker(model, (x, y), loss="mse", probe_size=8, every=1, progress=False, forecast="kernel")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with tracker.attach(optimizer):

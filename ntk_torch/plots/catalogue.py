@@ -64,17 +64,21 @@ def _has_drift_after_step_zero(run: Run) -> bool:
 FIGURES: Tuple[FigureSpec, ...] = (
     FigureSpec(
         "predicted_vs_actual_loss", "Predicted vs actual loss",
-        "The network's loss (solid) and the linearised model's prediction from the step-0 "
-        "kernel (dashed), one colour per split: train (the probe set when the run has no "
-        "train loss) and test. The y axis is logarithmic when the loss spans more than a "
-        "factor of 20. Agreement means training stayed in the kernel regime.",
+        "The network's loss (solid) and the prediction of the network linearised at step 0 "
+        "(dashed), one colour per split: train (the probe set when the run has no train "
+        "loss) and test. The prediction is drawn at every step up to 1000 and on the log "
+        "schedule beyond (the kernel forecast) or at log-spaced steps and the measurements "
+        "(the linearised twin); both curves have a marker at each measurement. The x axis "
+        "is symmetric-log, linear below step 1. The y axis is logarithmic when the loss "
+        "spans more than a factor of 20. Agreement means training stayed in the kernel regime.",
         _has_metric("loss"),
         lambda run, ax: predicted_vs_actual(run, ax, metric="loss"),
     ),
     FigureSpec(
         "predicted_vs_actual_accuracy", "Predicted vs actual accuracy",
-        "Accuracy of the network (solid) and of the linearised model (dashed), one colour "
-        "per split, on a y axis from 0 to 1.",
+        "Accuracy of the network (solid) and of the linearised model (dashed, drawn as in the "
+        "loss figure), one colour per split, a marker at each measurement, on a y axis from "
+        "0 to 1.",
         _has_metric("accuracy"),
         lambda run, ax: predicted_vs_actual(run, ax, metric="accuracy"),
     ),

@@ -1,5 +1,12 @@
-"""The kernel forecast against the network: predicted (dashed) and actual (solid) loss
-and accuracy per split, and the forecast made before training."""
+"""The forecast against the network: predicted (dashed) and actual (solid) loss and
+accuracy per split, and the forecast made before training.
+
+The network is known at the measurements only; its curve has a marker at each, so that
+what lies between is visibly drawn, not measured. The forecast is drawn from the run's
+dense forecast when it has one (``Run.dense_forecast``: the kernel forecast at every step
+up to 1000 and on the log schedule beyond, the twin's at log-spaced steps and the
+measurements), with markers at the measurements, so that its early steps are not
+interpolated either."""
 
 from __future__ import annotations
 
@@ -42,21 +49,26 @@ __all__ = [
 ACTUAL_STYLE = "-"
 """The line style of the network's own curves."""
 PREDICTED_STYLE = "--"
-"""The line style of the kernel forecast's curves."""
+"""The line style of the forecast's curves."""
+MARKER = "o"
+"""The marker at each measurement, on the network's and the forecast's curves."""
+MARKER_SIZE = 3.5
 
 
 def predicted_vs_actual(
     run: RunLike, ax: Optional[Axes] = None, *, metric: str = "loss", xscale: str = "symlog"
 ) -> Axes:
-    """The kernel model's predicted training curve against the network's real one.
+    """The forecast's training curve against the network's real one.
 
     For each split (train, test; one colour each) the actual ``metric`` of the network
-    (solid) and the prediction of the linearised model, computed from the kernel at
-    step 0 (dashed; see ``ntk_torch.predict``). Where the two agree, the network trained
-    in the kernel regime. A run without predictions shows the actual curves only, and the
-    title says so; a run without a ``train_*`` column shows the probe set's (a subset of
-    the training data) instead. Loss is drawn on a log y axis when all values are positive
-    and span more than a factor of 20, accuracy on [0, 1].
+    (solid, a marker at each measurement) and the prediction of the network linearised
+    at step 0 (dashed; the kernel forecast or the linearised twin, see
+    ``ntk_torch.forecasting``), drawn from the run's dense forecast when it has one, with
+    markers at the measurements. Where the two agree, the network trained in the kernel
+    regime. A run without predictions shows the actual curves only, and the title says so;
+    a run without a ``train_*`` column shows the probe set's (a subset of the training
+    data) instead. Loss is drawn on a log y axis when all values are positive and span
+    more than a factor of 20, accuracy on [0, 1].
 
     Args:
         run: a ``Run`` or path.
@@ -107,16 +119,22 @@ def _draw_splits(ax: Axes, run: Run, metric: str, xscale: str) -> Tuple[List[np.
     drawn and whether any prediction was among them."""
     drawn: List[np.ndarray] = []
     predicted_any = False
+    dense = run.dense_forecast
     for index, (split, actual, predicted) in enumerate(compared_splits(run, metric)):
         for column, style, kind in ((actual, ACTUAL_STYLE, "actual"), (predicted, PREDICTED_STYLE, "predicted")):
             values = series(run, column)
             if values is None:
                 continue
-            x, y = finite_points(run.steps, values, xscale)
-            if len(x):
-                plot_line(ax, x, y, color=f"C{index}", linestyle=style, label=f"{split} ({kind})")
-                drawn.append(y)
-                predicted_any |= kind == "predicted"
+            measured_x, measured_y = finite_points(run.steps, values, xscale)
+            x, y = measured_x, measured_y
+            if kind == "predicted" and dense is not None and column in dense.columns:
+                x, y = finite_points(dense.steps, dense.columns[column], xscale)
+            if not len(x):
+                continue
+            ax.plot(x, y, color=f"C{index}", linestyle=style, label=f"{split} ({kind})", marker=MARKER,
+                    markersize=MARKER_SIZE, markevery=np.flatnonzero(np.isin(x, measured_x)).tolist())
+            drawn.append(y)
+            predicted_any |= kind == "predicted"
     return drawn, predicted_any
 
 
@@ -161,18 +179,23 @@ def _or_nan(value: Optional[float]) -> float:
 
 
 def describe_prediction(prediction: object) -> str:
-    """One line on how a run's kernel prediction was made, from ``meta["prediction"]``
-    (``{"points", "kernel_mode", "lr", "momentum", "approximate", ...}``; any missing)."""
+    """One line on how a run's prediction was made, from ``meta["prediction"]``
+    (``{"kind", "points", "kernel_mode", "optimizer", "batches", "lr", "momentum",
+    "approximate", ...}``; any missing)."""
     parts = ["linearised model from the step-0 kernel"]
     if isinstance(prediction, dict):
+        if prediction.get("kind") == "twin":
+            batches = "observed minibatches" if prediction.get("batches") == "minibatch" else "full batch"
+            parts = [f"linearised twin trained with {prediction.get('optimizer', 'the optimizer')} on {batches}"]
         if prediction.get("points") is not None:
             parts.append(f"{prediction['points']} training points")
         if prediction.get("kernel_mode"):
             parts.append(f"{prediction['kernel_mode']} kernel")
-        for key in ("lr", "momentum"):
+        twin = prediction.get("kind") == "twin"
+        for key in ("lr", "momentum", "clip_grad_norm", "clip_grad_value"):
             value = prediction.get(key)
             if isinstance(value, (int, float)) and (key == "lr" or value):
-                parts.append(f"{key} {value:g}")
+                parts.append(f"{'initial lr' if twin and key == 'lr' else key} {value:g}")
         if prediction.get("approximate"):
             parts.append("approximate")
     return ", ".join(parts)

@@ -43,10 +43,11 @@ pass float64 kernels for the most accurate long trajectories.
 """
 
 from ..losses import KNOWN_LOSSES
-from .dynamics import LinearisedDynamics, gd, gradient_flow, kernel_regression, max_learning_rate
+from .dynamics import GDTrajectory, LinearisedDynamics, gd, gradient_flow, kernel_regression, max_learning_rate
 from .problem import Prediction
 
 __all__ = [
+    "GDTrajectory",
     "KNOWN_LOSSES",
     "LinearisedDynamics",
     "Prediction",

@@ -33,7 +33,7 @@ from .problem import (
     tensor_arg,
     time_points,
 )
-from .solvers import dopri5, flow_mse_closed_form, gd_iterate, gd_mse_closed_form
+from .solvers import SGDRecurrence, dopri5, flow_mse_closed_form, gd_iterate, gd_mse_closed_form
 
 Times = Union[float, Sequence[float], Tensor]
 
@@ -131,6 +131,20 @@ class LinearisedDynamics:
         train, test = gd_iterate(problem, lr, momentum, nesterov, weight_decay, jt, jtt, records)
         return problem.prediction(steps_tensor, train, test, "iteration")
 
+    def gd_trajectory(
+        self, *, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0
+    ) -> "GDTrajectory":
+        """The trajectory of :meth:`gd`, one step at a time, in memory that does not grow
+        with the number of steps (see :class:`GDTrajectory`)."""
+        lr = non_negative("lr", lr)
+        momentum = non_negative("momentum", momentum)
+        weight_decay = non_negative("weight_decay", weight_decay)
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True requires momentum > 0 (as in torch.optim.SGD)")
+        if not (self.loss.closed_form == "mse" and momentum == 0 and weight_decay == 0):
+            self._check_psd()
+        return GDTrajectory(self, lr, momentum, nesterov, weight_decay)
+
     def gradient_flow(self, *, lr: float, times: Times, rtol: Optional[float] = None,
                       atol: Optional[float] = None) -> Prediction:
         """The continuous-time limit of :meth:`gd` (see :func:`gradient_flow`)."""
@@ -200,15 +214,64 @@ class LinearisedDynamics:
         return problem.prediction(steps, [train], test, "kernel_regression")
 
     def max_learning_rate(self, *, momentum: float = 0.0, nesterov: bool = False,
-                          weight_decay: float = 0.0) -> float:
+                          weight_decay: float = 0.0, exact: bool = True) -> float:
         """The largest stable learning rate of linearised full-batch SGD (see
-        :func:`max_learning_rate`)."""
+        :func:`max_learning_rate`). With ``exact=False`` and no eigendecomposition computed
+        yet, the kernel's top eigenvalue is estimated by power iteration
+        (:meth:`~.problem.KernelMatrix.top_eigenvalue`), which costs a few dozen kernel
+        products instead of a decomposition and can only overestimate the rate slightly."""
         n, o = self.problem.f0.shape
-        return _critical_rate(self.kernel, self.loss, n, o, momentum, nesterov, weight_decay)
+        return _critical_rate(self.kernel, self.loss, n, o, momentum, nesterov, weight_decay, exact)
+
+
+class GDTrajectory:
+    """Full-batch SGD on the linearised network (what :meth:`LinearisedDynamics.gd`
+    computes), asked one step at a time: :meth:`at` gives the prediction at a step.
+
+    For MSE without momentum or weight decay every step is the closed form (one
+    eigendecomposition, cached by the dynamics); otherwise the SGD recurrence
+    (:class:`~.solvers.SGDRecurrence`) advances to the step asked for, so steps asked in
+    increasing order cost ``O(T)`` kernel products in all; an earlier step starts again
+    from step 0. Only the current state is kept: memory does not grow with the steps.
+    """
+
+    def __init__(self, dynamics: LinearisedDynamics, lr: float, momentum: float, nesterov: bool,
+                 weight_decay: float) -> None:
+        self.dynamics = dynamics
+        self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
+        problem = dynamics.problem
+        self.closed_form = dynamics.loss.closed_form == "mse" and momentum == 0 and weight_decay == 0
+        self._jt = self._jtt = None
+        if weight_decay > 0:
+            self._jt, self._jtt = problem.weight_decay_values()
+        self._recurrence: Optional[SGDRecurrence] = None
+
+    @property
+    def method(self) -> str:
+        """``"closed_form"`` or ``"iteration"``, as for :meth:`LinearisedDynamics.gd`."""
+        return "closed_form" if self.closed_form else "iteration"
+
+    def at(self, step: int) -> Prediction:
+        """The prediction at optimizer step ``step``: a :class:`Prediction` with one row."""
+        step = count("step", step)
+        problem = self.dynamics.problem
+        if self.closed_form:
+            train, test = gd_mse_closed_form(problem, self.lr, [step], self.dynamics._test_in_eigenbasis)
+        else:
+            recurrence = self._recurrence
+            if recurrence is None or recurrence.step > step:
+                recurrence = self._recurrence = SGDRecurrence(
+                    problem, self.lr, self.momentum, self.nesterov, self.weight_decay, self._jt
+                )
+            while recurrence.step < step:
+                recurrence.advance()
+            test_outputs = recurrence.test(self._jtt)
+            train, test = [recurrence.train], None if test_outputs is None else [test_outputs]
+        return problem.prediction(torch.tensor([step], dtype=torch.long), train, test, self.method)
 
 
 def _critical_rate(kernel: KernelMatrix, loss, n: int, o: int, momentum: float, nesterov: bool,
-                   weight_decay: float) -> float:
+                   weight_decay: float, exact: bool = True) -> float:
     """``factor / (h lambda_max + wd)``; see :func:`max_learning_rate`."""
     if loss.curvature(n, o) is None:
         raise ValueError(
@@ -221,7 +284,7 @@ def _critical_rate(kernel: KernelMatrix, loss, n: int, o: int, momentum: float, 
     if check_bool("nesterov", nesterov) and momentum == 0:
         raise ValueError("nesterov=True requires momentum > 0 (as in torch.optim.SGD)")
     weight_decay = non_negative("weight_decay", weight_decay)
-    top = float(kernel.eigh[0][-1]) if n else 0.0
+    top = kernel.top_eigenvalue(exact=exact) if n else 0.0
     curvature = loss.curvature(n, o) * max(top, 0.0) + weight_decay
     factor = 2 * (1 + momentum) / (1 + 2 * momentum) if nesterov else 2 * (1 + momentum)
     return math.inf if curvature == 0 else factor / curvature

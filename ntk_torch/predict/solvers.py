@@ -69,6 +69,53 @@ def _outputs(kernel: KernelMatrix, f0: Tensor, a: Tensor, c: float, jtheta0: Opt
     return f0 + kernel @ a if jtheta0 is None else f0 + kernel @ a + c * jtheta0
 
 
+class SGDRecurrence:
+    """Full-batch SGD on the linearised network in coefficient space, one step at a time
+    (see :func:`~.dynamics.gd` for the derivation): the parameters are
+    ``theta_0 + J^T a + c theta_0`` and the outputs ``f0 + K a + c J theta_0``.
+
+    ``step`` counts the steps taken; ``train`` holds the training outputs at ``step``
+    ``(N, O)``. Memory is that of a few ``(N, O)`` vectors, whatever the number of steps.
+    """
+
+    def __init__(self, problem: Problem, lr: float, momentum: float, nesterov: bool, weight_decay: float,
+                 jtheta0: Optional[Tensor]) -> None:
+        self.problem, self.lr, self.momentum, self.nesterov = problem, lr, momentum, nesterov
+        self.weight_decay, self.jtheta0 = weight_decay, jtheta0
+        self.a = torch.zeros_like(problem.f0)
+        self.c = 0.0
+        self.buffer: Optional[Tuple[Tensor, float]] = None
+        self.step = 0
+        self.train = _outputs(problem.kernel, problem.f0, self.a, self.c, jtheta0)
+
+    def test(self, jtheta0_test: Optional[Tensor]) -> Optional[Tensor]:
+        """The test outputs at ``step`` ``(M, O)``, or None without a test kernel."""
+        problem = self.problem
+        if problem.test_kernel is None:
+            return None
+        return _outputs(problem.test_kernel, problem.f0_test, self.a, self.c, jtheta0_test)
+
+    def advance(self) -> None:
+        """One SGD step: ``(a, c) <- (a, c) - lr u`` (dampening 0)."""
+        momentum, weight_decay = self.momentum, self.weight_decay
+        grad_a = self.problem.loss.gradient(self.train, self.problem.y) + weight_decay * self.a
+        grad_c = weight_decay * (1.0 + self.c)
+        update_a, update_c = grad_a, grad_c
+        if momentum:
+            if self.buffer is None:
+                self.buffer = (grad_a, grad_c)
+            else:
+                self.buffer = (momentum * self.buffer[0] + grad_a, momentum * self.buffer[1] + grad_c)
+            if self.nesterov:
+                update_a, update_c = grad_a + momentum * self.buffer[0], grad_c + momentum * self.buffer[1]
+            else:
+                update_a, update_c = self.buffer
+        self.a = self.a - self.lr * update_a
+        self.c = self.c - self.lr * update_c
+        self.step += 1
+        self.train = _outputs(self.problem.kernel, self.problem.f0, self.a, self.c, self.jtheta0)
+
+
 def gd_iterate(
     problem: Problem,
     lr: float,
@@ -79,38 +126,19 @@ def gd_iterate(
     jtheta0_test: Optional[Tensor],
     records: Sequence[int],
 ) -> Outputs:
-    """SGD in coefficient space; see :func:`~.dynamics.gd` for the derivation."""
-    kernel, test_kernel = problem.kernel, problem.test_kernel
-    a = torch.zeros_like(problem.f0)
-    c = 0.0
-    buffer: Optional[Tuple[Tensor, float]] = None
+    """SGD in coefficient space (:class:`SGDRecurrence`), the outputs kept at ``records``."""
+    recurrence = SGDRecurrence(problem, lr, momentum, nesterov, weight_decay, jtheta0)
     pending = set(records)
     train: List[Tensor] = []
-    test: Optional[List[Tensor]] = [] if test_kernel is not None else None
-
-    for step in range(records[-1] + 1):
-        f = _outputs(kernel, problem.f0, a, c, jtheta0)
-        if step in pending:
-            train.append(f)
+    test: Optional[List[Tensor]] = [] if problem.test_kernel is not None else None
+    while True:
+        if recurrence.step in pending:
+            train.append(recurrence.train)
             if test is not None:
-                test.append(_outputs(test_kernel, problem.f0_test, a, c, jtheta0_test))
-        if step == records[-1]:
-            break
-        grad_a = problem.loss.gradient(f, problem.y) + weight_decay * a
-        grad_c = weight_decay * (1.0 + c)
-        update_a, update_c = grad_a, grad_c
-        if momentum:
-            if buffer is None:
-                buffer = (grad_a, grad_c)
-            else:
-                buffer = (momentum * buffer[0] + grad_a, momentum * buffer[1] + grad_c)
-            if nesterov:
-                update_a, update_c = grad_a + momentum * buffer[0], grad_c + momentum * buffer[1]
-            else:
-                update_a, update_c = buffer
-        a = a - lr * update_a
-        c = c - lr * update_c
-    return train, test
+                test.append(recurrence.test(jtheta0_test))
+        if recurrence.step == records[-1]:
+            return train, test
+        recurrence.advance()
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ Layout of a run directory::
                                (status and reason: once closed with them)
     metrics.jsonl              one JSON object per line, one line per measurement
     kernels/step_00000010.npy  kernel measured at optimizer step 10 (numpy .npy, no pickle)
+    forecast.json              the dense forecast, written once when the tracker closes:
+                               {"steps": [0, 1, 2, ...], "fields": {"predicted_train_loss":
+                               [...], ...}} (optional; Run.dense_forecast)
 
 Guarantees, so that a crash or Ctrl-C loses at most the record being written and no two
 runs are ever mixed:
@@ -39,7 +42,7 @@ The modules: ``files`` (names, paths, permissions, atomic and exclusive writes),
 """
 
 from .files import FORMAT, FORMAT_VERSION, KERNELS_DIR, META_FILE, METRICS_FILE
-from .run import Run, load_run
+from .run import Curve, DenseForecast, Run, load_run
 from .writer import KEEP_KERNELS, RunWriter
 
-__all__ = ["KEEP_KERNELS", "Run", "RunWriter", "load_run"]
+__all__ = ["Curve", "DenseForecast", "KEEP_KERNELS", "Run", "RunWriter", "load_run"]

@@ -30,6 +30,7 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 KERNELS_DIR = "kernels"
+FORECAST_FILE = "forecast.json"
 KERNEL_FILE = re.compile(r"step_(\d+)\.npy")
 FILE_MODE = 0o666
 """The mode every run file is created with, before the umask."""

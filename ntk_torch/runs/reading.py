@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import records
-from .files import FORMAT, FORMAT_VERSION, KERNEL_FILE, KERNELS_DIR, META_FILE
+from .files import FORECAST_FILE, FORMAT, FORMAT_VERSION, KERNEL_FILE, KERNELS_DIR, META_FILE
 
 MAX_LINE_BYTES = 16 * 2**20
 """The longest record line read (16 MiB; the tracker's lines are a few kB)."""
@@ -243,3 +243,29 @@ def kernel_files(path: Path, probe_size: Optional[int]) -> Tuple[List[int], List
             suspicious.append(f"{where}: {problem}")
         steps.append(int(match.group(1)))
     return sorted(steps), skipped, suspicious
+
+
+# --------------------------------------------------------------------------- the dense forecast
+
+
+def read_forecast(path: Path) -> Tuple[Optional[Tuple[np.ndarray, Dict[str, np.ndarray]]], Optional[str]]:
+    """``((steps, columns), problem)`` of a run's ``forecast.json``: int64 steps ``(S,)``
+    and float64 columns ``(S,)`` (NaN where a value is missing), or None and why (None
+    when there is no file: a run without a forecast)."""
+    file = path / FORECAST_FILE
+    if not file.is_file():
+        return None, None
+    try:
+        content = parse_json(file.read_bytes(), MAX_META_BYTES)
+        if not isinstance(content, dict) or not isinstance(content.get("fields"), dict):
+            raise ValueError("not an object with steps and fields")
+        steps = np.asarray(content["steps"], dtype=np.int64)
+        columns = {
+            str(name): np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+            for name, values in content["fields"].items()
+        }
+        if steps.ndim != 1 or any(c.shape != steps.shape for c in columns.values()):
+            raise ValueError("the steps and fields do not line up")
+    except (ValueError, KeyError, TypeError, OverflowError) as error:
+        return None, f"{file.name} is unreadable ({error}); the forecast at the measurements is used"
+    return (steps, columns), None

@@ -6,16 +6,42 @@ import math
 import warnings
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import records
 from .files import KERNELS_DIR, META_FILE, METRICS_FILE, PathLike, kernel_name, resolve
-from .reading import header_fields, kernel_files, read_meta, read_records
+from .reading import header_fields, kernel_files, read_forecast, read_meta, read_records
 from .writer import KEEP_KERNELS, check_step
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Curve", "DenseForecast", "Run", "load_run"]
+
+
+class DenseForecast(NamedTuple):
+    """A run's dense forecast (``forecast.json``): the predicted fields at many steps.
+
+    Attributes:
+        steps: int64 ``(S,)``, increasing.
+        columns: record field name -> float64 ``(S,)`` (NaN where a value is missing).
+    """
+
+    steps: np.ndarray
+    columns: Dict[str, np.ndarray]
+
+
+class Curve(NamedTuple):
+    """One split's curves at the measurements that have both (``Run.predicted_vs_actual``).
+
+    Attributes:
+        steps: int64 ``(M,)``, the measured optimizer steps.
+        actual: float64 ``(M,)``, the network's loss there.
+        predicted: float64 ``(M,)``, the forecast's loss there.
+    """
+
+    steps: np.ndarray
+    actual: np.ndarray
+    predicted: np.ndarray
 
 
 def _probe_size(meta: Mapping[str, Any]) -> Optional[int]:
@@ -210,8 +236,20 @@ class Run:
         row = finite[position]
         return float(values[row]), int(self.steps[row])
 
-    def predicted_vs_actual(self) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The tracker's actual and predicted loss curves: ``{split: (steps, actual,
+    @cached_property
+    def dense_forecast(self) -> Optional[DenseForecast]:
+        """The forecast at every step up to 1000 and on the log schedule beyond (the
+        kernel forecast) or at the measurements and log-spaced steps (the twin), as the
+        tracker wrote it when it closed; None for a run without one (or an unreadable
+        file, named in :attr:`problems` and a ``RuntimeWarning``)."""
+        dense, problem = read_forecast(self.path)
+        if problem is not None:
+            self.problems.append(problem)
+            warnings.warn(f"{self.path}: {problem}", RuntimeWarning, stacklevel=2)
+        return None if dense is None else DenseForecast(*dense)
+
+    def predicted_vs_actual(self) -> Dict[str, Curve]:
+        """The tracker's actual and predicted loss curves: ``{split: Curve(steps, actual,
         predicted)}`` for ``"train"`` and ``"test"``, at the measurements that have both
         (empty when the run has no forecast)."""
         columns = self.metrics
@@ -225,7 +263,7 @@ class Run:
                 continue
             both = np.isfinite(actual) & np.isfinite(predicted)
             if both.any():
-                curves[split] = (self.steps[both], actual[both], predicted[both])
+                curves[split] = Curve(self.steps[both], actual[both], predicted[both])
         return curves
 
     def __len__(self) -> int:

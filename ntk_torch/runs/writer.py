@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from .. import records
 from .._options import check_bool
 from .files import (
     FORMAT,
+    FORECAST_FILE,
     FORMAT_VERSION,
     KERNELS_DIR,
     META_FILE,
@@ -267,6 +268,30 @@ class RunWriter:
             raise TypeError(f"meta is not JSON-serialisable: {error}") from error
         self._header = {**self._header, "meta": meta}
         atomic_write(self._path / META_FILE, lambda file: file.write(encoded))
+
+    def write_forecast(self, steps: Sequence[int], fields: Mapping[str, Sequence[Optional[float]]]) -> Path:
+        """Write the dense forecast, ``forecast.json``, atomically (replacing an earlier one).
+
+        Args:
+            steps: increasing optimizer steps (>= 0).
+            fields: record field name (``predicted_train_loss``, ...) -> one value per
+                step (a number, NaN or None).
+
+        Returns:
+            The file written.
+        """
+        self._require_open()
+        steps = [check_step(step, "steps[i]") for step in steps]
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError("steps must be strictly increasing")
+        columns = {str(name): list(values) for name, values in fields.items()}
+        for name, values in columns.items():
+            if len(values) != len(steps):
+                raise ValueError(f"fields[{name!r}] has {len(values)} values for {len(steps)} steps")
+        encoded = _dumps({"steps": steps, "fields": columns}).encode()
+        target = self._path / FORECAST_FILE
+        atomic_write(target, lambda file: file.write(encoded))
+        return target
 
     def close(self, status: Optional[str] = None, *, reason: Optional[str] = None) -> None:
         """Close ``metrics.jsonl``; idempotent. Everything appended is already on disk.
