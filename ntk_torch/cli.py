@@ -31,7 +31,8 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # the commands import config, experiment and all they load only when they run
     from .config import RunConfig
-    from .experiment import Forecast, Ranking, SweepPoint, SweepResult
+    from .experiment import Forecast
+    from .sweeps import Ranking, SweepPoint, SweepResult
     from .runs import Run
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -158,17 +159,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train the sweep (or rank it by forecast, ``--predict-only``) and print the comparison; the exit status."""
-    from . import experiment
+    from . import sweeps
 
     config = _config(args)
-    plan = experiment.sweep_plan(config)
+    plan = sweeps.sweep_plan(config)
     trusted = args.allow_import or ()
     if args.predict_only:
-        _print_ranking(experiment.rank_by_forecast(plan, allow_imports=trusted))
+        _print_ranking(sweeps.rank_by_forecast(plan, allow_imports=trusted))
         return 0
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / config.name
     _fresh_output(out, args.force)
-    result = experiment.sweep(
+    result = sweeps.sweep(
         plan, out, force=args.force, progress=not args.no_progress,
         on_point=lambda point: _print_sweep_point(plan.parameter, point), allow_imports=trusted,
     )
@@ -251,18 +252,18 @@ def _print_forecast(config: RunConfig, result: Forecast) -> None:
 
 def cmd_kernel(args: argparse.Namespace) -> int:
     """Write the kernel of the config's model on a data split to a .npy file; the exit status."""
-    from . import experiment
+    from . import kernel_files
     from .errors import DistributedKernelError, KernelStoreError
 
     config = _config(args)
     if Path(args.out).suffix != ".npy":
         raise UserError(f"--out {args.out}: the kernel is written as a .npy file; give a name ending in .npy")
     try:
-        written = experiment.kernel_file(
+        written = kernel_files.kernel_file(
             config, args.out, split=args.split, mode=args.mode, weights=args.weights, resume=args.resume,
             memory_budget=args.memory_budget, progress=not args.no_progress,
         )
-    except (experiment.CheckpointError, KernelStoreError, DistributedKernelError) as error:
+    except (kernel_files.CheckpointError, KernelStoreError, DistributedKernelError) as error:
         raise UserError(str(error)) from None
     except FileExistsError:
         raise UserError(f"--out {args.out} (or its .partial/.progress.json files) already exists; pass --resume to "
