@@ -262,6 +262,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
         written = kernel_files.kernel_file(
             config, args.out, split=args.split, mode=args.mode, weights=args.weights, resume=args.resume,
             memory_budget=args.memory_budget, progress=not args.no_progress,
+            allow_imports=args.allow_import or (),
         )
     except (kernel_files.CheckpointError, KernelStoreError, DistributedKernelError) as error:
         raise UserError(str(error)) from None
@@ -372,6 +373,10 @@ def _add_config_options(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--out", help=out_help)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.05 (repeatable)")
+    _add_allow_import(parser)
+
+
+def _add_allow_import(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-import", action="append", metavar="MODULE",
                         help="trust MODULE (and its submodules) for import paths 'package.module:function' in "
                         "data.name/model.name: a config can run code, and only trusted modules are imported "
@@ -416,8 +421,6 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_kernel_parser(commands: argparse._SubParsersAction) -> None:
-    from .layout import MODES
-
     kernel = commands.add_parser(
         "kernel", help="write the kernel of a config's model on its data to a .npy file",
         description="The empirical NTK of the config's model (at initialisation, or at --weights) on every example "
@@ -427,11 +430,13 @@ def _add_kernel_parser(commands: argparse._SubParsersAction) -> None:
     kernel.add_argument("--out", required=True, help="the .npy file to write")
     kernel.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.options.width=512 (repeatable)")
+    _add_allow_import(kernel)
     kernel.add_argument("--resume", action="store_true", help="continue an interrupted computation of --out")
     kernel.add_argument("--weights", help="a state dict saved with torch.save (default: the model at initialisation)")
     kernel.add_argument("--split", choices=("train", "test"), default="train",
                         help="the data split whose examples the kernel is over (default train: the whole training set)")
-    kernel.add_argument("--mode", choices=MODES, help="the kernel's layout (default the config's track.mode)")
+    kernel.add_argument("--mode", help="the kernel's layout, one of the values of track.mode (default the "
+                        "config's track.mode)")
     kernel.add_argument("--memory-budget", help="peak extra memory per tile, e.g. 2GB (default a quarter of free RAM)")
     kernel.add_argument("--no-progress", action="store_true", help="no progress bar")
     kernel.set_defaults(handler=cmd_kernel)

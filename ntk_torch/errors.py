@@ -1,11 +1,10 @@
 """Exceptions and warnings raised by ntk_torch, and where a warning should point."""
 
 import contextlib
+import importlib.util
 import os
 import sys
 from typing import Optional, Sequence
-
-import torch
 
 
 class NonFiniteKernelError(FloatingPointError):
@@ -64,8 +63,15 @@ def user_stacklevel() -> int:
     return level
 
 
+def _package_dir(name: str) -> str:
+    """Where package ``name`` lies, found without importing it (the command line imports no
+    torch until a command needs it)."""
+    spec = importlib.util.find_spec(name)
+    return os.path.dirname(os.path.abspath(spec.origin)) + os.sep
+
+
 _INTERNAL_PATHS = (
     os.path.dirname(os.path.abspath(__file__)) + os.sep,  # ntk_torch
-    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,  # the optimizer and module hooks
+    _package_dir("torch"),  # the optimizer and module hooks
     contextlib.__file__,  # generator-based context managers
 )

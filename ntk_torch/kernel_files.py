@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -117,6 +117,7 @@ def kernel_file(
     resume: bool = False,
     memory_budget: Optional[str] = None,
     progress: bool = True,
+    allow_imports: Sequence[str] = (),
 ) -> KernelFile:
     """The eNTK of ``config``'s model on every example of a data split, written to ``out``.
 
@@ -128,7 +129,8 @@ def kernel_file(
     fit in memory, and an interrupted computation continues with ``resume``. Launched with
     ``torchrun --nproc_per_node=K``, the K processes share the tiles (one machine; gloo on
     CPU, NCCL with one GPU per process for a CUDA ``train.device``); a progress bar with
-    the tiles done and an ETA shows on rank 0.
+    the tiles done and an ETA shows on rank 0. ``allow_imports``: the modules trusted for
+    import paths in the config (:func:`ntk_torch.experiment.build`).
 
     Raises:
         ConfigError: the config cannot be built, or ``split`` is unknown.
@@ -143,7 +145,7 @@ def kernel_file(
 
         rank = dist.get_rank() if distributed else 0
         ranks = dist.get_world_size() if distributed else 1
-        setup = build(config)
+        setup = build(config, allow_imports=allow_imports)
         if weights is not None:
             load_weights(setup.model, weights, setup.device)
         x = setup.split.x_train if split == "train" else setup.split.x_test

@@ -232,16 +232,10 @@ class NTKTracker:
         selected = self.ntk.view().params
         self.device = next(iter(selected.values())).device
 
-        probe, train_size = choose_probe(train, probe_size, seed, "train")
-        if self._shares_kernel:
-            probe = _rank0_probe(probe)
-        self.probe: LabelledSet = probe.to(self.device)
-        self.test: Optional[LabelledSet] = load_set(test, "test") if test is not None else None
-        self._check_labels(train)
-        self._train_size = train_size
+        self._load_data(train, test, probe_size, seed)
         self._forecast_kind = forecast
         self._forecast_points = None if forecast is None else self._choose_forecast_points(
-            train, min(train_size, max_predict_points), seed)
+            train, min(self._train_size, max_predict_points), seed)
         self._forecasting: Optional[TrackedForecast] = None
         self.drift = KernelDrift(self.ntk.options.layout, self.probe.y)
 
@@ -258,11 +252,20 @@ class NTKTracker:
         self._writer: Optional[RunWriter] = None
         if run_dir is not None and self._main:
             config = dict(probe_size=probe_size, every=every, seed=seed, keep_kernels=keep_kernels)
-            self._writer = RunWriter(run_dir, self._meta(train_size, config), keep_kernels=keep_kernels,
-                                     overwrite=overwrite)
+            self._writer = RunWriter(run_dir, self._meta(config), keep_kernels=keep_kernels, overwrite=overwrite)
         self._progress = self._progress_bar() if progress and self._main else None
 
     # ------------------------------------------------------------------ set-up
+
+    def _load_data(self, train: Data, test: Optional[Data], probe_size: int, seed: int) -> None:
+        """The probe (rank 0's, when the kernel is shared) and test set on the model's
+        device, checked against the model and the loss."""
+        probe, self._train_size = choose_probe(train, probe_size, seed, "train")
+        if self._shares_kernel:
+            probe = _rank0_probe(probe)
+        self.probe: LabelledSet = probe.to(self.device)
+        self.test: Optional[LabelledSet] = load_set(test, "test") if test is not None else None
+        self._check_labels(train)
 
     def _check_labels(self, train: Data) -> None:
         """Check the probe's inputs (finite) and the test set's (train's shapes and dtypes),
@@ -290,7 +293,7 @@ class NTKTracker:
         named = dict(self.model.named_parameters())
         return {name: named[name] for name in self._param_names}
 
-    def _meta(self, train_size: int, config: Dict[str, Any]) -> dict:
+    def _meta(self, config: Dict[str, Any]) -> dict:
         options = self.ntk.options
         return run_metadata(
             self.model,
@@ -298,7 +301,7 @@ class NTKTracker:
             device=self.device,
             probe=self.probe,
             test=self.test,
-            train_size=train_size,
+            train_size=self._train_size,
             labels=self.probe.y.tolist() if self.loss.kind == CLASSIFICATION and self.probe.y.dim() == 1 else None,
             config={
                 **config,

@@ -95,6 +95,8 @@ def test_bad_weights_and_outputs_are_one_line_errors(config_file, tmp_path, caps
     assert "no such file" in _one_line_error(capsys)
     assert _main("kernel", config_file, "--out", tmp_path / "kernel.txt") == 2
     assert "ending in .npy" in _one_line_error(capsys)
+    assert _main("kernel", config_file, "--out", tmp_path / "a.npy", "--mode", "blocks") == 2
+    assert "mode" in _one_line_error(capsys)
     assert not (tmp_path / "a.npy").exists()
 
 
