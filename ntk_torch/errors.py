@@ -17,3 +17,13 @@ class NonFiniteKernelError(FloatingPointError):
             f"the kernel is not finite (NaN or inf) in the contribution of parameter "
             f"group {listed}; check the model's outputs and parameters for NaN/inf"
         )
+
+
+class UnsupportedModelError(RuntimeError):
+    """A kernel engine cannot run this model.
+
+    The message names the layer and the operation that fail (for instance
+    ``torch.func.vmap`` on data-dependent control flow, an LSTM or
+    ``torch.utils.checkpoint``) and an engine that can: ``method="loop"`` (plain autograd,
+    one example at a time) or ``method="auto"``, which falls back to it.
+    """

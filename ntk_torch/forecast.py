@@ -106,7 +106,7 @@ class LinearisedForecast:
         loss: the training loss.
         settings: the SGD hyperparameters.
         param_names: the parameters the optimizer trains (the kernel's parameters).
-        output_fn: as for ``empirical_ntk``.
+        output_fn, call_kwargs: as for ``empirical_ntk``.
         approximate_points: whether ``points`` is a subset of the training data.
         schedule: the measurement schedule, whose steps a trajectory keeps.
 
@@ -129,17 +129,19 @@ class LinearisedForecast:
         output_fn: Optional[Callable[[Any], torch.Tensor]],
         approximate_points: bool,
         schedule: Schedule,
+        call_kwargs: Optional[Mapping[str, Any]] = None,
     ) -> None:
         self.settings = settings
         self.points = points
         self.test = test
         self.loss = loss
         self.output_fn = output_fn
+        self.call_kwargs = call_kwargs
         self.schedule = schedule
         device = next(model.parameters()).device
         with torch.no_grad(), evaluation_context(model, device):
-            f0 = call_model(model, points.x, output_fn)
-            f0_test = call_model(model, test.x, output_fn) if test is not None else None
+            f0 = call_model(model, points.x, output_fn, call_kwargs)
+            f0_test = call_model(model, test.x, output_fn, call_kwargs) if test is not None else None
         if loss.kind == CLASSIFICATION and f0.dim() != 2:
             raise ValueError(
                 f"predictions with {loss.name!r} need outputs (N, C); the model's are {tuple(f0.shape)}"
@@ -148,13 +150,16 @@ class LinearisedForecast:
         n, num_outputs = len(points), f0[0].numel()
         layout = FULL if (n * num_outputs) ** 2 <= MAX_FULL_ENTRIES else TRACE
         self.kernel_mode = layout.name
-        kernel = NTK(model, mode=layout.name, params=list(param_names), output_fn=output_fn, dtype=torch.float64)
+        kernel = NTK(
+            model, mode=layout.name, params=list(param_names), output_fn=output_fn, dtype=torch.float64,
+            call_kwargs=call_kwargs,
+        )
         jtheta0 = jtheta0_test = None
         if settings.weight_decay > 0:
-            fmodel = FunctionalModel(model, params=list(param_names), output_fn=output_fn, dtype=torch.float64)
-            with torch.no_grad(), evaluation_context(model, device):
-                jtheta0 = _jtheta0(fmodel, points.x)
-                jtheta0_test = _jtheta0(fmodel, test.x) if test is not None else None
+            fmodel = FunctionalModel(
+                model, params=list(param_names), output_fn=output_fn, dtype=torch.float64, call_kwargs=call_kwargs
+            )
+            jtheta0, jtheta0_test = _jtheta0_of(fmodel, points, test, device)
         self.dynamics = LinearisedDynamics(
             kernel(points.x),
             self._targets(points.y),
@@ -240,7 +245,7 @@ class LinearisedForecast:
         points and, when ``measured`` holds the test loss, on the test set. The losses at
         the first call are the reference."""
         with torch.no_grad(), evaluation_context(model, device):
-            result = evaluate(model, self.points, self.loss, self.output_fn, device)
+            result = evaluate(model, self.points, self.loss, self.output_fn, device, self.call_kwargs)
         fields: Dict[str, Any] = {records.actual("train", key): value for key, value in result.items()}
         fields.update(self.at(step))
         actual = {**measured, **fields}
@@ -256,6 +261,14 @@ class LinearisedForecast:
 
 def _item(values: Optional[torch.Tensor], position: int) -> Optional[float]:
     return None if values is None else float(values[position])
+
+
+def _jtheta0_of(
+    fmodel: FunctionalModel, points: LabelledSet, test: Optional[LabelledSet], device: torch.device
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``J theta_0`` on the forecast's points and on the test set (None without one)."""
+    with torch.no_grad(), evaluation_context(fmodel.model, device):
+        return _jtheta0(fmodel, points.x), (_jtheta0(fmodel, test.x) if test is not None else None)
 
 
 def _jtheta0(fmodel: FunctionalModel, x: Any) -> torch.Tensor:

@@ -39,7 +39,7 @@ from ._version import __version__
 from .drift import KernelDrift
 from .errors import NonFiniteKernelError
 from .forecast import LinearisedForecast, current_lr, sgd_settings
-from .functional import ParamSelector, evaluation_context
+from .functional import ParamSelector, check_call_kwargs, evaluation_context, unwrap_model
 from .kernel import NTK
 from .losses import CLASSIFICATION, resolve
 from .probe import Data, LabelledSet, choose_probe, evaluate, load_set, sample_output
@@ -47,16 +47,6 @@ from .runs import KEEP_KERNELS, Run, RunWriter, load_run
 from .schedule import Schedule
 
 __all__ = ["NTKTracker"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module that computes: ``.module`` of DistributedDataParallel / DataParallel."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
 
 
 def _is_main_process() -> bool:
@@ -89,9 +79,11 @@ class NTKTracker:
     """Measures the empirical NTK of a probe set during training and records its drift.
 
     Args:
-        model: the ``nn.Module`` being trained; a ``DistributedDataParallel`` (or
-            ``DataParallel``) wrapper is measured through its ``.module``. Create the
-            tracker after moving the model to its device.
+        model: the ``nn.Module`` being trained; a ``torch.compile``'d module, a
+            ``DistributedDataParallel``, ``DataParallel`` or FSDP wrapper is measured
+            through the module inside, called eagerly (training through the wrapper is
+            bit-identical with and without the tracker; the compiled module is never
+            recompiled by it). Create the tracker after moving the model to its device.
         train: the training data, an ``(x, y)`` pair (``x`` a Tensor, tuple or dict of
             Tensors batched on dim 0) or a map-style ``Dataset`` of ``(input, label)``
             pairs. The probe is ``probe_size`` of its examples drawn with ``seed``.
@@ -104,9 +96,11 @@ class NTKTracker:
         every: measure after every ``every``-th optimizer step (and at step 0).
         schedule: replaces ``every`` when given: an explicit list of steps, or ``"log"``
             (steps 0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, ...; see :mod:`ntk_torch.schedule`).
-        mode, method, params, output_fn: as for ``empirical_ntk``; ``method="auto"`` picks
-            the fastest applicable engine. ``output_fn`` also applies to the outputs the
-            loss sees; ``params`` also narrows the parameter distance.
+        mode, method, params, output_fn, call_kwargs: as for ``empirical_ntk``;
+            ``method="auto"`` picks the fastest applicable engine. ``output_fn`` also
+            applies to the outputs the loss sees and ``call_kwargs`` (arguments that are
+            not batched) to every evaluation; ``params`` also narrows the parameter
+            distance.
         run_dir: a run directory to write (``meta.json``, ``metrics.jsonl``, kernels); None
             keeps the records in memory only.
         keep_kernels: which measured kernels go to ``run_dir`` (see ``RunWriter``):
@@ -186,11 +180,16 @@ class NTKTracker:
         overwrite: bool = False,
         predict: bool = True,
         max_predict_points: int = 4096,
+        call_kwargs: Optional[Dict[str, Any]] = None,
     ) -> None:
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
         _check_options(probe_size, max_predict_points, predict, seed, keep_kernels, progress)
         self.schedule = Schedule(every, schedule)
-        self.ntk = NTK(self.model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=True)
+        self.call_kwargs = check_call_kwargs(call_kwargs)
+        self.ntk = NTK(
+            self.model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=True,
+            call_kwargs=self.call_kwargs,
+        )
         self.output_fn = output_fn
         self.loss = resolve(loss)
         selected = self.ntk.view().params
@@ -228,7 +227,7 @@ class NTKTracker:
     def _check_labels(self, train: Data) -> None:
         """Check the probe's, train's (when tensors) and test's labels against the loss."""
         with torch.no_grad(), evaluation_context(self.model, self.device):
-            output = sample_output(self.model, self.probe, self.output_fn)
+            output = sample_output(self.model, self.probe, self.output_fn, self.call_kwargs)
         labels = train[1] if isinstance(train, (tuple, list)) else self.probe.y
         self.loss.check_targets(labels, output, "train", probabilities=False)
         if self.test is not None:
@@ -451,6 +450,7 @@ class NTKTracker:
             output_fn=self.output_fn,
             approximate_points=len(self._forecast_points) < self._train_size,
             schedule=self.schedule,
+            call_kwargs=self.call_kwargs,
         )
         if self._writer is not None:
             self._writer.update_meta(prediction=self.forecast.describe())
@@ -525,7 +525,7 @@ class NTKTracker:
         with torch.no_grad(), evaluation_context(self.model, self.device):
             for split, data in ((records.PROBE, self.probe), (records.TEST, self.test)):
                 if data is not None:
-                    result = evaluate(self.model, data, self.loss, self.output_fn, self.device)
+                    result = evaluate(self.model, data, self.loss, self.output_fn, self.device, self.call_kwargs)
                     fields.update({records.actual(split, key): value for key, value in result.items()})
         return fields
 
