@@ -1,7 +1,7 @@
 """ntk_torch: training dynamics of PyTorch models through the empirical Neural Tangent Kernel."""
 
 from . import data, metrics, models, predict
-from .errors import NonFiniteKernelError
+from .errors import NonFiniteKernelError, UnsupportedModelError
 from ._version import __version__
 from .kernel import NTK, PerLayerKernels, empirical_ntk
 from .linearize import LinearizedModel, linearize
@@ -28,6 +28,7 @@ __all__ = [
     "Prediction",
     "Run",
     "RunWriter",
+    "UnsupportedModelError",
     "empirical_ntk",
     "linearize",
     "load_run",

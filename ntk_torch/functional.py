@@ -461,7 +461,8 @@ def model_error(error: Exception, failure: Failure, model: nn.Module, x: Inputs,
     message) whose message names ``name``, where it happened (:class:`Failure`) and, for
     an error inside a torch operation, what the failing layer expects or else ``name``'s
     feature shapes and dtypes."""
-    message = f"{name}: the model raised {type(error).__name__} on {name}'s first examples in {failure.where}: {error}"
+    raised = f"the model raised {type(error).__name__} on {name}'s first examples in {failure.where}: {error}"
+    message = f"{name}: {raised}"
     if failure.operation:
         modules = dict(model.named_modules(remove_duplicate=False))
         layer = failure.layer
@@ -470,7 +471,10 @@ def model_error(error: Exception, failure: Failure, model: nn.Module, x: Inputs,
             f"{label} has feature shape {tuple(t.shape[1:])} and dtype {t.dtype}" for label, t in _leaves(x, name)
             if isinstance(t, torch.Tensor)
         )
-        message += f"; {expected} ({features})" if expected else f"; is that what the model expects? ({features})"
+        if expected:
+            message = f"{name}: {expected} ({features}); {raised}"
+        else:
+            message += f"; {features}: is that what the model expects?"
     try:
         wrapped = type(error)(message)
     except Exception:

@@ -377,6 +377,7 @@ ANY_MODULE_NAMES = list(make_any_module_zoo())
 
 HF_VOCAB = 11
 HF_LENGTH = 5
+HF_NAMES = ["hf_gpt2", "hf_bert", "hf_distilbert", "hf_t5"]
 
 
 def _hf_inputs(n: int, seed: int, decoder: bool = False) -> Dict[str, torch.Tensor]:
@@ -430,4 +431,5 @@ def make_hf_zoo() -> Dict[str, ZooCase]:
         ZooCase("hf_distilbert", distilbert, _hf_inputs, _logits, vmap=False),
         ZooCase("hf_t5", t5, lambda n, s: _hf_inputs(n, s, decoder=True), _last_logits, vmap=False),
     ]
+    assert [case.name for case in cases] == HF_NAMES
     return {case.name: case for case in cases}
