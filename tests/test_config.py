@@ -35,7 +35,7 @@ def test_unknown_key_names_file_and_key(tmp_path):
         ("train: {steps: 2.5}", "train.steps must be an integer, got 2.5"),
         ("train: {nesterov: 1}", "train.nesterov must be true or false"),
         ("train: {optimizer: lbfgs}", "train.optimizer must be one of sgd, adam, got 'lbfgs'"),
-        ("track: {method: fastest}", "track.method must be one of auto, jacobian, ntk_vp, structured, got 'fastest'"),
+        ("track: {method: fastest}", "track.method must be one of auto, jacobian, ntk_vp, structured, loop, got 'fastest'"),
         ("train: {steps: 0}", "train.steps must be at least 1"),
         ("train: {lr: -1}", "train.lr must be non-negative"),
         ("track: {schedule: sometimes}", "track.schedule must be 'log'"),

@@ -68,15 +68,15 @@ _EMBEDDING_SIGNATURES = {
 
 class _KnownOps(TorchFunctionMode):
     """Notes embedding calls whose derivatives are conventions (see the module docstring),
-    and whether each table with a ``padding_idx`` is used by any other operation."""
+    and whether each table looked up with a ``padding_idx`` is used by any other call."""
 
     def __init__(self, locator: Locator):
         super().__init__()
         self.locator = locator
         self.sparse: Dict[str, None] = {}
         self.by_frequency: Dict[str, None] = {}
-        self.padded: Dict[int, str] = {}  # id(table) -> where
-        self.padded_elsewhere: Dict[str, None] = {}
+        self.padded: Dict[int, str] = {}  # id(table) -> where it is looked up with padding
+        self._padded_calls: Dict[int, int] = {}
         self._uses: Dict[int, int] = {}
 
     def _where(self) -> str:
@@ -94,18 +94,19 @@ class _KnownOps(TorchFunctionMode):
             if bound.get("scale_grad_by_freq"):
                 self.by_frequency[f"{where} scales gradients by frequency (scale_grad_by_freq=True)"] = None
             if bound.get("padding_idx") is not None:
-                self.padded.setdefault(id(bound["weight"]), where)
-        else:
-            for t in tree_flatten((args, kwargs))[0]:
-                if isinstance(t, torch.Tensor):
-                    self._uses[id(t)] = self._uses.get(id(t), 0) + 1
+                table = id(bound["weight"])
+                self.padded.setdefault(table, where)
+                self._padded_calls[table] = self._padded_calls.get(table, 0) + 1
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                self._uses[id(t)] = self._uses.get(id(t), 0) + 1
         return func(*args, **kwargs)
 
     def forward_mode_notes(self) -> List[str]:
         """Why forward mode would disagree with reverse mode on some example."""
         notes = list(self.by_frequency)
         for table, where in self.padded.items():
-            if self._uses.get(table):
+            if self._uses.get(table, 0) > self._padded_calls[table]:
                 notes.append(
                     f"{where} has a padding_idx and its table is also used elsewhere (a tied "
                     "weight): F.embedding's forward-mode derivative includes the padding row, "
