@@ -11,7 +11,7 @@ import types
 from typing import Any, List
 
 from ._version import __version__
-from .errors import NonFiniteKernelError
+from .errors import NonFiniteKernelError, UnsupportedModelError
 
 _DEFINED_IN = {
     "DistributedKernelError": "errors",
@@ -73,6 +73,7 @@ __all__ = [
     "Prediction",
     "Run",
     "RunWriter",
+    "UnsupportedModelError",
     "empirical_ntk",
     "linearize",
     "load_run",

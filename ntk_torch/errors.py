@@ -33,6 +33,16 @@ class NonFiniteKernelError(FloatingPointError):
         super().__init__(message)
 
 
+class UnsupportedModelError(RuntimeError):
+    """A kernel engine cannot run this model.
+
+    The message names the layer and the operation that fail (for instance
+    ``torch.func.vmap`` on data-dependent control flow, an LSTM or
+    ``torch.utils.checkpoint``) and an engine that can: ``method="loop"`` (plain autograd,
+    one example at a time) or ``method="auto"``, which falls back to it.
+    """
+
+
 class DistributedKernelError(RuntimeError):
     """A distributed kernel could not be computed: another rank failed (the message names
     it and its error), the ranks' requests differ, or a collective did not complete within

@@ -17,7 +17,7 @@ hyperparameters, dampening) is the linearised twin's (:mod:`ntk_torch.twin`);
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ class LinearisedForecast:
         loss: the training loss.
         settings: the SGD hyperparameters.
         param_names: the parameters the optimizer trains (the kernel's parameters).
-        output_fn: as for ``empirical_ntk``.
+        output_fn, call_kwargs: as for ``empirical_ntk``.
         approximate_points: whether ``points`` is a subset of the training data.
 
     The kernel over ``points`` is ``full`` (exact) while ``(N O)^2`` stays under
@@ -124,16 +124,18 @@ class LinearisedForecast:
         param_names: Sequence[str],
         output_fn: Optional[Callable[[Any], torch.Tensor]],
         approximate_points: bool,
+        call_kwargs: Optional[Mapping[str, Any]] = None,
     ) -> None:
         self.settings = settings
         self.points = points
         self.test = test
         self.loss = loss
         self.output_fn = output_fn
+        self.call_kwargs = call_kwargs
         device = next(model.parameters()).device
         with torch.no_grad(), evaluation_context(model, device):
-            f0 = call_model(model, points.x, output_fn)
-            f0_test = call_model(model, test.x, output_fn) if test is not None else None
+            f0 = call_model(model, points.x, output_fn, call_kwargs)
+            f0_test = call_model(model, test.x, output_fn, call_kwargs) if test is not None else None
         if loss.kind == CLASSIFICATION and f0.dim() != 2:
             raise ValueError(
                 f"predictions with {loss.name!r} need outputs (N, C); the model's are {tuple(f0.shape)}"
@@ -142,13 +144,16 @@ class LinearisedForecast:
         n, num_outputs = len(points), f0[0].numel()
         layout = FULL if (n * num_outputs) ** 2 <= MAX_FULL_ENTRIES else TRACE
         self.kernel_mode = layout.name
-        kernel = NTK(model, mode=layout.name, params=list(param_names), output_fn=output_fn, dtype=torch.float64)
+        kernel = NTK(
+            model, mode=layout.name, params=list(param_names), output_fn=output_fn, dtype=torch.float64,
+            call_kwargs=call_kwargs,
+        )
         jtheta0 = jtheta0_test = None
         if settings.weight_decay > 0:
-            fmodel = FunctionalModel(model, params=list(param_names), output_fn=output_fn, dtype=torch.float64)
-            with torch.no_grad(), evaluation_context(model, device):
-                jtheta0 = _jtheta0(fmodel, points.x)
-                jtheta0_test = _jtheta0(fmodel, test.x) if test is not None else None
+            fmodel = FunctionalModel(
+                model, params=list(param_names), output_fn=output_fn, dtype=torch.float64, call_kwargs=call_kwargs
+            )
+            jtheta0, jtheta0_test = _jtheta0_of(fmodel, points, test, device)
         self.dynamics = LinearisedDynamics(
             kernel(points.x),
             self._targets(points.y),
@@ -236,6 +241,14 @@ class LinearisedForecast:
 
 def _item(values: Optional[torch.Tensor]) -> Optional[float]:
     return None if values is None else float(values[0])
+
+
+def _jtheta0_of(
+    fmodel: FunctionalModel, points: LabelledSet, test: Optional[LabelledSet], device: torch.device
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``J theta_0`` on the forecast's points and on the test set (None without one)."""
+    with torch.no_grad(), evaluation_context(fmodel.model, device):
+        return _jtheta0(fmodel, points.x), (_jtheta0(fmodel, test.x) if test is not None else None)
 
 
 def _jtheta0(fmodel: FunctionalModel, x: Any) -> torch.Tensor:

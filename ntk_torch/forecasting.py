@@ -148,6 +148,7 @@ class TrackedForecast:
         train_size: the number of training examples.
         approximate_points: whether ``points`` is a subset of the training data.
         clip_grad_norm, clip_grad_value: how the user clips gradients, if told.
+        call_kwargs: the arguments of every model call that are not batched.
 
     After construction :attr:`forecast` is the forecast made (None when none can be,
     with a ``RuntimeWarning`` saying why). For ``"auto"`` with a plain SGD optimizer it
@@ -159,13 +160,14 @@ class TrackedForecast:
                  points: LabelledSet, test: Optional[LabelledSet], loss: Loss,
                  output_fn: Optional[Callable[[Any], torch.Tensor]], train_size: int,
                  approximate_points: bool, clip_grad_norm: Optional[float],
-                 clip_grad_value: Optional[float]) -> None:
+                 clip_grad_value: Optional[float], call_kwargs: Optional[Mapping[str, Any]] = None) -> None:
         self.model, self.points, self.loss, self.output_fn = model, points, loss, output_fn
+        self.call_kwargs = call_kwargs
         self.train_size = train_size
         clipping = clip_grad_norm is not None or clip_grad_value is not None
         kind, problems = choose(requested, optimizer, model, clipping=clipping, minibatches=False)
         common = dict(model=model, points=points, test=test, loss=loss, output_fn=output_fn,
-                      approximate_points=approximate_points)
+                      approximate_points=approximate_points, call_kwargs=call_kwargs)
         self.kernel: Optional[LinearisedForecast] = None
         self.twin: Optional[LinearisedTwin] = None
         if kind is None:
@@ -273,7 +275,7 @@ class TrackedForecast:
         points and, when ``measured`` holds the test loss, on the test set. The losses at
         the first call are the reference."""
         with torch.no_grad(), evaluation_context(self.model, device):
-            result = evaluate(self.model, self.points, self.loss, self.output_fn, device)
+            result = evaluate(self.model, self.points, self.loss, self.output_fn, device, self.call_kwargs)
         fields: Dict[str, Any] = {records.actual(records.TRAIN, key): value for key, value in result.items()}
         fields.update(self.forecast.at(step))
         actual = {**measured, **fields}

@@ -11,7 +11,7 @@ the global RNGs or any ``.grad``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -153,10 +153,14 @@ def choose_probe(data: Data, size: int, seed: int, name: str = "train") -> Tuple
 
 
 def call_model(
-    model: nn.Module, x: Inputs, output_fn: Optional[Callable[[Any], torch.Tensor]]
+    model: nn.Module,
+    x: Inputs,
+    output_fn: Optional[Callable[[Any], torch.Tensor]],
+    call_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> torch.Tensor:
-    """``model(x)`` (``model(*x)`` for a tuple, ``model(**x)`` for a dict), then ``output_fn``."""
-    args, kwargs = call_arguments(x)
+    """``model(x)`` (``model(*x)`` for a tuple, ``model(**x)`` for a dict) with the
+    arguments that are not batched, ``call_kwargs``, then ``output_fn``."""
+    args, kwargs = call_arguments(x, call_kwargs)
     return select_output(model(*args, **kwargs), output_fn)
 
 
@@ -166,6 +170,7 @@ def evaluate(
     loss: Loss,
     output_fn: Optional[Callable[[Any], torch.Tensor]],
     device: torch.device,
+    call_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, float]:
     """The mean loss on ``data`` and, for class labels, the accuracy.
 
@@ -181,7 +186,7 @@ def evaluate(
     for x, y in data.batches(EVAL_BATCH):
         x = map_inputs(x, lambda t: t.to(device))
         y = y.to(device)
-        out = call_model(model, x, output_fn)
+        out = call_model(model, x, output_fn, call_kwargs)
         value = loss.fn(out, y)
         if not (isinstance(value, torch.Tensor) and value.numel() == 1):
             raise TypeError(
@@ -201,10 +206,13 @@ def evaluate(
 
 
 def sample_output(
-    model: nn.Module, data: LabelledSet, output_fn: Optional[Callable[[Any], torch.Tensor]]
+    model: nn.Module,
+    data: LabelledSet,
+    output_fn: Optional[Callable[[Any], torch.Tensor]],
+    call_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> torch.Tensor:
     """The model's output on the first (up to) two examples of ``data``; the caller
     provides eval mode and ``torch.no_grad``."""
     x = map_inputs(data.x, lambda t: t[:2])
-    return call_model(model, x, output_fn)
+    return call_model(model, x, output_fn, call_kwargs)
 

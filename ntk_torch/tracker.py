@@ -38,7 +38,9 @@ from ._options import check_bool, check_int
 from .drift import KernelDrift
 from .errors import NonFiniteKernelError
 from .forecasting import Forecast, TrackedForecast, clip_options, forecast_option
-from .functional import ParamSelector, check_compatible, evaluation_context, nonfinite_input
+from .functional import (
+    ParamSelector, check_call_kwargs, check_compatible, evaluation_context, nonfinite_input, unwrap_model,
+)
 from .lifecycle import Attachment, SigtermGuard, ending
 from .provenance import describe, run_metadata
 from .kernel import NTK
@@ -46,52 +48,20 @@ from .losses import CLASSIFICATION, resolve
 from .probe import Data, LabelledSet, batch_size, choose_probe, evaluate, load_set, sample_output
 from .runs import KEEP_KERNELS, Run, RunWriter, load_run
 from .schedule import Schedule
+from .sharing import is_main_process, rank0_probe, shares_kernel
 
 __all__ = ["NTKTracker"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module that computes: ``.module`` of DistributedDataParallel / DataParallel."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
-def _is_main_process() -> bool:
-    """Rank 0 of the default process group, or True outside torch.distributed."""
-    distributed = torch.distributed
-    return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
-
-
-def _shares_kernel(distributed: Optional[bool]) -> bool:
-    """Whether the ranks compute the probe kernel together: ``distributed``, by default
-    whether torch.distributed runs more than one process."""
-    if distributed is not None and not isinstance(distributed, bool):
-        raise TypeError(f"distributed must be None or a bool, got {type(distributed).__name__}")
-    dist = torch.distributed
-    running = dist.is_available() and dist.is_initialized()
-    if distributed and not running:
-        raise ValueError("distributed=True needs torch.distributed initialised (init_process_group) first")
-    return running and dist.get_world_size() > 1 if distributed is None else distributed
-
-
-def _rank0_probe(probe: LabelledSet) -> LabelledSet:
-    """Rank 0's probe on every rank (ranks may hold different shards of the data)."""
-    shared = [probe.to(torch.device("cpu")) if _is_main_process() else None]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    return shared[0]
 
 
 class NTKTracker:
     """Measures the empirical NTK of a probe set during training and records its drift.
 
     Args:
-        model: the ``nn.Module`` being trained; a ``DistributedDataParallel`` (or
-            ``DataParallel``) wrapper is measured through its ``.module``. Create the
-            tracker after moving the model to its device.
+        model: the ``nn.Module`` being trained; a ``torch.compile``'d module, a
+            ``DistributedDataParallel``, ``DataParallel`` or FSDP wrapper is measured
+            through the module inside, called eagerly (training through the wrapper is
+            bit-identical with and without the tracker; the compiled module is never
+            recompiled by it). Create the tracker after moving the model to its device.
         train: the training data, an ``(x, y)`` pair (``x`` a Tensor, tuple or dict of
             Tensors batched on dim 0) or a map-style ``Dataset`` of ``(input, label)``
             pairs. The probe is ``probe_size`` of its examples drawn with ``seed``.
@@ -104,9 +74,11 @@ class NTKTracker:
         every: measure after every ``every``-th optimizer step (and at step 0).
         schedule: replaces ``every`` when given: an explicit list of steps, or ``"log"``
             (steps 0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, ...; see :mod:`ntk_torch.schedule`).
-        mode, method, params, output_fn: as for ``empirical_ntk``; ``method="auto"`` picks
-            the fastest applicable engine. ``output_fn`` also applies to the outputs the
-            loss sees; ``params`` also narrows the parameter distance.
+        mode, method, params, output_fn, call_kwargs: as for ``empirical_ntk``;
+            ``method="auto"`` picks the fastest applicable engine. ``output_fn`` also
+            applies to the outputs the loss sees and ``call_kwargs`` (arguments that are
+            not batched) to every evaluation; ``params`` also narrows the parameter
+            distance.
         run_dir: a run directory to write (``meta.json``, ``metrics.jsonl``, kernels); None
             keeps the records in memory only.
         keep_kernels: which measured kernels go to ``run_dir`` (see ``RunWriter``):
@@ -217,16 +189,16 @@ class NTKTracker:
         max_predict_points: int = 4096,
         predict: Optional[bool] = None,
         distributed: Optional[bool] = None,
+        call_kwargs: Optional[Dict[str, Any]] = None,
     ) -> None:
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
         forecast = forecast_option(forecast, predict)
         _check_options(probe_size, max_predict_points, seed, keep_kernels, progress=progress, overwrite=overwrite)
         self._clip = clip_options(clip_grad_norm, clip_grad_value)
         self.schedule = Schedule(every, schedule)
-        self._shares_kernel = _shares_kernel(distributed)
         self._shared_step: Optional[int] = None
-        self.ntk = NTK(self.model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=True,
-                       distributed=self._shares_kernel, gather="rank0" if self._shares_kernel else "all")
+        self.call_kwargs = check_call_kwargs(call_kwargs)
+        self.ntk = self._probe_kernel(mode, method, params, output_fn, distributed)
         self.output_fn = output_fn
         self.loss = resolve(loss)
         selected = self.ntk.view().params
@@ -241,7 +213,7 @@ class NTKTracker:
 
         self.records: List[Dict[str, Any]] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None  # while attached
-        self._main = _is_main_process()
+        self._main = is_main_process()
         self._step, self._started, self._closed, self._hook = 0, False, False, None
         self._warned_nonfinite = False
         self._sigterm = SigtermGuard(self.close)
@@ -257,12 +229,21 @@ class NTKTracker:
 
     # ------------------------------------------------------------------ set-up
 
+    def _probe_kernel(self, mode: str, method: str, params: ParamSelector,
+                      output_fn: Optional[Callable[[Any], torch.Tensor]], distributed: Optional[bool]) -> NTK:
+        """The per-layer kernel function on the probe, shared out over the ranks when
+        ``torch.distributed`` runs more than one process (see :func:`~.sharing.shares_kernel`)."""
+        self._shares_kernel = shares_kernel(distributed)
+        return NTK(self.model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=True,
+                   distributed=self._shares_kernel, gather="rank0" if self._shares_kernel else "all",
+                   call_kwargs=self.call_kwargs)
+
     def _load_data(self, train: Data, test: Optional[Data], probe_size: int, seed: int) -> None:
         """The probe (rank 0's, when the kernel is shared) and test set on the model's
         device, checked against the model and the loss."""
         probe, self._train_size = choose_probe(train, probe_size, seed, "train")
         if self._shares_kernel:
-            probe = _rank0_probe(probe)
+            probe = rank0_probe(probe)
         self.probe: LabelledSet = probe.to(self.device)
         self.test: Optional[LabelledSet] = load_set(test, "test") if test is not None else None
         self._check_labels(train)
@@ -276,7 +257,7 @@ class NTKTracker:
         if self.test is not None:
             check_compatible(self.probe.x, self.test.x, names=("train", "test"))
         with torch.no_grad(), evaluation_context(self.model, self.device):
-            output = sample_output(self.model, self.probe, self.output_fn)
+            output = sample_output(self.model, self.probe, self.output_fn, self.call_kwargs)
         labels = train[1] if isinstance(train, (tuple, list)) else self.probe.y
         self.loss.check_targets(labels, output, "train", probabilities=False)
         if self.test is not None:
@@ -561,7 +542,8 @@ class NTKTracker:
             tracked = TrackedForecast(
                 self._forecast_kind, model=self.model, optimizer=optimizer, points=self._forecast_points,
                 test=self.test, loss=self.loss, output_fn=self.output_fn, train_size=self._train_size,
-                approximate_points=len(self._forecast_points) < self._train_size, **self._clip,
+                approximate_points=len(self._forecast_points) < self._train_size, call_kwargs=self.call_kwargs,
+                **self._clip,
             )
         except NonFiniteKernelError as error:
             self._skip_forecast(f"the kernel at step 0 over the training points is not finite ({error})")
@@ -664,7 +646,7 @@ class NTKTracker:
         with torch.no_grad(), evaluation_context(self.model, self.device):
             for split, data in ((records.PROBE, self.probe), (records.TEST, self.test)):
                 if data is not None:
-                    result = evaluate(self.model, data, self.loss, self.output_fn, self.device)
+                    result = evaluate(self.model, data, self.loss, self.output_fn, self.device, self.call_kwargs)
                     fields.update({records.actual(split, key): value for key, value in result.items()})
         return fields
 

@@ -29,7 +29,7 @@ from a fork of the RNG.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -105,11 +105,13 @@ class LinearisedTwin:
         approximate_points: bool,
         clip_grad_norm: Optional[float] = None,
         clip_grad_value: Optional[float] = None,
+        call_kwargs: Optional[Mapping[str, Any]] = None,
     ) -> None:
         problems = twin_problems(optimizer, model)
         if problems:
             raise ValueError("; ".join(problems))
         self.points, self.test, self.loss, self.output_fn = points, test, loss, output_fn
+        self.call_kwargs = call_kwargs
         self.approximate_points = approximate_points
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.network = LinearizedModel(model, forward_ad=True)
@@ -162,7 +164,7 @@ class LinearisedTwin:
     def _backward(self, x: Inputs, y: torch.Tensor, weight: float) -> None:
         """Accumulate ``weight * d loss(f_lin(x), y) / d theta`` into the twin's ``.grad``."""
         x = map_inputs(x, lambda t: t.to(self.device))
-        value = self.loss.fn(call_model(self.network, x, self.output_fn), y.to(self.device))
+        value = self.loss.fn(call_model(self.network, x, self.output_fn, self.call_kwargs), y.to(self.device))
         (value * weight).backward()
 
     def _follow(self, optimizer: torch.optim.Optimizer) -> None:
@@ -188,8 +190,9 @@ class LinearisedTwin:
         if self._cached is not None and self._cached[0] == step:
             return self._cached[1]
         with torch.no_grad():
-            train = evaluate(self.network, self.points, self.loss, self.output_fn, self.device)
-            test = {} if self.test is None else evaluate(self.network, self.test, self.loss, self.output_fn, self.device)
+            train = evaluate(self.network, self.points, self.loss, self.output_fn, self.device, self.call_kwargs)
+            test = {} if self.test is None else evaluate(self.network, self.test, self.loss, self.output_fn, self.device,
+                                                             self.call_kwargs)
         fields: Dict[str, Optional[float]] = {}
         for split, result in ((records.TRAIN, train), (records.TEST, test)):
             for metric in records.METRICS:

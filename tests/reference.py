@@ -2,7 +2,9 @@
 
 Deliberately simple and slow: a float64 copy of the model in eval mode, one forward pass
 per example, one backward pass per output value, gradients concatenated over the
-trainable parameters (``model.parameters()`` yields each tied tensor once).
+trainable parameters (``model.parameters()`` yields each tied tensor once). No function
+transform, so it runs any model autograd can differentiate (RNNs, masks with
+data-dependent control flow, checkpointing); inputs are nested tuples, lists and dicts.
 """
 
 from __future__ import annotations
@@ -14,37 +16,36 @@ import torch
 from torch import nn
 
 
-def _example(x: Any, i: int) -> Any:
+def _map(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` on every Tensor of nested tuples, lists and dicts."""
     if isinstance(x, torch.Tensor):
-        return x[i : i + 1]
+        return fn(x)
     if isinstance(x, dict):
-        return {k: v[i : i + 1] for k, v in x.items()}
-    return tuple(t[i : i + 1] for t in x)
+        return {k: _map(v, fn) for k, v in x.items()}
+    return type(x)(_map(v, fn) for v in x)
+
+
+def _example(x: Any, i: int) -> Any:
+    return _map(x, lambda t: t[i : i + 1])
 
 
 def _double(x: Any) -> Any:
-    def cast(t):
-        return t.double() if t.is_floating_point() else t
+    return _map(x, lambda t: t.double() if t.is_floating_point() else t)
 
+
+def _call(model: nn.Module, x: Any, call_kwargs: Optional[dict]) -> Any:
+    kwargs = dict(call_kwargs or {})
     if isinstance(x, torch.Tensor):
-        return cast(x)
+        return model(x, **kwargs)
     if isinstance(x, dict):
-        return {k: cast(v) for k, v in x.items()}
-    return tuple(cast(t) for t in x)
-
-
-def _call(model: nn.Module, x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return model(x)
-    if isinstance(x, dict):
-        return model(**x)
-    return model(*x)
+        return model(**x, **kwargs)
+    return model(*x, **kwargs)
 
 
 def _batch(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.shape[0]
-    return next(iter(x.values() if isinstance(x, dict) else x)).shape[0]
+    sizes = []
+    _map(x, lambda t: sizes.append(t.shape[0]) or t)
+    return sizes[0]
 
 
 def jacobian_rows(
@@ -52,17 +53,20 @@ def jacobian_rows(
     x: Any,
     output_fn: Optional[Callable] = None,
     param_names: Optional[Sequence[str]] = None,
+    call_kwargs: Optional[dict] = None,
 ) -> torch.Tensor:
-    """``J[i, a, p]`` of shape (N, O, P) in float64, by explicit loops."""
+    """``J[i, a, p]`` of shape (N, O, P) in float64, by explicit loops (sparse gradients
+    made dense; floating tensors of ``call_kwargs`` in float64 too)."""
     model = copy.deepcopy(model).double().eval()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if param_names is not None:
         named = [(n, p) for n, p in named if n in param_names]
     params = [p for _, p in named]
     x = _double(x)
+    call_kwargs = {k: _double(v) if isinstance(v, torch.Tensor) else v for k, v in (call_kwargs or {}).items()}
     rows = []
     for i in range(_batch(x)):
-        out = _call(model, _example(x, i))
+        out = _call(model, _example(x, i), call_kwargs)
         if output_fn is not None:
             out = output_fn(out)
         out = out.reshape(-1)
@@ -72,7 +76,7 @@ def jacobian_rows(
             per_output.append(
                 torch.cat(
                     [
-                        (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                        (torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g).reshape(-1)
                         for g, p in zip(grads, params)
                     ]
                 )
@@ -87,10 +91,11 @@ def naive_ntk(
     x2: Any = None,
     output_fn: Optional[Callable] = None,
     param_names: Optional[Sequence[str]] = None,
+    call_kwargs: Optional[dict] = None,
 ) -> torch.Tensor:
     """The full kernel (N1, N2, O, O) in float64."""
-    j1 = jacobian_rows(model, x1, output_fn, param_names)
-    j2 = j1 if x2 is None else jacobian_rows(model, x2, output_fn, param_names)
+    j1 = jacobian_rows(model, x1, output_fn, param_names, call_kwargs)
+    j2 = j1 if x2 is None else jacobian_rows(model, x2, output_fn, param_names, call_kwargs)
     return torch.einsum("iap,jbp->ijab", j1, j2)
 
 

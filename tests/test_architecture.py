@@ -20,13 +20,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ntk_torch"
 # layers; a top-level module of one layer may import others of the same layer only where
 # ALSO_ALLOWED says so.
 LAYERS: Tuple[Tuple[str, ...], ...] = (
-    ("_version", "errors", "_options", "steps", "records", "layout"),
+    ("_version", "errors", "failures", "_options", "steps", "records", "layout"),
     ("functional", "runs"),
     ("kernel",),
     ("metrics", "losses"),
     ("predict", "probe", "schedule", "linearize"),
     ("forecast", "drift", "twin", "diagnostics"),
-    ("forecasting", "lifecycle", "provenance"),
+    ("forecasting", "lifecycle", "provenance", "sharing"),
     ("tracker",),
     ("plots",),
     ("report", "data", "models", "config"),

@@ -1,8 +1,10 @@
 """What a kernel computation measures before its first block, remembered per :class:`~.api.NTK`.
 
 Before the first block, an ``NTK`` runs a few forward passes on one or two examples: the
-output size ``O``, the :class:`~.cost.ForwardProfile` (FLOPs, activation bytes) and, for
-the structured engine, the coverage analysis (:func:`.structured.analyse`). None of them
+output size ``O``, the :class:`~.cost.ForwardProfile` (FLOPs, activation bytes), the dry
+runs of the ways of differentiating the engines need (:mod:`.capability`: ``vmap``,
+forward mode) and, for the structured engine, the coverage analysis
+(:func:`.structured.analyse`). None of them
 depends on parameter *values* -- only on what the forward does with which tensors -- so an
 :class:`AnalysisMemo` keeps them and reuses them while the model's structure, its
 tensors' identity and the inputs' feature shapes stay the same. This matters for small
@@ -31,14 +33,15 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Dict, Hashable, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from ..functional import FunctionalModel, Inputs, input_tensors, slice_inputs
+from ..functional import FunctionalModel, Inputs, input_tensors, slice_inputs, structure
+from .capability import check
 from .cost import ForwardProfile, profile_forward
 from .structured import StructuredPlan, analyse
 
@@ -102,10 +105,9 @@ def signature(fmodel: FunctionalModel, x: Inputs, n: int) -> Hashable:
     inputs = tuple(
         (name, tuple(t.shape[1:]), t.dtype, t.device) for name, t in input_tensors(x, "x1")
     )
-    structure = type(x).__name__ if not isinstance(x, dict) else ("dict", tuple(x))
     return (
         tuple(modules), params, buffers, tuple(fmodel.params), fmodel.dtype, _callable_key(fmodel.output_fn),
-        structure, inputs, min(n, 2), _global_hooks(),
+        structure(x), inputs, min(n, 2), _global_hooks(),
     )
 
 
@@ -117,11 +119,18 @@ class Analysis:
         num_outputs: ``O``.
         profile: the forward profile of one example.
         plan: the structured engine's coverage (None until a method needs it).
+        checks: ``{check: None or why not}`` for the :mod:`.capability` checks run so far
+            (each runs once, when a method first needs it).
     """
 
     num_outputs: int
     profile: ForwardProfile
     plan: Optional[StructuredPlan] = None
+    checks: Mapping[str, Optional[str]] = field(default_factory=dict)
+
+    def fails(self, name: str) -> Optional[str]:
+        """Why the check ``name`` failed, or None (passed or not run)."""
+        return self.checks.get(name)
 
 
 class AnalysisMemo:
@@ -129,6 +138,15 @@ class AnalysisMemo:
 
     def __init__(self) -> None:
         self._entries: "OrderedDict[Hashable, Analysis]" = OrderedDict()
+        self._warned: Dict[str, None] = {}
+
+    def first_warning(self, reason: str) -> bool:
+        """Whether ``reason`` is new to this memo (then it is remembered): a fallback is
+        warned about once per ``NTK``."""
+        if reason in self._warned:
+            return False
+        self._warned[reason] = None
+        return True
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -137,15 +155,24 @@ class AnalysisMemo:
         """Forget every analysis."""
         self._entries.clear()
 
-    def analyse(self, fmodel: FunctionalModel, x1: Inputs, n1: int, need_plan: bool) -> Analysis:
-        """``O``, the forward profile and (when ``need_plan``) the structured coverage, from
-        the first examples of ``x1``; reused while :func:`signature` is unchanged. The
-        caller provides eval mode and ``torch.no_grad``."""
+    def analyse(
+        self, fmodel: FunctionalModel, x1: Inputs, n1: int, need_plan: bool, checks: Sequence[str] = ()
+    ) -> Analysis:
+        """``O``, the forward profile, the :mod:`.capability` ``checks`` asked for and
+        (when ``need_plan``) the structured coverage, from the first examples of ``x1``;
+        reused while :func:`signature` is unchanged. The caller provides eval mode, a forked
+        RNG and ``torch.no_grad``."""
         key = signature(fmodel, x1, n1)
         entry = self._entries.get(key)
         if entry is None:
             num_outputs = fmodel.output_size(slice_inputs(x1, 0, min(n1, 2)), min(n1, 2))
             entry = Analysis(num_outputs, profile_forward(fmodel, slice_inputs(x1, 0, 1), num_outputs))
+        missing = [name for name in checks if name not in entry.checks]
+        if missing:
+            one = slice_inputs(x1, 0, 1)
+            entry = dataclasses.replace(
+                entry, checks={**entry.checks, **{name: check(name, fmodel, one) for name in missing}}
+            )
         plan = None if entry.plan is None else _bind(entry.plan, fmodel.model)
         if need_plan and plan is None:
             plan = analyse(fmodel, x1, entry.num_outputs)

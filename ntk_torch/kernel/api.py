@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..functional import FunctionalModel, Inputs, ParamSelector, evaluation_context
+from ..errors import NonFiniteKernelError, UnsupportedModelError
+from ..failures import first_line
+from ..functional import (
+    FunctionalModel, Inputs, ParamSelector, check_call_kwargs, evaluation_context, slice_inputs, unwrap_model,
+)
 from ..layout import layout as as_layout
 from .analysis import AnalysisMemo
 from .cost import parse_memory
 from .execution import compute, nonfinite_error, scale_options
-from .explain import StructuredReport, structured_report
+from .explain import StructuredReport, engine_notes, structured_report
 from .gathering import KernelShard
-from .planning import METHODS, TOTAL, KernelOptions, functional_view, plan_kernel
+from .planning import METHODS, TOTAL, KernelOptions, KernelPlan, functional_view, plan_kernel, replan_without_vmap
 from .structured import StructuredEngine
 from .tiling import NonFiniteBlock, compute_kernel
 
@@ -73,7 +78,9 @@ class NTK:
 
     Args:
         model: any ``nn.Module``; called through ``torch.func.functional_call`` with its
-            parameters and buffers.
+            parameters and buffers. A ``torch.compile``'d module, ``DistributedDataParallel``,
+            ``DataParallel`` or FSDP wrapper is unwrapped (the kernel is of the module
+            inside, called eagerly: the compiled one is never recompiled).
         mode: the layout (:mod:`ntk_torch.layout`): ``"full"`` -> ``(N1, N2, O, O)``;
             ``"trace"`` -> ``(N1, N2)``, the sum over ``o`` of ``K[i, j, o, o]``;
             ``"diagonal"`` -> ``(N1, N2, O)``. ``O`` is the number of output values per
@@ -81,9 +88,13 @@ class NTK:
             never build the full kernel.
         method: ``"jacobian"`` (Jacobian contraction), ``"ntk_vp"`` (NTK-vector
             products), ``"structured"`` (per-module rules for Linear, Conv, Embedding and
-            norm layers, Jacobian contraction for other parameters; see :meth:`explain`)
+            norm layers, Jacobian contraction for other parameters; see :meth:`explain`),
+            ``"loop"`` (Jacobian contraction of per-example Jacobians from plain autograd,
+            no ``vmap``: for masks with data-dependent control flow, RNNs, checkpointing)
             or ``"auto"``, which picks the cheapest by the cost model of Novak et al. 2022
-            on FLOPs measured for one forward pass.
+            on FLOPs measured for one forward pass, among the engines that can run the
+            model (a dry run on one example; where ``torch.func.vmap`` cannot, it warns
+            once and uses the loop engine or the structured engine's per-example capture).
         params: narrow the parameters: glob pattern(s) on parameter names or module paths
             (``"layers.0.*"``, ``"*.bias"``), module(s), or a list mixing both.
         output_fn: maps the model's output to a ``(N, *out)`` Tensor (for models returning
@@ -120,9 +131,14 @@ class NTK:
             already complete; a record made for another request (weights, inputs, mode,
             dtype, shape, method) is refused. Without ``resume``, an existing ``out`` is
             an error.
+        call_kwargs: keyword arguments that are not batched, passed unchanged to every call
+            of the model (``use_cache=False``, a shared mask); Tensors among them are moved
+            to the model's device and floating ones cast to ``dtype``, never
+            differentiated. Batched arguments go in ``x1``/``x2``.
 
     Raises:
         ValueError / TypeError: naming the argument at fault.
+        UnsupportedModelError: (at a call) ``method`` cannot run this model.
     """
 
     def __init__(
@@ -138,12 +154,14 @@ class NTK:
         memory_budget: Optional[MemorySize] = None,
         batch_size: Optional[int] = None,
         progress: bool = False,
+        call_kwargs: Optional[Mapping[str, Any]] = None,
         distributed: bool = False,
         process_group: Any = None,
         gather: str = "all",
         out: Union[str, "os.PathLike[str]", None] = None,
         resume: bool = False,
     ) -> None:
+        model = unwrap_model(model)
         layout = as_layout(mode)
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
@@ -158,9 +176,10 @@ class NTK:
         budget = None if memory_budget is None else parse_memory(memory_budget)
         scale = scale_options(distributed, process_group, gather, out, resume, per_layer)
         self.options = KernelOptions(
-            model, layout, method, params, output_fn, per_layer, dtype, budget, batch_size, progress, scale
+            model, layout, method, params, output_fn, per_layer, dtype, budget, batch_size, progress,
+            check_call_kwargs(call_kwargs), scale,
         )
-        functional_view(self.options)  # checks model, params, output_fn and dtype now
+        functional_view(self.options)  # checks model, params, output_fn, dtype and call_kwargs now
         self._memo = AnalysisMemo()
 
     @property
@@ -183,8 +202,11 @@ class NTK:
         """The kernel between ``x1`` and ``x2``.
 
         Args:
-            x1: a Tensor, tuple of Tensors (``model(*x1)``) or dict of Tensors
-                (``model(**x1)``), batched on dim 0: ``N1`` examples.
+            x1: a Tensor (``model(x1)``), a tuple or list (``model(*x1)``) or a dict
+                (``model(**x1)``) whose entries are Tensors or nested tuples, lists and
+                dicts of Tensors, every Tensor batched on dim 0: ``N1`` examples
+                (``(batch_dict,)`` calls ``model(batch_dict)``). Integer and bool tensors
+                (token ids, masks) are passed as they are, never differentiated or cast.
             x2: the same structure and feature shapes as ``x1`` with ``N2`` examples, or
                 ``None`` for ``x2 = x1``, computed once per block pair and exactly
                 symmetric.
@@ -197,7 +219,10 @@ class NTK:
             (with ``out=``, None).
 
         Raises:
-            ValueError / TypeError: naming the argument at fault.
+            ValueError / TypeError: naming the argument at fault; an exception the model
+                raises on the first examples of ``x1`` names ``x1``, the layer and operation.
+            UnsupportedModelError: ``method`` cannot run this model (names the layer, the
+                operation and the method that can).
             NonFiniteKernelError: the kernel has NaN/inf entries; names the input at
                 fault when ``x1`` or ``x2`` holds NaN/inf (checked first), else the
                 parameter groups.
@@ -213,19 +238,15 @@ class NTK:
         fmodel = functional_view(options)
         with torch.no_grad(), evaluation_context(options.model, fmodel.device):
             plan = plan_kernel(options, self._memo, fmodel, x1, x2)
-            engine = plan.engine
-            logger.debug(
-                "NTK: method=%s mode=%s N1=%d N2=%d O=%d P=%d block=%d budget=%d",
-                engine.name, self.mode, plan.n1, plan.n2, plan.analysis.num_outputs,
-                plan.analysis.profile.num_params, plan.block_size, plan.budget,
-            )
             try:
-                kernels = compute_kernel(
-                    engine, plan.x1, plan.x2, plan.n1, plan.n2, plan.block_size, plan.symmetric,
-                    options.progress,
-                )
-            except NonFiniteBlock as failure:
-                raise nonfinite_error(plan, failure) from None
+                kernels = _compute(plan, self.mode, options.progress)
+            except NonFiniteKernelError:
+                raise
+            except Exception:
+                retry = replan_without_vmap(options, self._memo, fmodel, plan)
+                if retry is None:
+                    raise
+                kernels = _compute(retry, self.mode, options.progress)
         return self._assembled(kernels)
 
     def _assembled(self, kernels: Dict[str, torch.Tensor]) -> Union[torch.Tensor, PerLayerKernels]:
@@ -239,23 +260,63 @@ class NTK:
         return PerLayerKernels(kernels, total)
 
     def explain(self, x1: Inputs, x2: Optional[Inputs] = None) -> StructuredReport:
-        """How the structured engine would compute ``self(x1, x2)``, computing no kernel.
+        """How ``self(x1, x2)`` would run, computing no kernel.
 
-        Analyses the model (one forward pass on one and on two examples) and reports, for
-        each module whose parameters a rule covers, the rule and the strategy chosen for
-        the planned block size with both strategies' estimated FLOPs (Novak et al. 2022),
-        which parameters fall back to Jacobian contraction and why, and the method the
-        ``method`` option resolves to. ``str(report)`` is a readable table.
+        Analyses the model (forward passes on one and two examples, and the dry runs on
+        one example that decide which engines can run it) and reports, for each module
+        whose parameters a rule covers, the rule and the strategy chosen for the planned
+        block size with both strategies' estimated FLOPs (Novak et al. 2022), which
+        parameters fall back to Jacobian contraction and why, the method the ``method``
+        option resolves to, and what falls back and why (``vmap`` failing: the loop engine
+        and the per-example capture; forward mode failing: reverse-over-reverse columns).
+        The engine of that method is tried on ``x1``'s first example; a failure is
+        reported, not raised. ``str(report)`` is a readable table.
         """
         options = self.options
         fmodel = functional_view(options)
         with torch.no_grad(), evaluation_context(options.model, fmodel.device):
             plan = plan_kernel(options, self._memo, fmodel, x1, x2, method=StructuredEngine.name)
-        return structured_report(plan, options.method)
+            self._memo.analyse(fmodel, plan.x1, plan.n1, need_plan=True, checks=("vmap",))
+            plan = plan_kernel(options, self._memo, fmodel, x1, x2, method=StructuredEngine.name)
+            method, notes = _try_method(options, self._memo, fmodel, x1, x2)
+            checks = self._memo.analyse(fmodel, plan.x1, plan.n1, need_plan=True).checks
+        plan = dataclasses.replace(plan, analysis=dataclasses.replace(plan.analysis, checks=checks))
+        return structured_report(plan, method, tuple(engine_notes(checks)) + notes)
 
     def __repr__(self) -> str:
         o = self.options
         return f"NTK({type(o.model).__name__}, mode={self.mode!r}, method={o.method!r}, per_layer={o.per_layer})"
+
+
+def _compute(plan: KernelPlan, mode: str, progress: bool) -> Dict[str, torch.Tensor]:
+    """Every group's kernel of ``plan`` (see :func:`.tiling.compute_kernel`)."""
+    engine = plan.engine
+    logger.debug(
+        "NTK: method=%s mode=%s N1=%d N2=%d O=%d P=%d block=%d budget=%d",
+        engine.name, mode, plan.n1, plan.n2, plan.analysis.num_outputs,
+        plan.analysis.profile.num_params, plan.block_size, plan.budget,
+    )
+    try:
+        return compute_kernel(engine, plan.x1, plan.x2, plan.n1, plan.n2, plan.block_size, plan.symmetric, progress)
+    except NonFiniteBlock as failure:
+        raise nonfinite_error(plan, failure) from None
+
+
+def _try_method(
+    options: KernelOptions, memo: AnalysisMemo, fmodel: FunctionalModel, x1: Inputs, x2: Optional[Inputs]
+) -> Tuple[str, Tuple[str, ...]]:
+    """The method ``options.method`` resolves to, and why it cannot run when it cannot:
+    planned as a call would plan it (without the call's warning), and its engine run on
+    ``x1``'s first example."""
+    try:
+        plan = plan_kernel(options, memo, fmodel, x1, x2, warn=False)
+    except UnsupportedModelError as error:
+        return options.method, (str(error),)
+    try:
+        plan.engine.prepare_rows(slice_inputs(plan.x1, 0, 1))
+    except Exception as error:  # reported, not raised: explain computes no kernel
+        return plan.engine.name, (f"a dry run of method={plan.engine.name!r} on x1's first example failed: {first_line(error)}",)
+    return plan.engine.name, ()
 
 
 def empirical_ntk(
@@ -272,6 +333,7 @@ def empirical_ntk(
     memory_budget: Optional[MemorySize] = None,
     dtype: Optional[torch.dtype] = None,
     progress: bool = False,
+    call_kwargs: Optional[Mapping[str, Any]] = None,
     distributed: bool = False,
     process_group: Any = None,
     gather: str = "all",
@@ -294,6 +356,7 @@ def empirical_ntk(
     kernel = NTK(
         model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=per_layer,
         dtype=dtype, memory_budget=memory_budget, batch_size=batch_size, progress=progress,
+        call_kwargs=call_kwargs,
         distributed=distributed, process_group=process_group, gather=gather, out=out, resume=resume,
     )
     return kernel(x1, x2)
@@ -313,11 +376,13 @@ def explain(
     memory_budget: Optional[MemorySize] = None,
     dtype: Optional[torch.dtype] = None,
     progress: bool = False,
+    call_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> StructuredReport:
     """How the structured engine would compute ``empirical_ntk(model, x1, x2, ...)``:
     ``NTK(model, **options).explain(x1, x2)`` (see :meth:`NTK.explain`)."""
     kernel = NTK(
         model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=per_layer,
         dtype=dtype, memory_budget=memory_budget, batch_size=batch_size, progress=progress,
+        call_kwargs=call_kwargs,
     )
     return kernel.explain(x1, x2)

@@ -9,7 +9,10 @@ parameters and ``O`` outputs:
   ``2 N1 N2 O^2 P`` in ``full`` mode and ``2 N1 N2 O P`` in ``trace``/``diagonal`` mode.
 * NTK-vector products: ``N2 O`` vector-Jacobian products give the columns' tangents
   (about ``N2 O 3 F``), then each of the ``N2 O`` tangents costs one Jacobian-vector
-  product over the ``N1`` rows (about ``3 F`` per example): ``3 N1 N2 O F``.
+  product over the ``N1`` rows (about ``3 F`` per example): ``3 N1 N2 O F``; twice that
+  where the columns are reverse-over-reverse products (no usable forward mode).
+* The loop engine does the Jacobian engine's arithmetic one example and one output at a
+  time, without ``vmap``: the same FLOPs (it is only a candidate where ``vmap`` fails).
 
 With ``x2=None`` only the upper block triangle is computed, which halves the pairwise
 terms. ``F`` is measured once with :class:`torch.utils.flop_counter.FlopCounterMode`.
@@ -162,8 +165,16 @@ def jacobian_cost(profile: ForwardProfile, layout: Layout, n1: int, n2: int, sym
     return examples * o * 3 * f + contraction
 
 
-def ntk_vp_cost(profile: ForwardProfile, layout: Layout, n1: int, n2: int, symmetric: bool) -> float:
+def ntk_vp_cost(
+    profile: ForwardProfile, layout: Layout, n1: int, n2: int, symmetric: bool, reverse_products: bool = False
+) -> float:
     """Estimated FLOPs of NTK-vector products (see the module docstring)."""
     o, f = profile.num_outputs, profile.flops
     pairs = n1 * n2 / (2 if symmetric else 1)
-    return n2 * o * 3 * f + 3 * pairs * o * f
+    columns = (6 if reverse_products else 3) * pairs * o * f
+    return n2 * o * 3 * f + columns
+
+
+def loop_cost(profile: ForwardProfile, layout: Layout, n1: int, n2: int, symmetric: bool) -> float:
+    """Estimated FLOPs of the loop engine: those of Jacobian contraction."""
+    return jacobian_cost(profile, layout, n1, n2, symmetric)

@@ -39,6 +39,7 @@ from .distributed import Ranks, assign, resolve_ranks, shared_block_size
 from .fingerprint import differences, fingerprint
 from .gathering import Blocks, KernelShard, gather_kernels, make_tile
 from .jacobian import JacobianEngine
+from .loop import LoopEngine
 from .planning import GATHERS, TOTAL, KernelOptions, KernelPlan, ScaleOptions, functional_view, plan_kernel
 from .store import NUMPY_DTYPES, KernelStore
 from .tiling import BlockPair, NonFiniteBlock, block_pairs, compute_blocks, place_block
@@ -100,7 +101,8 @@ def nonfinite_groups(plan: KernelPlan, failure: NonFiniteBlock) -> List[str]:
     engine = plan.engine
     if isinstance(engine, JacobianEngine) and failure.groups != [TOTAL]:
         return failure.groups
-    diagnosis = JacobianEngine(
+    reverse = LoopEngine if plan.analysis.fails("vmap") is not None else JacobianEngine
+    diagnosis = reverse(
         engine.fmodel, engine.layout, engine.fmodel.groups, engine.profile, engine.memory_budget
     )
     rows = diagnosis.prepare_rows(slice_inputs(plan.x1, *failure.rows))

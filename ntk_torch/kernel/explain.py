@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from .planning import KernelPlan
 from .structured import StructuredEngine
@@ -35,6 +35,9 @@ class StructuredReport:
         costs: estimated FLOPs of each method on the whole kernel.
         block_size: the structured engine's block size under the memory budget.
         mode, n1, n2: the kernel computation explained.
+        notes: what falls back and why: ``vmap`` failing (the loop engine or the
+            per-example capture), forward mode failing (reverse-over-reverse columns), a
+            method that cannot run the model, a failed dry run.
     """
 
     terms: Tuple[TermReport, ...]
@@ -45,6 +48,7 @@ class StructuredReport:
     mode: str
     n1: int
     n2: int
+    notes: Tuple[str, ...] = ()
 
     @property
     def covered(self) -> List[str]:
@@ -75,12 +79,31 @@ class StructuredReport:
             lines.append(f"{len(self.fallback)} parameter(s) fall back to Jacobian contraction.")
         else:
             lines.append("Every parameter is covered by a rule.")
+        lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
-def structured_report(plan: KernelPlan, method: str) -> StructuredReport:
+def engine_notes(checks: Mapping[str, Optional[str]]) -> List[str]:
+    """What the failed :mod:`.capability` checks make the engines do, one line each."""
+    notes = []
+    if checks.get("vmap") is not None:
+        notes.append(
+            f"torch.func.vmap cannot run this model ({checks['vmap']}): the structured engine "
+            "captures one example at a time with plain autograd, method='auto' chooses between "
+            "it and the loop engine, and 'jacobian' and 'ntk_vp' are refused"
+        )
+    if checks.get("forward_mode") is not None:
+        notes.append(
+            f"forward mode is not usable ({checks['forward_mode']}): method='ntk_vp' computes "
+            "its columns by reverse-over-reverse products"
+        )
+    return notes
+
+
+def structured_report(plan: KernelPlan, method: str, notes: Tuple[str, ...] = ()) -> StructuredReport:
     """The report of a plan computed with the structured engine; ``method`` is what the
-    caller's method option resolves to (``"auto"`` is resolved here from the plan's costs).
+    caller's method option resolves to (``"auto"`` is resolved here from the plan's costs);
+    ``notes`` say what falls back and why.
 
     For each module whose parameters a rule covers: the rule, the strategy chosen for the
     planned block size (``"gram"``: feature Gram times cotangent Gram; ``"grads"``:
@@ -116,5 +139,5 @@ def structured_report(plan: KernelPlan, method: str) -> StructuredReport:
             reason=structured.fallback.get(names[0], "") if is_fallback else "",
         ))
     return StructuredReport(
-        tuple(terms), dict(structured.fallback), chosen, costs, block, layout.name, plan.n1, plan.n2
+        tuple(terms), dict(structured.fallback), chosen, costs, block, layout.name, plan.n1, plan.n2, notes
     )

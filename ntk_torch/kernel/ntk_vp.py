@@ -10,18 +10,28 @@ formed, which pays off when a forward pass is cheap relative to ``O P``.
 
 ``trace`` and ``diagonal`` modes run the columns of one output ``a`` at a time and keep
 only the entries ``K[i, j, a, a]``, so the full block is never held.
+
+Both halves must be derivatives of the same convention. Where forward mode has no
+derivative for an operation or disagrees with reverse mode (``weight_norm``; an
+``F.embedding`` whose ``padding_idx`` row is also used elsewhere; see
+:mod:`.capability`), the engine is built with ``reverse_products=True`` and each column is
+a reverse-over-reverse product instead (:func:`.capability.column_by_reverse_mode`):
+``J1 t`` as the vector-Jacobian product, with cotangent ``t``, of ``u -> J1^T u``, about
+twice the work of a ``jvp``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 from torch.func import jvp, vmap
 
-from ..functional import Inputs, batch_size
+from ..functional import FunctionalModel, Inputs, ParamGroup, batch_size
 from ..layout import Layout
+from .capability import column_by_reverse_mode
+from .cost import ForwardProfile
 from .engine import Engine
 from .jacobian import per_example_jacobians
 
@@ -33,9 +43,28 @@ class _Rows:
 
 
 class NTKVPEngine(Engine):
-    """Kernel blocks by vjp (column tangents) then batched jvp (over the rows)."""
+    """Kernel blocks by vjp (column tangents) then batched jvp (over the rows).
+
+    Args:
+        reverse_products: compute the columns by reverse over reverse mode instead of
+            ``jvp`` (see the module docstring).
+        (others as :class:`~ntk_torch.kernel.engine.Engine`.)
+    """
 
     name = "ntk_vp"
+
+    def __init__(
+        self,
+        fmodel: FunctionalModel,
+        layout: Layout,
+        groups: Sequence[ParamGroup],
+        profile: ForwardProfile,
+        memory_budget: int,
+        *,
+        reverse_products: bool = False,
+    ):
+        super().__init__(fmodel, layout, groups, profile, memory_budget)
+        self.reverse_products = reverse_products
 
     def prepare_rows(self, x: Inputs) -> _Rows:
         return _Rows(x, batch_size(x, "x1"))
@@ -55,8 +84,11 @@ class NTKVPEngine(Engine):
         def f_group(group_params):
             return self.fmodel({**fixed, **group_params}, rows.x)
 
-        def column(tangent):
-            return jvp(f_group, (primals,), (tangent,))[1]  # (n1, O)
+        if self.reverse_products:
+            column = column_by_reverse_mode(f_group, primals)
+        else:
+            def column(tangent):
+                return jvp(f_group, (primals,), (tangent,))[1]  # (n1, O)
 
         n2 = next(iter(cols.values())).shape[0]
         chunk = self._chunk_size(rows.n, n2)

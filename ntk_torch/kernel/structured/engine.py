@@ -12,6 +12,7 @@ from ...functional import FunctionalModel, Inputs, ParamGroup, batch_size
 from ...layout import Layout
 from ..cost import ForwardProfile
 from ..engine import Engine
+from .per_example import capture_per_example
 from .plan import StructuredPlan, assemble, capture
 from .terms import (
     GradientTerm,
@@ -49,6 +50,8 @@ class StructuredEngine(Engine):
 
     Args:
         plan: the coverage decided by :func:`.plan.analyse` for this model and selection.
+        per_example: capture with plain autograd one example at a time
+            (:func:`.per_example.capture_per_example`), for a model ``vmap`` cannot run.
         (others as :class:`~ntk_torch.kernel.engine.Engine`.)
     """
 
@@ -63,9 +66,11 @@ class StructuredEngine(Engine):
         memory_budget: int,
         *,
         plan: StructuredPlan,
+        per_example: bool = False,
     ):
         super().__init__(fmodel, layout, groups, profile, memory_budget)
         self.plan = plan
+        self.per_example = per_example
         group_of_param = {name: i for i, g in enumerate(self.groups) for name in g.param_names}
         self.fallback_names = list(plan.fallback)
         owners: List[int] = []
@@ -90,7 +95,10 @@ class StructuredEngine(Engine):
 
     def prepare_rows(self, x: Inputs) -> _Side:
         n = batch_size(x, "x")
-        records, cotangents, jacobians = capture(self.plan, self.fmodel, x, self._chunk(n))
+        if self.per_example:
+            records, cotangents, jacobians = capture_per_example(self.plan, self.fmodel, x)
+        else:
+            records, cotangents, jacobians = capture(self.plan, self.fmodel, x, self._chunk(n))
         terms = assemble(self.plan, records, cotangents)
         o = self.num_outputs
         terms += [GradientTerm(jacobians[name].reshape(n, o, -1)) for name in self.fallback_names]
