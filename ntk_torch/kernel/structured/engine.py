@@ -12,7 +12,8 @@ from ...functional import FunctionalModel, Inputs, ParamGroup, batch_size
 from ...layout import Layout
 from ..cost import ForwardProfile
 from ..engine import Engine
-from .plan import StructuredPlan, assemble, capture
+from .capture import assemble, capture
+from .plan import StructuredPlan
 from .terms import (
     GradientTerm,
     KroneckerTerm,
