@@ -206,8 +206,9 @@ class FunctionRule:
     batched: bool = True
 
     def bind(self, args: Tuple, kwargs: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-        """The call's arguments by name, or None when they do not fit ``arguments``."""
-        if len(args) > len(self.arguments):
+        """The call's arguments by name, or None when they do not fit ``arguments`` (or the
+        call writes into ``out=``, whose tensor a probe could not follow)."""
+        if len(args) > len(self.arguments) or "out" in kwargs:
             return None
         bound = dict(zip(self.arguments, args))
         for name, value in kwargs.items():
