@@ -90,8 +90,15 @@ class DenseFeatures:
         laid out like a weight ``(g d_out, d_in)`` (a fused bias is its last column), or
         ``(g, d_in, d_out)`` when ``transposed`` (a weight applied as ``x @ W``)."""
         n, o = cotangent.shape[:2]
-        equation = "iagtd,igte->iaged" if transposed else "iagtd,igte->iagde"
-        return torch.einsum(equation, cotangent, self.values).reshape(n, o, -1)
+        if cotangent.shape[3] == 1:  # one position: an outer product
+            equation = "iagtd,igte->iaged" if transposed else "iagtd,igte->iagde"
+            return torch.einsum(equation, cotangent, self.values).reshape(n, o, -1)
+        # Over positions: one batched matmul over (example, output, group), the features
+        # broadcast over outputs and neither operand copied into a permuted layout.
+        values = self.values.unsqueeze(1)
+        if transposed:
+            return torch.matmul(values.transpose(-1, -2), cotangent).reshape(n, o, -1)
+        return torch.matmul(cotangent.transpose(-1, -2), values).reshape(n, o, -1)
 
     @staticmethod
     def along_positions(parts: List["DenseFeatures"]) -> "DenseFeatures":
