@@ -53,7 +53,7 @@ class Conv1DLike(nn.Module):
 class Functional(nn.Module):
     """Parameters used through torch functions: F.linear on a module's weight and a bare
     weight, ``x @ W`` (a matrix and a vector), addmm, element-wise add/sub/mul with
-    broadcasting, ``1 - p``, a layer scale."""
+    broadcasting, ``1 - p``, ``torch.add(..., alpha=)``, a layer scale."""
 
     def __init__(self):
         super().__init__()
@@ -65,6 +65,7 @@ class Functional(nn.Module):
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5))
         self.shift = nn.Parameter(torch.linspace(-0.3, 0.3, 5))
         self.gate = nn.Parameter(torch.tensor(0.3))
+        self.offset = nn.Parameter(torch.linspace(-0.2, 0.2, 5))
         self.head = nn.Linear(5, 2)
 
     def forward(self, x):  # (N, 3, 4)
@@ -73,6 +74,7 @@ class Functional(nn.Module):
         h = torch.tanh(h @ self.right)
         h = self.mm(h) * self.scale - self.shift
         h = torch.tanh(h) * (1 - self.gate) + (h @ self.vector).unsqueeze(-1) * 0.1
+        h = torch.add(h, self.offset, alpha=-0.5)
         return self.head(h.mean(dim=1))
 
 

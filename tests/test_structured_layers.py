@@ -41,6 +41,7 @@ RULES = {
         "scale": ("(root)", "mul"),
         "shift": ("(root)", "sub"),
         "gate": ("(root)", "rsub"),
+        "offset": ("(root)", "add"),
     },
     "norm_variants": {
         "ln2d.weight": ("ln2d", "F.layer_norm"),
@@ -152,6 +153,87 @@ def test_embedding_bag_max_follows_the_first_maximum():
     x = torch.tensor([[1, 0, 2], [0, 1, 1], [2, 3, 0]])
     structured = ntk.empirical_ntk(model, x, method="structured", dtype=F64)
     assert relative_error(structured, naive_ntk(model, x)) < 1e-12
+
+
+def test_function_sites_survive_the_analysis_memo_and_in_place_updates(cases, monkeypatch):
+    """The memo keeps function sites by parameter name (no tensors): a second call and an
+    optimizer-like in-place update reuse one analysis and stay exact."""
+    from ntk_torch.kernel import analysis
+
+    calls = []
+    real = analysis.analyse
+    monkeypatch.setattr(analysis, "analyse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, _, x1, _, ref_same, _ = cases["attention"]
+    kernel = ntk.NTK(model, mode="trace", method="structured", dtype=F64)
+    assert relative_error(kernel(x1), reduce_mode(ref_same, "trace")) < 1e-10
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.1)
+        assert relative_error(kernel(x1), reduce_mode(naive_ntk(model, x1), "trace")) < 1e-10
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(saved[name])
+    assert len(calls) == 1
+
+
+def test_float32_attention_agrees_with_the_jacobian_engine(cases):
+    model, _, x1, x2, _, _ = cases["attention"]
+    structured = ntk.empirical_ntk(model, x1, x2, method="structured")
+    jacobian = ntk.empirical_ntk(model, x1, x2, method="jacobian")
+    assert structured.dtype == torch.float32
+    torch.testing.assert_close(structured, jacobian, rtol=1e-4, atol=1e-5)
+
+
+class _BatchDependent(torch.nn.Module):
+    """An F.linear call made only for a single example (einsum for a batch): the analysis
+    sees the call for one example but not for two, so the parameter falls back."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3, 3) * 0.5)
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            x = torch.tanh(torch.nn.functional.linear(x, self.weight))
+        else:
+            x = torch.tanh(torch.einsum("bi,oi->bo", x, self.weight))
+        return self.head(x)
+
+
+def test_function_calls_that_depend_on_the_batch_fall_back_exactly():
+    torch.manual_seed(0)
+    model = _BatchDependent()
+    x = torch.randn(4, 3)
+    report = explain(model, x, method="structured", dtype=F64)
+    assert "F.linear calls depend on the batch" in report.fallback["weight"]
+    assert relative_error(ntk.empirical_ntk(model, x, method="structured", dtype=F64), naive_ntk(model, x)) < 1e-10
+
+
+def test_no_function_mode_is_left_behind_by_an_error():
+    class Failing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, 3))
+
+        def forward(self, x):
+            h = torch.nn.functional.linear(x, self.weight)
+            if getattr(self, "fail", False):
+                raise ValueError("boom")
+            return h
+
+    model = Failing()
+    x = torch.randn(3, 3)
+    kernel = ntk.NTK(model, method="structured")
+    kernel(x)  # analysed with the F.linear site
+    model.fail = True
+    with pytest.raises(ValueError, match="boom"):
+        kernel(x)
+    assert torch._C._len_torch_function_stack() == 0
+    assert not torch.overrides.has_torch_function((x,))
 
 
 def test_importing_ntk_torch_does_not_import_transformers():
