@@ -130,8 +130,8 @@ class NormVariants(nn.Module):
 
 
 class TransposedConvs(nn.Module):
-    """Transposed convolutions: strides, padding, output_padding, dilation, groups, an
-    ``output_size`` and the functional form."""
+    """Transposed convolutions (1-, 2- and 3-D): strides, padding, output_padding,
+    dilation, groups, an ``output_size`` and the functional form."""
 
     def __init__(self):
         super().__init__()
@@ -140,7 +140,8 @@ class TransposedConvs(nn.Module):
                                       dilation=(1, 2))
         self.sized = nn.ConvTranspose2d(4, 2, 2, stride=2, bias=False)
         self.kernel = nn.Parameter(torch.randn(2, 2, 2, 2) * 0.3)
-        self.head = nn.Linear(6 * 12 + 2 * 15 * 11, 3)
+        self.up3 = nn.ConvTranspose3d(1, 2, 2, stride=(1, 2, 1), padding=(0, 1, 0))
+        self.head = nn.Linear(6 * 12 + 2 * 15 * 11 + 2 * 2 * 2 * 3, 3)
 
     def forward(self, x, image):  # (N, 4, 5), (N, 2, 3, 4)
         a = torch.tanh(self.up1(x))  # (N, 6, 12)
@@ -148,7 +149,8 @@ class TransposedConvs(nn.Module):
         b = torch.tanh(self.sized(b, output_size=(13, 12)))  # (N, 2, 13, 12)
         b = F.conv_transpose2d(b, self.kernel, stride=1, padding=(0, 1), groups=1)  # (N, 2, 14, 11)
         b = F.pad(b, (0, 0, 0, 1))
-        return self.head(torch.cat([a.flatten(1), b.flatten(1)], dim=1))
+        c = torch.tanh(self.up3(image[:, :1, :2, :2].unsqueeze(1)))  # (N, 2, 2, 2, 3)
+        return self.head(torch.cat([a.flatten(1), b.flatten(1), c.flatten(1)], dim=1))
 
 
 class Bags(nn.Module):
