@@ -53,7 +53,7 @@ class Conv1DLike(nn.Module):
 class Functional(nn.Module):
     """Parameters used through torch functions: F.linear on a module's weight and a bare
     weight, ``x @ W`` (a matrix and a vector), addmm, element-wise add/sub/mul with
-    broadcasting, ``1 - p``, ``torch.add(..., alpha=)``, a layer scale."""
+    broadcasting, ``1 - p``, ``torch.add(..., alpha=)``, ``2 * p``, a layer scale."""
 
     def __init__(self):
         super().__init__()
@@ -66,6 +66,7 @@ class Functional(nn.Module):
         self.shift = nn.Parameter(torch.linspace(-0.3, 0.3, 5))
         self.gate = nn.Parameter(torch.tensor(0.3))
         self.offset = nn.Parameter(torch.linspace(-0.2, 0.2, 5))
+        self.temperature = nn.Parameter(torch.tensor(0.7))
         self.head = nn.Linear(5, 2)
 
     def forward(self, x):  # (N, 3, 4)
@@ -74,7 +75,7 @@ class Functional(nn.Module):
         h = torch.tanh(h @ self.right)
         h = self.mm(h) * self.scale - self.shift
         h = torch.tanh(h) * (1 - self.gate) + (h @ self.vector).unsqueeze(-1) * 0.1
-        h = torch.add(h, self.offset, alpha=-0.5)
+        h = torch.add(h, self.offset, alpha=-0.5) * (2.0 * self.temperature)
         return self.head(h.mean(dim=1))
 
 

@@ -42,6 +42,7 @@ RULES = {
         "shift": ("(root)", "sub"),
         "gate": ("(root)", "rsub"),
         "offset": ("(root)", "add"),
+        "temperature": ("(root)", "mul"),
     },
     "norm_variants": {
         "ln2d.weight": ("ln2d", "F.layer_norm"),
