@@ -79,8 +79,10 @@ class NTK:
             example (``prod(out)`` for outputs ``(N, *out)``). ``trace`` and ``diagonal``
             never build the full kernel.
         method: ``"jacobian"`` (Jacobian contraction), ``"ntk_vp"`` (NTK-vector
-            products), ``"structured"`` (per-module rules for Linear, Conv, Embedding and
-            norm layers, Jacobian contraction for other parameters; see :meth:`explain`)
+            products), ``"structured"`` (rules per module type and per torch function --
+            Linear, convolutions, embeddings, norms, attention projections through
+            ``F.linear``, ... --, Jacobian contraction for other parameters; see
+            :meth:`explain` and :mod:`ntk_torch.kernel.rules`)
             or ``"auto"``, which picks the cheapest by the cost model of Novak et al. 2022
             on FLOPs measured for one forward pass.
         params: narrow the parameters: glob pattern(s) on parameter names or module paths

@@ -29,26 +29,11 @@ from . import functions as _builtin_function_rules  # noqa: F401  (registers the
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in module rules)
 from .engine import StructuredEngine, structured_cost
 from .plan import StructuredPlan, analyse
-from .registry import (
-    FUNCTION_RULES,
-    RULES,
-    CallSpec,
-    FunctionRule,
-    Rule,
-    function_rule_for,
-    register_function_rule,
-    register_rule,
-    rule_for,
-)
+from .registry import RULES, Rule, register_rule, rule_for
 
 __all__ = [
-    "FUNCTION_RULES",
     "RULES",
-    "CallSpec",
-    "FunctionRule",
     "Rule",
-    "function_rule_for",
-    "register_function_rule",
     "StructuredEngine",
     "StructuredPlan",
     "analyse",
