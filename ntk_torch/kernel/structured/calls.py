@@ -232,6 +232,17 @@ class FunctionCalls(TorchFunctionMode):
         raise NotImplementedError
 
 
+def _why_not(rule: FunctionRule, bound: Mapping[str, Any], out: Any) -> Optional[str]:
+    """Why ``rule`` cannot take this call, or None."""
+    try:
+        reason = rule.applies(bound)
+    except Exception as error:  # a rule that cannot read the call does not apply to it
+        reason = f"its applies() failed ({type(error).__name__}: {error})"
+    if reason is None and not (isinstance(out, torch.Tensor) and out.is_floating_point()):
+        reason = "its output is not a floating Tensor"
+    return reason
+
+
 def _returns_tensor(value: Any) -> bool:
     return any(isinstance(t, torch.Tensor) for t in tree_flatten(value)[0])
 
@@ -304,18 +315,14 @@ class UseObserver(FunctionCalls):
         self._note(present)
         roles = self.indices(rule, bound)
         out = func(*args, **kwargs)
-        in_roles = [name for name, _ in roles.values()]
         where, where_type = self.stack.innermost()
-        for name in present:
-            if in_roles.count(name) != present.count(name) or in_roles.count(name) > 1:
-                if not self._in_owner(name):
-                    self._reject(name, f"used directly by {rule.name} other than as its {'/'.join(rule.roles)} (inside {where_type})")
-        open_roles = {role: v for role, v in roles.items() if not self._in_owner(v[0]) and v[0] not in self.unrecognised}
+        self._reject_stray(rule, present, [name for name, _ in roles.values()], where_type)
+        open_roles = {
+            role: v for role, v in roles.items() if not self._in_owner(v[0]) and v[0] not in self.unrecognised
+        }
         if not open_roles:
             return out
-        reason = rule.applies(bound)
-        if reason is None and not (isinstance(out, torch.Tensor) and out.is_floating_point()):
-            reason = "its output is not a floating Tensor"
+        reason = _why_not(rule, bound, out)
         if reason is not None:
             for name, _ in open_roles.values():
                 self._reject(name, f"the {rule.name} rule does not apply to its call (inside {where_type}): {reason}")
@@ -326,6 +333,15 @@ class UseObserver(FunctionCalls):
         first_shape = tuple(first.shape) if isinstance(first, torch.Tensor) else None
         self.sites.append(FunctionSite(rule, open_roles, where, where_type, spec, first_shape))
         return out
+
+    def _reject_stray(self, rule: FunctionRule, present: List[str], in_roles: List[str], where_type: str) -> None:
+        """A parameter in an argument that is not a role, or in two roles, is not covered
+        by the call (unless the call is inside an owner whose module rule covers it)."""
+        for name in present:
+            stray = in_roles.count(name) != present.count(name) or in_roles.count(name) > 1
+            if stray and not self._in_owner(name):
+                roles = "/".join(rule.roles)
+                self._reject(name, f"used directly by {rule.name} other than as its {roles} (inside {where_type})")
 
     def other_call(self, func, args, kwargs):
         present = self.watched_in((args, kwargs))
