@@ -162,8 +162,11 @@ def bert_case(n: int = 16, vocab: int = 30522, sequence: int = 32) -> Case:
     positions, 2 classes) and ``n`` random token sequences of length ``sequence``, seeded."""
     torch.manual_seed(0)
     tokens = torch.randint(1, vocab, (n, sequence))
-    return Case("bert", f"BERT-like encoder (vocab {vocab}, d128 h4 ff512 L2, T={sequence}), N={n}",
-                BertLikeEncoder(vocab=vocab), tokens)
+    return Case("bert", bert_description(vocab, n, sequence), BertLikeEncoder(vocab=vocab), tokens)
+
+
+def bert_description(vocab: int, n: int = 16, sequence: int = 32) -> str:
+    return f"BERT-like encoder (vocab {vocab}, d128 h4 ff512 L2, T={sequence}), N={n}"
 
 
 def tutorial_baseline(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, mode: str) -> torch.Tensor:
@@ -435,7 +438,7 @@ def bert_table(repeats: int) -> str:
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for vocab in BERT_VOCABS:
-        description = bert_case(n=1, vocab=vocab).description.replace("N=1", "N=16")
+        description = bert_description(vocab)
         for pinned in (True, False):
             result, note = _bert_run(vocab, pinned, repeats)
             if result is None:
