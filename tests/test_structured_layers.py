@@ -214,6 +214,35 @@ def test_function_calls_that_depend_on_the_batch_fall_back_exactly():
     assert relative_error(ntk.empirical_ntk(model, x, method="structured", dtype=F64), naive_ntk(model, x)) < 1e-10
 
 
+class _ModifiedLater(torch.nn.Module):
+    """Inputs of covered calls modified in place after the calls: a rule would read the
+    modified tensor, so those parameters fall back (only biases train, so autograd does
+    not need the inputs and the Jacobian engine runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.fc.weight.requires_grad_(False)
+        self.register_buffer("frozen", torch.randn(3, 3))
+        self.bias = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        x = x * 1.0
+        h = self.fc(x) + torch.nn.functional.linear(x, self.frozen, self.bias)
+        x.mul_(2.0)
+        return torch.tanh(h) + x
+
+
+def test_inputs_modified_in_place_after_a_call_fall_back_exactly():
+    torch.manual_seed(0)
+    model = _ModifiedLater()
+    x = torch.randn(4, 3)
+    report = explain(model, x, method="structured", dtype=F64)
+    assert report.fallback["fc.bias"] == "its input is modified in place after the call"
+    assert report.fallback["bias"].endswith("an argument of its F.linear call is modified in place later")
+    assert relative_error(ntk.empirical_ntk(model, x, method="structured", dtype=F64), naive_ntk(model, x)) < 1e-10
+
+
 def test_no_function_mode_is_left_behind_by_an_error():
     class Failing(torch.nn.Module):
         def __init__(self):

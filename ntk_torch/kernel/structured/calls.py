@@ -41,6 +41,19 @@ def key_name(key: CallKey) -> str:
     return f"{key[0]}#{key[1]}"
 
 
+Versions = List[Tuple[torch.Tensor, int]]
+
+
+def tensor_versions(values: Any) -> Versions:
+    """The tensors among ``values`` with their version counters, to tell later whether
+    one was modified in place (a rule keeps a call's arguments for after the forward)."""
+    return [(t, t._version) for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor)]
+
+
+def modified(versions: Versions) -> bool:
+    return any(t._version != version for t, version in versions)
+
+
 # ---------------------------------------------------------------------------------------
 # Module calls
 # ---------------------------------------------------------------------------------------
@@ -58,13 +71,14 @@ class ModuleHooks:
         self.counts: Dict[nn.Module, int] = {}
         self.probes: Optional[Dict[str, torch.Tensor]] = None
         self.calls: List[Tuple[CallKey, Tuple, Any]] = []
+        self.versions: Dict[CallKey, Versions] = {}
         self.records: Dict[str, Any] = {}
         self.functions: Optional["FunctionCalls"] = None
 
     @contextlib.contextmanager
     def attach(self, probes: Optional[Dict[str, torch.Tensor]] = None,
                functions: Optional["FunctionCalls"] = None) -> Iterator["ModuleHooks"]:
-        self.counts, self.calls, self.records = {}, [], {}
+        self.counts, self.calls, self.versions, self.records = {}, [], {}, {}
         self.probes, self.functions = probes, functions
         handles = []
         try:
@@ -82,6 +96,7 @@ class ModuleHooks:
         key = (path, index)
         if self.probes is None:
             self.calls.append((key, args, output))
+            self.versions[key] = tensor_versions(args)
             return None
         name = key_name(key)
         if name not in self.probes:
@@ -296,6 +311,7 @@ class UseObserver(FunctionCalls):
         self.stack = stack
         self.module_owners = module_owners
         self.sites: List[FunctionSite] = []
+        self.site_versions: List[Versions] = []
         self.unrecognised: Dict[str, str] = {}
         self.use_counts: Dict[str, int] = {}
 
@@ -332,6 +348,7 @@ class UseObserver(FunctionCalls):
         first = bound.get(rule.arguments[0])
         first_shape = tuple(first.shape) if isinstance(first, torch.Tensor) else None
         self.sites.append(FunctionSite(rule, open_roles, where, where_type, spec, first_shape))
+        self.site_versions.append(tensor_versions(bound))
         return out
 
     def _reject_stray(self, rule: FunctionRule, present: List[str], in_roles: List[str], where_type: str) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from ...functional import FunctionalModel, Inputs, batch_size, group_of, map_inputs, slice_inputs
-from .calls import CallKey, FunctionSite, ModuleHooks, ModuleStack, UseObserver
+from .calls import CallKey, FunctionSite, ModuleHooks, ModuleStack, UseObserver, modified
 from .capture import measure_bundles
 from .registry import FunctionRule, Rule, rule_for
 from .terms import TermShape
@@ -155,10 +155,14 @@ def _module_rules(owners: Owners) -> Tuple[Dict[str, str], Dict[nn.Module, Tuple
 
 @dataclass
 class _Observation:
-    """What one forward pass showed: the hooked module calls and the function sites."""
+    """What one forward pass showed: the hooked module calls, the function sites, and the
+    calls (module call keys, site indices) one of whose arguments was modified in place
+    later in the pass -- a rule would read the modified tensor."""
 
     module_calls: List[Tuple[CallKey, Tuple, object]]
     observer: UseObserver
+    modified_calls: Set[CallKey]
+    modified_sites: Set[int]
 
 
 def _observe(fmodel: FunctionalModel, x: Inputs, hooked, module_owners) -> _Observation:
@@ -167,7 +171,10 @@ def _observe(fmodel: FunctionalModel, x: Inputs, hooked, module_owners) -> _Obse
     observer = UseObserver(watched, stack, module_owners)
     with stack.attach(), hooks.attach(), observer:
         fmodel(fmodel.params, x)
-    return _Observation(list(hooks.calls), observer)
+    modified_calls = {key for key, versions in hooks.versions.items() if modified(versions)}
+    modified_sites = {i for i, versions in enumerate(observer.site_versions) if modified(versions)}
+    observer.site_versions = []  # no tensors outlive the analysis
+    return _Observation(list(hooks.calls), observer, modified_calls, modified_sites)
 
 
 def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredPlan:
@@ -180,8 +187,12 @@ def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredP
     two = slice_inputs(x, 0, 2) if n >= 2 else map_inputs(one, lambda t: torch.cat([t, t]))
     first, second = _observe(fmodel, one, hooked, module_owners), _observe(fmodel, two, hooked, module_owners)
     bad_modules = _bad_module_calls(first.module_calls, second.module_calls, hooked, module_at)
+    for key in first.modified_calls:
+        bad_modules.setdefault(id(module_at[key[0]]), "its input is modified in place after the call")
     sites = first.observer.sites
     bad_sites = _bad_sites(sites, second.observer.sites)
+    for index in first.modified_sites:
+        bad_sites.setdefault(index, f"an argument of its {sites[index].rule.name} call is modified in place later")
 
     order = [key for key, _, _ in first.module_calls]
     calls_of: Dict[int, List[CallKey]] = {}
