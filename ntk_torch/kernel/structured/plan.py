@@ -10,9 +10,10 @@ A use is covered
   the call happens, including inside ``F.multi_head_attention_forward``.
 
 A parameter is covered when *every* one of its uses is covered (tied weights may mix
-both kinds), it is used at all, and every covering call passes the batch check: the
-call exists for two examples as for one and, for a rule that reads dim 0 as the batch,
-its input and output are batched on dim 0. Anything else -- ``torch.einsum`` on a
+both kinds), it is used at all, and every covering call passes two checks: the call
+exists for two examples as for one and, for a rule that reads dim 0 as the batch, its
+input and output are batched on dim 0; and no argument of the call is modified in place
+later in the forward (the rule keeps the arguments it records for after the forward). Anything else -- ``torch.einsum`` on a
 weight, a weight split into views, a layer without a rule -- sends the parameter to the
 fallback (Jacobian contraction), with the reason.
 
