@@ -3,6 +3,7 @@
 
     python scripts/bench_ntk.py [--quick] [--cases mlp,cnn] [--methods ...] [--modes ...]
     python scripts/bench_ntk.py --structured [--nt-python PYTHON] [--skip-slow]
+    python scripts/bench_ntk.py --bert-only [--repeats 5]
 
 ``ntk-torch bench [args...]`` runs this script's :func:`main` from a source checkout.
 
@@ -30,6 +31,11 @@ one run, side by side):
   derivatives (``scripts/bench_nt.py``, identical architectures and N);
 * a Transformer encoder layer (d_model 128, 4 heads, feed-forward 512, sequence 32,
   mean-pool, Linear to 10) at N=64: structured vs Jacobian engine;
+* a BERT-like encoder (:class:`BertLikeEncoder`: token and position embeddings, 2 encoder
+  layers of d_model 128, 4 heads, feed-forward 512, sequence 32, a pooled 2-class head) at
+  N=16 in ``trace`` mode, structured vs Jacobian engine, in fresh processes with one
+  thread pinned to CPU 0 and with every thread, for BERT's vocabulary (30522) and a small
+  one (1000); ``--bert-only`` runs just this table;
 * the structured engine's achieved GFLOP/s (its cost model's FLOPs over seconds) beside
   ``torch.matmul``'s on this machine, and the "dense-matmul floor": those FLOPs at
   matmul speed;
@@ -45,6 +51,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,7 +63,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from ntk_torch.kernel import METHODS, MODES, empirical_ntk, explain
+from ntk_torch.kernel import METHODS, MODES, NTK, empirical_ntk, explain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -120,6 +127,47 @@ def transformer_case(n: int = 64, sequence: int = 32) -> Case:
     model = EncoderClassifier()
     return Case("transformer", f"Transformer encoder d128 h4 ff512, T={sequence}, N={n}", model,
                 torch.randn(n, sequence, 128))
+
+
+class BertLikeEncoder(nn.Module):
+    """A BERT-style encoder from torch modules: token embeddings and position embeddings
+    (looked up with ids shared by every example, as Hugging Face's BERT does), LayerNorm,
+    ``layers`` ``nn.TransformerEncoderLayer`` (GELU), a tanh pooler on the first token and
+    a linear classifier."""
+
+    def __init__(self, vocab=30522, positions=512, d_model=128, heads=4, feedforward=512, layers=2, classes=2):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d_model, padding_idx=0)
+        self.positions = nn.Embedding(positions, d_model)
+        self.register_buffer("position_ids", torch.arange(positions).unsqueeze(0))
+        self.norm = nn.LayerNorm(d_model)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, heads, feedforward, dropout=0.1, activation="gelu", batch_first=True)
+            for _ in range(layers)
+        )
+        self.pooler = nn.Linear(d_model, d_model)
+        self.classifier = nn.Linear(d_model, classes)
+
+    def forward(self, tokens):  # (N, T) token ids
+        h = self.norm(self.tokens(tokens) + self.positions(self.position_ids[:, : tokens.shape[1]]))
+        for layer in self.layers:
+            h = layer(h)
+        return self.classifier(torch.tanh(self.pooler(h[:, 0])))
+
+
+BERT_VOCABS = (30522, 1000)  # BERT's WordPiece vocabulary, and a small one as a control
+
+
+def bert_case(n: int = 16, vocab: int = 30522, sequence: int = 32) -> Case:
+    """The BERT-like encoder (d_model 128, 4 heads, feed-forward 512, 2 layers, 512
+    positions, 2 classes) and ``n`` random token sequences of length ``sequence``, seeded."""
+    torch.manual_seed(0)
+    tokens = torch.randint(1, vocab, (n, sequence))
+    return Case("bert", bert_description(vocab, n, sequence), BertLikeEncoder(vocab=vocab), tokens)
+
+
+def bert_description(vocab: int, n: int = 16, sequence: int = 32) -> str:
+    return f"BERT-like encoder (vocab {vocab}, d128 h4 ff512 L2, T={sequence}), N={n}"
 
 
 def tutorial_baseline(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, mode: str) -> torch.Tensor:
@@ -340,6 +388,77 @@ def large_trace_child(n: int) -> None:
     }))
 
 
+def interleaved_seconds(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int) -> Dict[str, float]:
+    """Median wall seconds of each call, the calls taking turns (so a busy machine slows
+    them alike): ``warmup`` untimed rounds, then ``repeats`` timed ones."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    seconds: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def bert_child(vocab: int, threads: int, repeats: int) -> None:
+    """In a fresh process: the structured and Jacobian engines' seconds on the BERT-like
+    encoder's trace kernel at N=16, with ``threads`` torch threads (0: torch's default),
+    and how many parameter tensors fall back (JSON)."""
+    if threads:
+        torch.set_num_threads(threads)
+    case = bert_case(vocab=vocab)
+    kernels = {method: NTK(case.model, mode="trace", method=method) for method in ("structured", "jacobian")}
+    seconds = interleaved_seconds({m: (lambda k=k: k(case.inputs)) for m, k in kernels.items()}, 1, repeats)
+    fallback = kernels["structured"].explain(case.inputs).fallback
+    print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(), "fallback": sorted(fallback)}))
+
+
+def _bert_run(vocab: int, pinned: bool, repeats: int) -> Tuple[Optional[dict], str]:
+    """One :func:`bert_child` run: one thread pinned to CPU 0 (``taskset -c 0`` where it
+    exists), or every thread; the result, or None and why it failed."""
+    command = [sys.executable, __file__, "--bert-child", str(vocab), "--repeats", str(repeats),
+               "--bert-threads", "1" if pinned else "0"]
+    note = ""
+    if pinned:
+        if shutil.which("taskset"):
+            command = ["taskset", "-c", "0"] + command
+        else:
+            note = " (not pinned: no taskset)"
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(done.stdout.strip().splitlines()[-1]), note
+
+
+def bert_table(repeats: int) -> str:
+    """The BERT-like encoder at N=16, trace mode: structured vs Jacobian engine, one
+    pinned thread and every thread, for BERT's vocabulary and a small one."""
+    lines = [
+        "| case | mode | threads | structured s | jacobian s | vs jacobian | falls back |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for vocab in BERT_VOCABS:
+        description = bert_description(vocab)
+        for pinned in (True, False):
+            result, note = _bert_run(vocab, pinned, repeats)
+            if result is None:
+                lines.append(f"| {description} | trace | {'1' if pinned else 'all'} | failed: {note} | | | |")
+                continue
+            s = result["seconds"]
+            threads = f"{result['threads']}{' pinned' if pinned and not note else note}"
+            owners = sorted({name.rpartition(".")[0] for name in result["fallback"]})
+            falls_back = f"{len(result['fallback'])} tensors of {', '.join(owners)}" if owners else "nothing"
+            lines.append(
+                f"| {description} | trace | {threads} | {s['structured']:.4f} | {s['jacobian']:.4f} | "
+                f"{s['jacobian'] / s['structured']:.1f}x | {falls_back} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def _structured_row(args: argparse.Namespace, case: Case, mode: str, matmul_rate: float) -> Tuple[str, Optional[str]]:
     """The comparison table's row for ``case`` in ``mode``, and the neural-tangents note
     (None for the Transformer, which neural-tangents is not run on)."""
@@ -402,6 +521,7 @@ def structured_report(args: argparse.Namespace) -> str:
             print(row, file=sys.stderr, flush=True)
     lines.append(f"neural-tangents: {nt_note}")
     lines.append(_large_trace_line(args.large_n))
+    lines += ["", bert_table(args.repeats)]
     table = "\n".join(lines)
     print(table)
     return table
@@ -431,7 +551,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     structured.add_argument("--nt-python", default="", help="python of a venv with neural-tangents")
     structured.add_argument("--large-n", type=int, default=8192, help="N of the memory-budgeted trace kernel")
     structured.add_argument("--skip-slow", action="store_true", help="skip the MLP's Jacobian/tutorial runs")
+    structured.add_argument("--bert-only", action="store_true",
+                            help="only the BERT-like encoder's table (structured vs jacobian, N=16, trace)")
     structured.add_argument("--large-trace-child", type=int, metavar="N", help=argparse.SUPPRESS)
+    structured.add_argument("--bert-child", type=int, metavar="VOCAB", help=argparse.SUPPRESS)
+    structured.add_argument("--bert-threads", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -447,6 +571,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         torch.set_num_threads(args.threads)
     if args.large_trace_child is not None:
         large_trace_child(args.large_trace_child)
+    elif args.bert_child is not None:
+        bert_child(args.bert_child, args.bert_threads, args.repeats)
+    elif args.bert_only:
+        table = "\n".join([f"torch {torch.__version__}, {machine_description(torch.device('cpu'))}",
+                           f"median of {args.repeats} interleaved call(s) after one warm-up round", "",
+                           bert_table(args.repeats)])
+        print(table)
     elif args.structured:
         structured_report(args)
     else:

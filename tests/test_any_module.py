@@ -277,3 +277,38 @@ def test_hygiene_holds_without_vmap_or_forward_mode(zoo, name, method):
     hygiene.assert_transform_state_clean()
     assert all(p.grad is None for p in model.parameters())
     assert kernel.grad_fn is None and not kernel.requires_grad
+
+
+class _FunctionSitesVmapCannotRun(nn.Module):
+    """Function rules (attention projections through ``F.linear``, a bare ``F.linear``)
+    inside a non-reentrant checkpoint and data-dependent control flow: the structured
+    engine's per-example capture must add each function probe once, not again when the
+    checkpointed segment is recomputed in the backward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 4))
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.attention(x, x, x)
+        h = torch.utils.checkpoint.checkpoint(
+            lambda t: torch.tanh(nn.functional.linear(t, self.weight)), h, use_reentrant=False
+        )
+        if h.sum() > 0:
+            h = 2 * h
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_function_rules_in_the_per_example_capture_are_exact(mode):
+    torch.manual_seed(0)
+    model = _FunctionSitesVmapCannotRun().double()
+    x1, x2 = torch.randn(4, 3, 4, dtype=F64), torch.randn(3, 3, 4, dtype=F64)
+    report = explain(model, x1)
+    assert "F.linear" in {term.rule for term in report.terms} and not report.fallback
+    for x2_ in (None, x2):
+        expected = reduce_mode(naive_ntk(model, x1, x2_), mode)
+        kernel = ntk.empirical_ntk(model, x1, x2_, mode=mode, method="structured")
+        torch.testing.assert_close(kernel, expected, rtol=1e-10, atol=1e-12)

@@ -68,3 +68,19 @@ def test_bench_outside_a_checkout_is_a_one_line_error(monkeypatch, tmp_path, cap
         "ntk-torch: error: the benchmark ships with the source repository; "
         "run python scripts/bench_ntk.py from a checkout\n"
     )
+
+
+def test_the_bert_like_benchmark_model_is_covered_and_exact():
+    """The benchmark's BERT-like encoder, small: every parameter has a rule (attention
+    projections through F.linear, positions looked up with shared ids) and the kernel is
+    the Jacobian engine's."""
+    from ntk_torch.kernel import explain
+    from ntk_torch import empirical_ntk
+
+    torch.manual_seed(0)
+    model = bench.BertLikeEncoder(vocab=50, positions=8, d_model=8, heads=2, feedforward=12)
+    tokens = torch.randint(1, 50, (4, 6))
+    assert explain(model, tokens, mode="trace", method="structured").fallback == {}
+    structured = empirical_ntk(model, tokens, mode="trace", method="structured", dtype=torch.float64)
+    jacobian = empirical_ntk(model, tokens, mode="trace", method="jacobian", dtype=torch.float64)
+    torch.testing.assert_close(structured, jacobian, rtol=1e-10, atol=1e-12)

@@ -129,8 +129,10 @@ class Scale(nn.Module):
 
 
 class Mixed(nn.Module):
-    """Covered layers beside a bare parameter, a custom module, Bilinear (no rule), a Linear
-    whose weight is also used directly, and a Linear applied to a constant table."""
+    """Covered layers beside a bare parameter (covered by the ``add`` function rule), a
+    custom module (``mul``), Bilinear (no rule), a Linear whose weight is also used through
+    ``F.linear`` (both calls one term), and a Linear applied to a constant table (its call
+    is not batched on dim 0; the Linear rule reads leading dimensions as positions)."""
 
     def __init__(self):
         super().__init__()
@@ -148,6 +150,44 @@ class Mixed(nn.Module):
         h = torch.tanh(self.act(h, h))
         h = torch.tanh(self.out(h)) + 0.1 * F.linear(h, self.out.weight)  # direct use
         h = h + self.table_proj(self.table)  # not batched on dim 0
+        return self.head(torch.tanh(h))
+
+
+class ExpScale(nn.Module):
+    """``y = x exp(g)``: a parameter through a function no rule knows."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(-0.5, 0.5, d))
+
+    def forward(self, x):
+        return x * self.gain.exp()
+
+
+class Opaque(nn.Module):
+    """Uses no rule covers beside covered layers: a parameter through ``exp``, Bilinear, a
+    Linear whose weight is also used by ``einsum``, a bare parameter squared, and a Conv1d
+    and an ``F.group_norm`` call on a constant (rules that read dim 0 as the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.scale = ExpScale(6)
+        self.act = nn.Bilinear(6, 6, 6)
+        self.offset = nn.Parameter(torch.linspace(-0.2, 0.3, 6))
+        self.out = nn.Linear(6, 6)
+        self.register_buffer("table", torch.randn(1, 2, 6) * 0.3)
+        self.gn_weight = nn.Parameter(torch.linspace(0.5, 1.5, 2))
+        self.gn_bias = nn.Parameter(torch.linspace(-0.1, 0.1, 2))
+        self.table_conv = nn.Conv1d(2, 1, 1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.scale(self.fc(x)) + self.offset.pow(2)
+        h = torch.tanh(self.act(h, h))
+        h = torch.tanh(self.out(h)) + 0.1 * torch.einsum("bi,oi->bo", h, self.out.weight)  # direct use
+        table = F.group_norm(self.table, 2, self.gn_weight, self.gn_bias)  # not batched on dim 0
+        h = h + self.table_conv(table).squeeze(1)  # not batched on dim 0
         return self.head(torch.tanh(h))
 
 
@@ -214,6 +254,7 @@ def extra_models():
         "tokens": (Tokens(), lambda n, s: torch.randint(0, 7, (n, 6), generator=_gen(s))),
         "called_twice": (CalledTwice(), lambda n, s: torch.randn(n, 5, generator=_gen(s))),
         "mixed": (Mixed(), lambda n, s: torch.randn(n, 4, generator=_gen(s))),
+        "opaque": (Opaque(), lambda n, s: torch.randn(n, 4, generator=_gen(s))),
         "norms": (norms, lambda n, s: torch.randn(n, 2, 5, 5, generator=_gen(s))),
         "tied_embedding": (TiedEmbedding(), lambda n, s: torch.randint(0, 6, (n, 3), generator=_gen(s))),
     }
@@ -291,15 +332,18 @@ def test_float32_agrees_with_jacobian_engine(zoo):
 # ---------------------------------------------------------------------------------------
 
 def test_fallback_is_exact_and_reported(extras):
-    model, x1, x2, _, ref_cross = extras["mixed"]
+    model, x1, x2, _, ref_cross = extras["opaque"]
     report = explain(model, x1, x2, method="structured", dtype=F64)
     assert set(report.fallback) == {
-        "scale.gain", "act.weight", "act.bias", "offset", "table", "out.weight", "table_proj.weight", "table_proj.bias"
+        "scale.gain", "act.weight", "act.bias", "offset", "out.weight", "table_conv.weight", "table_conv.bias",
+        "gn_weight", "gn_bias",
     }
-    assert "no rule for Scale" in report.fallback["scale.gain"]
+    assert "no rule for ExpScale" in report.fallback["scale.gain"]
     assert "no rule for Bilinear" in report.fallback["act.weight"]
-    assert "used directly by linear" in report.fallback["out.weight"]
-    assert "not batched on dim 0" in report.fallback["table_proj.weight"]
+    assert "used directly by pow" in report.fallback["offset"]
+    assert "used directly by einsum" in report.fallback["out.weight"]
+    assert "not batched on dim 0" in report.fallback["table_conv.weight"]
+    assert "F.group_norm call is not batched on dim 0" in report.fallback["gn_weight"]
     assert set(report.covered) == {"fc.weight", "fc.bias", "out.bias", "head.weight", "head.bias"}
     text = str(report)
     assert "fallback (jacobian)" in text and "no rule for Bilinear" in text
@@ -309,6 +353,20 @@ def test_fallback_is_exact_and_reported(extras):
     out_ref = naive_ntk(model, x1, x2, param_names=["out.weight", "out.bias"])
     assert_close(per_layer["out"], out_ref)
     assert_close(per_layer.total, ref_cross)
+
+
+def test_function_rules_cover_uses_outside_module_rules(extras):
+    """A bare parameter added, a custom module's gain multiplied, a weight reused through
+    F.linear and a Linear on a constant table: covered, each by the rule that sees it."""
+    model, x1, _, _, _ = extras["mixed"]
+    report = explain(model, x1, method="structured", dtype=F64)
+    assert set(report.fallback) == {"act.weight", "act.bias", "table"}
+    assert "used directly by F.linear other than as its weight/bias" in report.fallback["table"]
+    by_param = {p: (t.modules, t.rule) for t in report.terms for p in t.params}
+    assert by_param["offset"] == ("(root)", "add")
+    assert by_param["scale.gain"] == ("scale", "mul")
+    assert by_param["out.weight"] == ("out, (root)", "F.linear+linear")
+    assert by_param["table_proj.weight"] == ("table_proj", "linear")
 
 
 def test_tied_weights_across_rule_kinds_are_covered(extras):
@@ -344,7 +402,7 @@ def test_strategy_follows_the_cost_model(caplog):
 
 
 def test_auto_keeps_other_engines_without_coverage():
-    model = nn.Sequential(Scale(3), nn.Tanh(), Scale(3))
+    model = nn.Sequential(ExpScale(3), nn.Tanh(), ExpScale(3))
     x = torch.randn(4, 3)
     report = explain(model, x)
     assert "structured" not in report.costs and report.method != "structured"
@@ -569,7 +627,7 @@ def test_memo_sees_forward_override_and_attribute_changes(monkeypatch):
     import types
 
     def direct(self, x):
-        return F.linear(torch.tanh(self.fc(x)), self.out.weight, self.out.bias)
+        return torch.einsum("bi,oi->bo", torch.tanh(self.fc(x)), self.out.weight) + self.out.bias
 
     model.forward = types.MethodType(direct, model)
     check(x)

@@ -191,7 +191,11 @@ def _detach(plan: StructuredPlan) -> StructuredPlan:
 
 
 def _bind(plan: StructuredPlan, model: nn.Module) -> StructuredPlan:
-    """A plan of :func:`_detach` with its modules looked up in ``model`` again."""
+    """A plan of :func:`_detach` with its modules looked up in ``model`` again (function
+    calls refer to no module)."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    calls = {k: dataclasses.replace(c, module=modules[k[0]]) for k, c in plan.calls.items()}
+    calls = {
+        k: c if c.function is not None else dataclasses.replace(c, module=modules[k[0]])
+        for k, c in plan.calls.items()
+    }
     return dataclasses.replace(plan, calls=calls)

@@ -87,8 +87,10 @@ class NTK:
             example (``prod(out)`` for outputs ``(N, *out)``). ``trace`` and ``diagonal``
             never build the full kernel.
         method: ``"jacobian"`` (Jacobian contraction), ``"ntk_vp"`` (NTK-vector
-            products), ``"structured"`` (per-module rules for Linear, Conv, Embedding and
-            norm layers, Jacobian contraction for other parameters; see :meth:`explain`),
+            products), ``"structured"`` (rules per module type and per torch function --
+            Linear, convolutions, embeddings, norms, attention projections through
+            ``F.linear``, ... --, Jacobian contraction for other parameters; see
+            :meth:`explain` and :mod:`ntk_torch.kernel.rules`),
             ``"loop"`` (Jacobian contraction of per-example Jacobians from plain autograd,
             no ``vmap``: for masks with data-dependent control flow, RNNs, checkpointing)
             or ``"auto"``, which picks the cheapest by the cost model of Novak et al. 2022

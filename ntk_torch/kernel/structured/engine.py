@@ -1,4 +1,4 @@
-"""The structured-derivatives engine: per-module rules, Jacobian contraction for the rest."""
+"""The structured-derivatives engine: module and function rules, Jacobian contraction for the rest."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from ...functional import FunctionalModel, Inputs, ParamGroup, batch_size
 from ...layout import Layout
 from ..cost import ForwardProfile
 from ..engine import Engine
+from .capture import assemble, capture
 from .per_example import capture_per_example
-from .plan import StructuredPlan, assemble, capture
+from .plan import StructuredPlan
 from .terms import (
     GradientTerm,
     KroneckerTerm,
@@ -38,9 +39,10 @@ class _Side:
 
 
 class StructuredEngine(Engine):
-    """Kernel blocks from per-module rules (Novak et al. 2022, "structured derivatives").
+    """Kernel blocks from module and function rules (Novak et al. 2022, "structured
+    derivatives").
 
-    A block's examples are captured once (:func:`.plan.capture`): each covered call's
+    A block's examples are captured once (:func:`.capture.capture`): each covered call's
     input and the cotangents of its output for every network output, plus the Jacobians
     of the fallback parameters. Every bundle of covered parameters is contracted by the
     cheaper of its strategies (:mod:`.terms`), chosen per block size by FLOP count;

@@ -1,55 +1,66 @@
-"""Which parameters the rules cover, and the pass that captures what flows through them.
+"""Which parameters the rules cover: the analysis behind the structured engine.
 
-:func:`analyse` runs the model on one and on two examples with forward hooks on every
-module that has a rule, and decides for each selected parameter whether a rule covers it
-exactly. A parameter is covered when every module owning it (tied weights have several)
-has an applicable rule, at least one of them is called, every call's input and output are
-batched on dim 0, and the parameter is used only inside its owners' calls -- watched
-with a ``TorchFunctionMode``, so ``F.linear(h, self.embed.weight)`` in a parent's forward
-or ``MultiheadAttention`` passing ``out_proj.weight`` to ``F.multi_head_attention_forward``
-send that parameter to the fallback. The rest fall back to Jacobian contraction.
+:func:`analyse` runs the model on one and on two examples, watching every use of every
+selected parameter (:mod:`.calls`), and decides for each whether rules cover it exactly.
+A use is covered
 
-:func:`capture` then computes, for a block of examples and in one ``vmap(jacrev)`` pass
-per example (exactly like the Jacobian engine, so each example is evaluated alone):
+* inside a call of a module owning the parameter whose module rule covers it (forward
+  hooks on those modules), or
+* as a role argument of a torch function call that a function rule applies to -- wherever
+  the call happens, including inside ``F.multi_head_attention_forward``.
 
-* what each covered call's rule records (its input), as aux output;
-* the cotangents ``d f_a(x_i) / d y_c`` of each call's output ``y_c``, as the Jacobian
-  with respect to an additive zero *probe* on ``y_c`` (``(n, O, *out)``);
-* the per-example Jacobians of the fallback parameters.
+A parameter is covered when *every* one of its uses is covered (tied weights may mix
+both kinds), it is used at all, and every covering call passes two checks: the call
+exists for two examples as for one and, for a rule that reads dim 0 as the batch, its
+input and output are batched on dim 0; and no argument of the call is modified in place
+later in the forward (the rule keeps the arguments it records for after the forward). Anything else -- ``torch.einsum`` on a
+weight, a weight split into views, a layer without a rule -- sends the parameter to the
+fallback (Jacobian contraction), with the reason.
 
-Each (parameter set, calls) pair becomes a :class:`Bundle`; a module called several times
-(weight sharing) yields one term whose positions are those of all its calls, so every
-pair of calls contributes.
+Each (parameter set, calls) pair becomes a :class:`Bundle`; a parameter used by several
+calls (weight sharing, a module called twice, a weight reused through ``F.linear``) yields
+one term whose positions are those of all its calls, so every pair of calls contributes.
+The capture of what flows through the calls is :mod:`.capture`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
-from torch.func import jacrev, vmap
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from ...functional import FunctionalModel, Inputs, batch_size, group_of, map_inputs, slice_inputs
-from .registry import Rule, rule_for
-from .terms import DenseFeatures, GradientTerm, KroneckerTerm, Term, TermShape, can_join
-
-CallKey = Tuple[str, int]  # (module path, index of the call within one forward)
+from .calls import CallKey, FunctionSite, ModuleHooks, ModuleStack, UseObserver, modified
+from .capture import measure_bundles
+from .registry import FunctionRule, Rule, rule_for
+from .terms import TermShape
 
 
 @dataclass
 class CallSite:
-    """One call of a covered module in the forward."""
+    """One covered call in the forward: of a module (``module``) or of a torch function
+    (``function``, whose ``spec`` the rule's ``terms`` reads)."""
 
     key: CallKey
-    module: nn.Module
-    rule: Rule
+    module: Optional[nn.Module]
+    rule: Union[Rule, FunctionRule]
     output_shape: Tuple[int, ...]  # per example (with a batch dim of 1)
+    function: Optional[FunctionSite] = None
+
+    @property
+    def label(self) -> str:
+        """The module path of the call (a function's: the module whose forward makes it)."""
+        if self.function is None:
+            return self.key[0]
+        return self.function.where or "(root)"
+
+    @property
+    def type_name(self) -> str:
+        return self.function.where_type if self.function is not None else type(self.module).__name__
 
 
 @dataclass
@@ -65,11 +76,11 @@ class Bundle:
     rule: str
     module_types: Tuple[str, ...]
     shape: Optional[TermShape] = None
+    labels: Tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
-        paths = sorted({path for path, _ in self.calls}, key=[p for p, _ in self.calls].index)
-        return ", ".join(paths)
+        return ", ".join(self.labels)
 
 
 @dataclass
@@ -92,95 +103,17 @@ class StructuredPlan:
 
 
 # ---------------------------------------------------------------------------------------
-# Hooks
-# ---------------------------------------------------------------------------------------
-
-class _Hooks:
-    """Forward hooks on covered modules, registered only inside :meth:`attach`.
-
-    In *discovery* they note each call's shapes; in *capture* they record what the rule
-    needs and add the call's zero probe to its output.
-    """
-
-    def __init__(self, modules: Dict[nn.Module, Tuple[str, Rule]]):
-        self.modules = modules
-        self.counts: Dict[nn.Module, int] = {}
-        self.stack: List[nn.Module] = []
-        self.probes: Optional[Dict[str, torch.Tensor]] = None
-        self.calls: List[Tuple[CallKey, Tuple, torch.Tensor]] = []
-        self.records: Dict[str, torch.Tensor] = {}
-
-    @contextlib.contextmanager
-    def attach(self, probes: Optional[Dict[str, torch.Tensor]] = None) -> Iterator["_Hooks"]:
-        self.counts, self.stack, self.calls, self.records = {}, [], [], {}
-        self.probes = probes
-        handles = []
-        try:
-            for module in self.modules:
-                handles.append(module.register_forward_pre_hook(self._pre))
-                handles.append(module.register_forward_hook(self._post, always_call=True))
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _pre(self, module: nn.Module, args) -> None:
-        self.stack.append(module)
-
-    def _post(self, module: nn.Module, args, output):
-        if self.stack and self.stack[-1] is module:
-            self.stack.pop()
-        path, rule = self.modules[module]
-        index = self.counts.get(module, 0)
-        self.counts[module] = index + 1
-        key = (path, index)
-        if self.probes is None:
-            self.calls.append((key, args, output))
-            return None
-        name = key_name(key)
-        if name not in self.probes:
-            return None
-        self.records[name] = rule.record(module, args, output)
-        return output + self.probes[name]
-
-
-def key_name(key: CallKey) -> str:
-    return f"{key[0]}#{key[1]}"
-
-
-class _UseWatcher(TorchFunctionMode):
-    """Flags parameters consumed by a torch function outside a call of an owner module."""
-
-    def __init__(self, hooks: _Hooks, watched: Dict[int, str], owners: Dict[str, set]):
-        super().__init__()
-        self.hooks = hooks
-        self.watched = watched
-        self.owners = owners
-        self.outside: Dict[str, str] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        used = [self.watched[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.watched]
-        if used and any(isinstance(t, torch.Tensor) for t in tree_flatten(result)[0]):
-            current = self.hooks.stack[-1] if self.hooks.stack else None
-            for name in used:
-                if id(current) not in self.owners[name] and name not in self.outside:
-                    where = f"inside {type(current).__name__}" if current is not None else "outside its module"
-                    func_name = getattr(func, "__name__", repr(func))
-                    self.outside[name] = f"used directly by {func_name} ({where})"
-        return result
-
-
-# ---------------------------------------------------------------------------------------
 # Analysis
 # ---------------------------------------------------------------------------------------
 
-def _owners(model: nn.Module, fmodel: FunctionalModel) -> Dict[str, List[Tuple[str, nn.Module, str]]]:
+Owners = Dict[str, List[Tuple[str, nn.Module, str]]]
+
+
+def _owners(model: nn.Module, fmodel: FunctionalModel) -> Owners:
     """``{selected parameter: [(module path, module, attribute), ...]}`` over every tie."""
     canonical = {id(p): name for name, p in model.named_parameters()}
     modules = dict(model.named_modules(remove_duplicate=False))
-    owners: Dict[str, List[Tuple[str, nn.Module, str]]] = {name: [] for name in fmodel.params}
+    owners: Owners = {name: [] for name in fmodel.params}
     seen = set()
     for full_name, p in model.named_parameters(remove_duplicate=False):
         name = canonical[id(p)]
@@ -195,8 +128,119 @@ def _owners(model: nn.Module, fmodel: FunctionalModel) -> Dict[str, List[Tuple[s
     return owners
 
 
-def _batched(t, n: int) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+def _module_rules(owners: Owners) -> Tuple[Dict[str, str], Dict[nn.Module, Tuple[str, Rule]], Dict[str, Set[int]]]:
+    """``(notes, hooked, module_owners)``: why an owner's module rule cannot cover a
+    parameter (no rule, attribute not covered, forward hooks, not applicable) -- uses
+    there may still be covered by function rules --, the modules whose calls the module
+    rules cover (with path and rule), and for each parameter the ids of those of its
+    owners."""
+    notes: Dict[str, str] = {}
+    hooked: Dict[nn.Module, Tuple[str, Rule]] = {}
+    module_owners: Dict[str, Set[int]] = {name: set() for name in owners}
+    for name, places in owners.items():
+        for path, module, attr in places:
+            rule = rule_for(module)
+            if rule is None:
+                notes.setdefault(name, f"no rule for {type(module).__name__}")
+            elif attr not in rule.roles:
+                notes.setdefault(name, f"the {rule.name} rule does not cover .{attr}")
+            elif module._forward_hooks or _module_hooks._global_forward_hooks:
+                notes.setdefault(name, f"{type(module).__name__} has forward hooks, which may change its output")
+            elif rule.applies(module) is not None:
+                notes.setdefault(name, f"{type(module).__name__} rule does not apply: {rule.applies(module)}")
+            else:
+                hooked.setdefault(module, (path, rule))
+                module_owners[name].add(id(module))
+    return notes, hooked, module_owners
+
+
+@dataclass
+class _Observation:
+    """What one forward pass showed: the hooked module calls, the function sites, and the
+    calls (module call keys, site indices) one of whose arguments was modified in place
+    later in the pass -- a rule would read the modified tensor."""
+
+    module_calls: List[Tuple[CallKey, Tuple, object]]
+    observer: UseObserver
+    modified_calls: Set[CallKey]
+    modified_sites: Set[int]
+
+
+def _observe(fmodel: FunctionalModel, x: Inputs, hooked, module_owners) -> _Observation:
+    watched = {id(fmodel.params[name]): name for name in fmodel.params}
+    stack, hooks = ModuleStack(fmodel.model), ModuleHooks(hooked)
+    observer = UseObserver(watched, stack, module_owners)
+    with stack.attach(), hooks.attach(), observer:
+        fmodel(fmodel.params, x)
+    modified_calls = {key for key, versions in hooks.versions.items() if modified(versions)}
+    modified_sites = {i for i, versions in enumerate(observer.site_versions) if modified(versions)}
+    observer.site_versions = []  # no tensors outlive the analysis
+    return _Observation(list(hooks.calls), observer, modified_calls, modified_sites)
+
+
+def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredPlan:
+    """Decide coverage and build the bundles, from the first examples of ``x``."""
+    owners = _owners(fmodel.model, fmodel)
+    notes, hooked, module_owners = _module_rules(owners)
+    module_at = {path: module for module, (path, _) in hooked.items()}
+    n = batch_size(x, "x1")
+    one = slice_inputs(x, 0, 1)
+    two = slice_inputs(x, 0, 2) if n >= 2 else map_inputs(one, lambda t: torch.cat([t, t]))
+    first, second = _observe(fmodel, one, hooked, module_owners), _observe(fmodel, two, hooked, module_owners)
+    bad_modules = _bad_module_calls(first.module_calls, second.module_calls, hooked, module_at)
+    for key in first.modified_calls:
+        bad_modules.setdefault(id(module_at[key[0]]), "its input is modified in place after the call")
+    sites = first.observer.sites
+    bad_sites = _bad_sites(sites, second.observer.sites)
+    for index in first.modified_sites:
+        bad_sites.setdefault(index, f"an argument of its {sites[index].rule.name} call is modified in place later")
+
+    order = [key for key, _, _ in first.module_calls]
+    calls_of: Dict[int, List[CallKey]] = {}
+    for key in order:
+        calls_of.setdefault(id(module_at[key[0]]), []).append(key)
+    fallback: Dict[str, str] = {}
+    module_roles: Dict[str, Dict[CallKey, str]] = {}
+    for name in owners:
+        reason = first.observer.unrecognised.get(name)
+        keys: Dict[CallKey, str] = {}
+        for _, module, attr in owners[name]:
+            if id(module) in module_owners[name]:
+                reason = reason or bad_modules.get(id(module))
+                keys.update({key: attr for key in calls_of.get(id(module), [])})
+        for index, site in enumerate(sites):
+            if any(param == name for param, _ in site.roles.values()):
+                reason = reason or bad_sites.get(index)
+        if reason is None and not keys and not any(p == name for s in sites for p, _ in s.roles.values()):
+            reason = "it is not used by the forward pass"
+        if reason is not None:
+            fallback[name] = f"{notes[name]}; {reason}" if name in notes else reason
+        else:
+            module_roles[name] = keys
+    calls, roles = _call_sites(first.module_calls, module_at, hooked, sites, module_roles, fallback)
+    kept = {name: fallback[name] for name in fmodel.params if name in fallback}
+    plan = StructuredPlan(calls, _bundles(roles, calls), kept, roles)
+    measure_bundles(plan, fmodel, one, num_outputs)
+    return plan
+
+
+def _bad_module_calls(calls_one, calls_two, hooked, module_at: Dict[str, nn.Module]) -> Dict[int, str]:
+    """For each hooked module whose calls a rule cannot take, the reason: not mapping a
+    Tensor to a floating Tensor, not batched on dim 0 (when its rule reads dim 0 as the
+    batch), or different calls for two examples than for one."""
+    shapes_one, shapes_two = _call_shapes(calls_one), _call_shapes(calls_two)
+    bad: Dict[int, str] = {}
+    for key, shape in shapes_one.items():
+        other = shapes_two.get(key)
+        module = module_at[key[0]]
+        if shape is None or other is None:
+            bad.setdefault(id(module), "its call does not map a Tensor to a floating Tensor")
+        elif hooked[module][1].batched and not _batched_pair(shape, other):
+            bad.setdefault(id(module), "its input or output is not batched on dim 0")
+    if len(shapes_two) != len(shapes_one):
+        for module in module_at.values():
+            bad.setdefault(id(module), "the module calls depend on the batch")
+    return bad
 
 
 def _call_shapes(calls) -> Dict[CallKey, Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]]:
@@ -208,109 +252,50 @@ def _call_shapes(calls) -> Dict[CallKey, Optional[Tuple[Tuple[int, ...], Tuple[i
     return shapes
 
 
-def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredPlan:
-    """Decide coverage and build the bundles, from the first examples of ``x``."""
-    owners = _owners(fmodel.model, fmodel)
-    fallback, hooked = _rule_candidates(owners)
-    candidates = [n for n in owners if n not in fallback]
-    # Drop modules owning no parameter that might still be covered.
-    needed = {id(m) for n in candidates for _, m, _ in owners[n]}
-    hooked = {m: v for m, v in hooked.items() if id(m) in needed}
-    module_at = {path: module for module, (path, _) in hooked.items()}
+def _batched_pair(one: Tuple[Tuple[int, ...], ...], two: Tuple[Tuple[int, ...], ...]) -> bool:
+    """Whether each shape is ``(1, *s)`` for one example and ``(2, *s)`` for two."""
+    return all(
+        len(a) > 0 and len(b) > 0 and a[0] == 1 and b[0] == 2 and a[1:] == b[1:] for a, b in zip(one, two)
+    )
 
-    one = slice_inputs(x, 0, 1)
-    hooks = _Hooks(hooked)
-    watched = {id(fmodel.params[name]): name for name in candidates}
-    owner_ids = {name: {id(m) for _, m, _ in owners[name]} for name in candidates}
-    watcher = _UseWatcher(hooks, watched, owner_ids)
-    calls_one, bad_calls = _observe_calls(fmodel, x, hooks, watcher, module_at)
 
-    calls_of: Dict[int, List[CallKey]] = {}
-    for key, _, _ in calls_one:
-        calls_of.setdefault(id(module_at[key[0]]), []).append(key)
-    order = [key for key, _, _ in calls_one]
-    roles: Dict[str, Dict[CallKey, str]] = {}
-    for name in candidates:
-        reason = watcher.outside.get(name)
-        keys: Dict[CallKey, str] = {}
-        for _, module, attr in owners[name]:
-            reason = reason or bad_calls.get(id(module))
-            for key in calls_of.get(id(module), []):
-                keys[key] = attr
-        if reason is None and not keys:
-            reason = "its module is never called"
-        if reason is not None:
-            fallback[name] = reason
-        else:
-            roles[name] = dict(sorted(keys.items(), key=lambda kv: order.index(kv[0])))
+def _bad_sites(sites: List[FunctionSite], sites_two: List[FunctionSite]) -> Dict[int, str]:
+    """For each function site (by position in ``sites``) that a rule cannot take, why."""
+    by_key = {site.match_key: site for site in sites_two}
+    bad = {}
+    for index, site in enumerate(sites):
+        other = by_key.get(site.match_key)
+        if other is None:
+            bad[index] = f"its {site.rule.name} calls depend on the batch"
+        elif site.rule.batched and (site.first_shape is None or not _batched_pair(
+                (site.first_shape, site.spec.output_shape), (other.first_shape, other.spec.output_shape))):
+            bad[index] = f"the input or output of its {site.rule.name} call is not batched on dim 0"
+    return bad
 
-    calls = {}
-    for key, _, output in calls_one:
+
+def _call_sites(module_calls, module_at, hooked, sites: List[FunctionSite], module_roles, fallback):
+    """The plan's calls (module calls, then function sites, in forward order) and each
+    covered parameter's ``{call key: role}``."""
+    roles = {name: dict(keys) for name, keys in module_roles.items()}
+    calls: Dict[CallKey, CallSite] = {}
+    for key, _, output in module_calls:
         if any(key in r for r in roles.values()):
             module = module_at[key[0]]
             calls[key] = CallSite(key, module, hooked[module][1], tuple(output.shape))
-    kept = {n: fallback[n] for n in fmodel.params if n in fallback}
-    plan = StructuredPlan(calls, _bundles(roles, calls), kept, roles)
-    _measure_bundles(plan, fmodel, one, num_outputs)
-    return plan
-
-
-def _rule_candidates(
-    owners: Dict[str, List[Tuple[str, nn.Module, str]]]
-) -> Tuple[Dict[str, str], Dict[nn.Module, Tuple[str, Rule]]]:
-    """``(fallback, hooked)``: why each parameter no rule can cover falls back, and the
-    modules (with path and rule) whose calls must be watched for the others."""
-    fallback: Dict[str, str] = {}
-    hooked: Dict[nn.Module, Tuple[str, Rule]] = {}
-    for name, places in owners.items():
-        for path, module, attr in places:
-            rule = rule_for(module)
-            if rule is None:
-                fallback.setdefault(name, f"no rule for {type(module).__name__}")
-            elif attr not in rule.roles:
-                fallback.setdefault(name, f"the {rule.name} rule does not cover .{attr}")
-            elif module._forward_hooks or _module_hooks._global_forward_hooks:
-                fallback.setdefault(name, f"{type(module).__name__} has forward hooks, which may change its output")
-            elif rule.applies(module) is not None:
-                fallback.setdefault(name, f"{type(module).__name__} rule does not apply: {rule.applies(module)}")
-            else:
-                hooked.setdefault(module, (path, rule))
-    return fallback, hooked
-
-
-def _observe_calls(
-    fmodel: FunctionalModel,
-    x: Inputs,
-    hooks: _Hooks,
-    watcher: _UseWatcher,
-    module_at: Dict[str, nn.Module],
-) -> Tuple[List[Tuple[CallKey, Tuple, torch.Tensor]], Dict[int, str]]:
-    """The hooked calls of a forward pass on one example, and for each module whose calls
-    are not batched on dim 0 (compared with a pass on two examples) the reason."""
-    n = batch_size(x, "x1")
-    one = slice_inputs(x, 0, 1)
-    two = slice_inputs(x, 0, 2) if n >= 2 else map_inputs(one, lambda t: torch.cat([t, t]))
-    with hooks.attach(), watcher:
-        fmodel(fmodel.params, one)
-    calls_one = list(hooks.calls)
-    shapes_one = _call_shapes(calls_one)
-    with hooks.attach():
-        fmodel(fmodel.params, two)
-    shapes_two = _call_shapes(hooks.calls)
-
-    bad_calls: Dict[int, str] = {}
-    for key, shape in shapes_one.items():
-        other = shapes_two.get(key)
-        module = module_at[key[0]]
-        if shape is None or other is None:
-            bad_calls.setdefault(id(module), "its call does not map a Tensor to a floating Tensor")
-        elif not (shape[0][0] == 1 and shape[1][0] == 1 and other[0][0] == 2 and other[1][0] == 2
-                  and shape[0][1:] == other[0][1:] and shape[1][1:] == other[1][1:]):
-            bad_calls.setdefault(id(module), "its input or output is not batched on dim 0")
-    if len(shapes_two) != len(shapes_one):
-        for module in module_at.values():
-            bad_calls.setdefault(id(module), "the module calls depend on the batch")
-    return calls_one, bad_calls
+    covered = set(roles)
+    for site in sites:
+        capture_key = site.capture_key(covered)
+        if capture_key is None:
+            continue
+        rule_name, role, param, index = capture_key
+        key = (f"{rule_name}:{role}:{param}", index)
+        params = tuple(r for r in site.rule.roles if r in site.roles and site.roles[r][0] in covered)
+        site.spec = dataclasses.replace(site.spec, params=params)
+        site.capture = capture_key
+        calls[key] = CallSite(key, None, site.rule, site.spec.output_shape, site)
+        for r in params:
+            roles[site.roles[r][0]][key] = r
+    return calls, roles
 
 
 def _bundles(roles: Dict[str, Dict[CallKey, str]], calls: Dict[CallKey, CallSite]) -> List[Bundle]:
@@ -322,110 +307,7 @@ def _bundles(roles: Dict[str, Dict[CallKey, str]], calls: Dict[CallKey, CallSite
         by_key.setdefault((group_of(name), tuple(keys), rule_names), []).append(name)
     bundles = []
     for (group, keys, rule_names), names in by_key.items():
-        types = tuple(dict.fromkeys(type(calls[k].module).__name__ for k in keys))
-        bundles.append(Bundle(group, tuple(names), keys, "+".join(rule_names), types))
+        types = tuple(dict.fromkeys(calls[k].type_name for k in keys))
+        labels = tuple(dict.fromkeys(calls[k].label for k in keys))
+        bundles.append(Bundle(group, tuple(names), keys, "+".join(rule_names), types, labels=labels))
     return bundles
-
-
-def _measure_bundles(plan: StructuredPlan, fmodel: FunctionalModel, one: Inputs, num_outputs: int) -> None:
-    """Per-example term shapes, from a dry run of the rules with zero cotangents."""
-    if not plan.bundles:
-        return
-    probes = {key_name(k): torch.zeros(c.output_shape, dtype=fmodel.dtype, device=fmodel.device)
-              for k, c in plan.calls.items()}
-    hooks = _Hooks({c.module: (k[0], c.rule) for k, c in plan.calls.items()})
-    with hooks.attach(probes):
-        fmodel(fmodel.params, one)
-    records = hooks.records
-    cotangents = {
-        name: torch.zeros((1, num_outputs) + p.shape[1:], dtype=fmodel.dtype, device=fmodel.device)
-        for name, p in probes.items()
-    }
-    terms = assemble(plan, records, cotangents)
-    for bundle, term in zip(plan.bundles, terms):
-        bundle.shape = term.shape
-
-
-# ---------------------------------------------------------------------------------------
-# Capture and assembly
-# ---------------------------------------------------------------------------------------
-
-def capture(
-    plan: StructuredPlan, fmodel: FunctionalModel, x: Inputs, chunk_size: Optional[int]
-) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Records ``{call: (n, ...)}``, cotangents ``{call: (n, O, *out)}`` and fallback
-    Jacobians ``{param: (n, O, *param)}`` of the block ``x`` (see the module docstring)."""
-    probes = {key_name(k): torch.zeros(c.output_shape, dtype=fmodel.dtype, device=fmodel.device)
-              for k, c in plan.calls.items()}
-    fallback = {name: fmodel.params[name] for name in plan.fallback}
-    fixed = {name: p for name, p in fmodel.params.items() if name not in fallback}
-    hooks = _Hooks({c.module: (k[0], c.rule) for k, c in plan.calls.items()})
-
-    def single(primals, x_one):
-        probe_values, fallback_values = primals
-        with hooks.attach(probe_values):
-            out = fmodel.single({**fixed, **fallback_values}, x_one)
-            if set(hooks.records) != set(probe_values):
-                raise RuntimeError(
-                    "the model's module calls differ from those seen when it was analysed "
-                    f"({sorted(hooks.records)} vs {sorted(probe_values)}); the structured "
-                    "engine needs the same calls for every input: use method='jacobian'"
-                )
-        return out, dict(hooks.records)
-
-    per_example = jacrev(single, has_aux=True, chunk_size=chunk_size)
-    # A model that draws random numbers in eval mode draws them per example, as the
-    # Jacobian engine does.
-    (cotangents, jacobians), records = vmap(per_example, in_dims=(None, 0), randomness="different")(
-        (probes, fallback), x
-    )
-    # Inside the vmap each example is a batch of one: drop that axis.
-    records = {name: r.squeeze(1) for name, r in records.items()}
-    cotangents = {name: c.squeeze(2) for name, c in cotangents.items()}
-    return records, cotangents, jacobians
-
-
-def assemble(
-    plan: StructuredPlan, records: Dict[str, torch.Tensor], cotangents: Dict[str, torch.Tensor]
-) -> List[Term]:
-    """One term per bundle, from the rules applied to each call."""
-    per_call: Dict[CallKey, Dict[str, Term]] = {}
-    for key, site in plan.calls.items():
-        name = key_name(key)
-        per_call[key] = site.rule.terms(site.module, records[name], cotangents[name])
-    return [_bundle_term(bundle, plan, per_call) for bundle in plan.bundles]
-
-
-def _bundle_term(bundle: Bundle, plan: StructuredPlan, per_call: Dict[CallKey, Dict[str, Term]]) -> Term:
-    parts: List[List[Term]] = [
-        [per_call[key][plan.roles[name][key]] for name in bundle.param_names] for key in bundle.calls
-    ]
-    fused = [_fuse(call_parts) for call_parts in parts]
-    if all(f is not None for f in fused) and can_join([f.features for f in fused]):
-        if len(fused) == 1:
-            return fused[0]
-        features = type(fused[0].features).along_positions([f.features for f in fused])
-        return KroneckerTerm(features, torch.cat([f.cotangent for f in fused], dim=3))
-    # Mixed forms: per-example gradients, laid out like the bundle's parameters, summed
-    # over calls.
-    total = None
-    for call_parts in parts:
-        grads = torch.cat([_grads(t) for t in call_parts], dim=2)
-        total = grads if total is None else total + grads
-    return GradientTerm(total)
-
-
-def _fuse(terms: Sequence[Term]) -> Optional[KroneckerTerm]:
-    """One Kronecker term for the roles of a call that share a cotangent (weight, bias)."""
-    first = terms[0]
-    if not all(isinstance(t, KroneckerTerm) and t.cotangent is first.cotangent for t in terms):
-        return None
-    if len(terms) == 1:
-        return first
-    if not all(isinstance(t.features, DenseFeatures) for t in terms):
-        return None
-    return KroneckerTerm(DenseFeatures.along_width([t.features for t in terms]), first.cotangent)
-
-
-def _grads(term: Term) -> torch.Tensor:
-    return term.grads if isinstance(term, GradientTerm) else term.grads()

@@ -85,11 +85,20 @@ class DenseFeatures:
         """The features of examples ``start:stop`` (a view)."""
         return DenseFeatures(self.values[start:stop])
 
-    def expand(self, cotangent: torch.Tensor) -> torch.Tensor:
+    def expand(self, cotangent: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """Per-example gradients ``sum_t u_iagt (x) v_igt`` as ``(n, O, g d_out d_in)``,
-        laid out like a weight ``(g d_out, d_in)`` (a fused bias is its last column)."""
+        laid out like a weight ``(g d_out, d_in)`` (a fused bias is its last column), or
+        ``(g, d_in, d_out)`` when ``transposed`` (a weight applied as ``x @ W``)."""
         n, o = cotangent.shape[:2]
-        return torch.einsum("iagtd,igte->iagde", cotangent, self.values).reshape(n, o, -1)
+        if cotangent.shape[3] == 1:  # one position: an outer product
+            equation = "iagtd,igte->iaged" if transposed else "iagtd,igte->iagde"
+            return torch.einsum(equation, cotangent, self.values).reshape(n, o, -1)
+        # Over positions: one batched matmul over (example, output, group), the features
+        # broadcast over outputs and neither operand copied into a permuted layout.
+        values = self.values.unsqueeze(1)
+        if transposed:
+            return torch.matmul(values.transpose(-1, -2), cotangent).reshape(n, o, -1)
+        return torch.matmul(cotangent.transpose(-1, -2), values).reshape(n, o, -1)
 
     @staticmethod
     def along_positions(parts: List["DenseFeatures"]) -> "DenseFeatures":
@@ -102,18 +111,28 @@ class DenseFeatures:
 
 
 class IndexFeatures:
-    """One-hot features given by indices ``(n, T)`` into a table of ``width`` rows.
+    """One-hot features given by indices ``(n, T)`` into a table of ``width`` rows, each
+    optionally scaled by ``weights`` ``(n, T)`` (the per-sample weights or ``1 / bag size``
+    of ``nn.EmbeddingBag``).
 
     Positions holding ``padding_idx`` have no gradient (``nn.Embedding``'s convention).
     """
 
     groups = 1
 
-    def __init__(self, indices: torch.Tensor, width: int, padding_idx: Optional[int], dtype: torch.dtype):
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        width: int,
+        padding_idx: Optional[int],
+        dtype: torch.dtype,
+        weights: Optional[torch.Tensor] = None,
+    ):
         self.indices = indices
         self._width = width
         self.padding_idx = padding_idx
         self.dtype = dtype
+        self.weights = weights
 
     @property
     def positions(self) -> int:
@@ -128,27 +147,36 @@ class IndexFeatures:
 
     def take(self, start: int, stop: int) -> "IndexFeatures":
         """The features of examples ``start:stop`` (a view)."""
-        return IndexFeatures(self.indices[start:stop], self._width, self.padding_idx, self.dtype)
+        weights = None if self.weights is None else self.weights[start:stop]
+        return IndexFeatures(self.indices[start:stop], self._width, self.padding_idx, self.dtype, weights)
 
-    def _live(self) -> Optional[torch.Tensor]:
-        return None if self.padding_idx is None else self.indices != self.padding_idx
+    def _scale(self) -> Optional[torch.Tensor]:
+        """Each position's factor ``(n, T)``: its weight, 0 at padding; None if all are 1."""
+        scale = self.weights
+        if self.padding_idx is not None:
+            live = (self.indices != self.padding_idx).to(self.dtype)
+            scale = live if scale is None else scale * live
+        return scale
 
     def gram(self, other: "IndexFeatures") -> torch.Tensor:
-        """``[idx_it == idx'_js]`` (0 at padding) as ``(1, n1 T1, n2 T2)``."""
-        a, b = self.indices.reshape(-1, 1), other.indices.reshape(1, -1)
-        same = a == b
-        live = self._live()
-        if live is not None:
-            same &= live.reshape(-1, 1)
-        return same.to(self.dtype).unsqueeze(0)
+        """``w_it w'_js [idx_it == idx'_js]`` (0 at padding) as ``(1, n1 T1, n2 T2)``."""
+        same = (self.indices.reshape(-1, 1) == other.indices.reshape(1, -1)).to(self.dtype)
+        left, right = self._scale(), other._scale()
+        if left is not None:
+            same = same * left.reshape(-1, 1)
+        if right is not None:
+            same = same * right.reshape(1, -1)
+        return same.unsqueeze(0)
 
-    def expand(self, cotangent: torch.Tensor) -> torch.Tensor:
+    def expand(self, cotangent: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """Per-example gradients of the table, ``(n, O, width d_out)``, by scatter-add."""
+        if transposed:
+            raise ValueError("index features have no transposed layout")
         n, o, _, t, d = cotangent.shape
         source = cotangent[:, :, 0]
-        live = self._live()
-        if live is not None:
-            source = source * live[:, None, :, None].to(source.dtype)
+        scale = self._scale()
+        if scale is not None:
+            source = source * scale[:, None, :, None].to(source.dtype)
         grads = source.new_zeros(n, o, self._width, d)
         grads.scatter_add_(2, self.indices[:, None, :, None].expand(n, o, t, d), source)
         return grads.reshape(n, o, -1)
@@ -157,7 +185,13 @@ class IndexFeatures:
     def along_positions(parts: List["IndexFeatures"]) -> "IndexFeatures":
         first = parts[0]
         indices = torch.cat([p.indices for p in parts], dim=1)
-        return IndexFeatures(indices, first.width, first.padding_idx, first.dtype)
+        weights = None
+        if any(p.weights is not None for p in parts):
+            weights = torch.cat([
+                p.weights if p.weights is not None else p.indices.new_ones(p.indices.shape, dtype=p.dtype)
+                for p in parts
+            ], dim=1)
+        return IndexFeatures(indices, first.width, first.padding_idx, first.dtype, weights)
 
 
 Features = Union[DenseFeatures, IndexFeatures]
@@ -198,11 +232,18 @@ class TermShape:
 
 @dataclass
 class KroneckerTerm:
-    """``J[i, a] = sum_t u[i, a, g, t] (x) v[i, g, t]``; ``cotangent`` ``(n, O, g, T, d_out)``."""
+    """``J[i, a] = sum_t u[i, a, g, t] (x) v[i, g, t]``; ``cotangent`` ``(n, O, g, T, d_out)``.
+
+    The parameter is laid out ``(g d_out, d_in)`` (``nn.Linear``'s weight), or
+    ``(g, d_in, d_out)`` when ``transposed`` (a weight applied as ``x @ W``: Hugging Face's
+    ``Conv1D``, ``torch.addmm``, a transposed convolution); the layout matters only where
+    per-example gradients of several calls are summed.
+    """
 
     features: Features
     cotangent: torch.Tensor
     _grads: Optional[torch.Tensor] = field(default=None, repr=False)
+    transposed: bool = False
 
     @property
     def shape(self) -> TermShape:
@@ -215,7 +256,7 @@ class KroneckerTerm:
     def grads(self) -> torch.Tensor:
         """Per-example gradients ``(n, O, p)``, computed once and kept."""
         if self._grads is None:
-            self._grads = self.features.expand(self.cotangent)
+            self._grads = self.features.expand(self.cotangent, self.transposed)
         return self._grads
 
 
@@ -238,7 +279,7 @@ def take_examples(term: Term, start: int, stop: int) -> Term:
     if isinstance(term, GradientTerm):
         return GradientTerm(term.grads[start:stop])
     grads = None if term._grads is None else term._grads[start:stop]
-    return KroneckerTerm(term.features.take(start, stop), term.cotangent[start:stop], grads)
+    return KroneckerTerm(term.features.take(start, stop), term.cotangent[start:stop], grads, term.transposed)
 
 
 # ---------------------------------------------------------------------------------------
