@@ -53,6 +53,17 @@ def records_of(hooks: ModuleHooks, mode: Optional[FunctionProbes]) -> Dict[str, 
     return {**hooks.records, **(mode.records if mode is not None else {})}
 
 
+def check_same_calls(records: Dict[str, object], probes: Dict[str, torch.Tensor], method: str) -> None:
+    """Raise unless a capture pass saw exactly the covered calls of the analysis;
+    ``method`` is the engine to use instead."""
+    if set(records) != set(probes):
+        raise RuntimeError(
+            "the model's calls differ from those seen when it was analysed "
+            f"({sorted(records)} vs {sorted(probes)}); the structured engine "
+            f"needs the same calls for every input: use method={method!r}"
+        )
+
+
 def measure_bundles(plan: "StructuredPlan", fmodel: FunctionalModel, one: Inputs, num_outputs: int) -> None:
     """Per-example term shapes, from a dry run of the rules with zero cotangents (laid out
     as :func:`capture` lays out one example's)."""
@@ -94,12 +105,7 @@ def capture(
         with attached(plan, fmodel, probe_values) as (hooks, mode):
             out = fmodel.single({**fixed, **fallback_values}, x_one)
             records = records_of(hooks, mode)
-        if set(records) != set(probe_values):
-            raise RuntimeError(
-                "the model's calls differ from those seen when it was analysed "
-                f"({sorted(records)} vs {sorted(probe_values)}); the structured engine "
-                "needs the same calls for every input: use method='jacobian'"
-            )
+        check_same_calls(records, probe_values, "jacobian")
         return out, records
 
     per_example = jacrev(single, has_aux=True, chunk_size=chunk_size)

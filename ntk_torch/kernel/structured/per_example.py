@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 from ...functional import FunctionalModel, Inputs, batch_size, slice_inputs
 from ..loop import example_gradients
 from .calls import FunctionProbes, ModuleHooks, key_name
-from .capture import attached, drop_example_axis, records_of
+from .capture import attached, check_same_calls, drop_example_axis, records_of
 
 if TYPE_CHECKING:
     from .plan import StructuredPlan
@@ -75,12 +75,6 @@ def _stacked(*values: Any) -> Any:
 def _forward_done(hooks: ModuleHooks, mode: Optional[FunctionProbes], probes: Dict[str, torch.Tensor]) -> None:
     """After the forward: its covered calls are those of the analysis, and the function
     mode adds no probe to what a checkpointed segment recomputes in the backward passes."""
-    seen = records_of(hooks, mode)
-    if set(seen) != set(probes):
-        raise RuntimeError(
-            "the model's calls differ from those seen when it was analysed "
-            f"({sorted(seen)} vs {sorted(probes)}); the structured engine needs the "
-            "same calls for every input: use method='loop'"
-        )
+    check_same_calls(records_of(hooks, mode), probes, "loop")
     if mode is not None:
         mode.sites = {}
