@@ -36,7 +36,7 @@ passes per-layout alternatives to :meth:`Layout.choose`.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -141,6 +141,24 @@ class Layout:
     def work_upper(self, acc: Tensor, a: int, b: int) -> Tensor:
         """The work-layout view of rows ``a:b`` against columns ``a:``."""
         raise NotImplementedError
+
+    def symmetric_chunks(self, n: int, o: int, min_rows: int, max_chunks: int) -> List[Tuple[int, int]]:
+        """Example ranges splitting a square ``n x n`` work block of ``x2 = None`` into
+        ``k`` chunks whose upper block triangle (chunk pairs ``r <= c``) costs ``(k + 1) /
+        2k`` of the whole block's products. ``k <= max_chunks`` and each chunk keeps at
+        least ``min_rows`` work-matrix rows (``n work_rows(o) / k``) for efficient matmuls."""
+        k = max(1, min(max_chunks, n * self.work_rows(o) // max(min_rows, 1), n))
+        size = -(-n // k)
+        return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+    def add_symmetric_gradient_products(
+        self, acc: Tensor, g: Tensor, o: int, bounds: Sequence[Tuple[int, int]]
+    ) -> None:
+        """``acc += J J^T`` for a square work block, only its upper block triangle over
+        ``bounds`` (rows ``a:b`` against columns ``a:``); :meth:`mirror_work` completes it."""
+        n = g.shape[0]
+        for a, b in bounds:
+            self.add_gradient_products(self.work_upper(acc, a, b), g[a:b], g[a:n])
 
     def mirror_work(self, acc: Tensor, o: int, bounds: Sequence[Tuple[int, int]]) -> None:
         """Fill the lower block triangle of a square work block from its upper one (rows

@@ -8,6 +8,11 @@ largest transient is one block's Jacobians (Novak et al. 2022, "Jacobian contrac
 * ``trace``:    ``K = J1' J2'^T`` with ``J'`` the ``(n, O P_t)`` flattening — one matmul
   that sums over outputs and parameters at once, never forming the full block;
 * ``diagonal``: a batched matmul over outputs, ``(O, n1, P_t) x (O, P_t, n2)``.
+
+A diagonal block of ``x2 = None`` (one Jacobian, ``K = J J^T``) computes only its upper
+block triangle, in example chunks (:meth:`~ntk_torch.layout.Layout.symmetric_chunks`),
+and mirrors it: exactly symmetric for about ``(k + 1) / 2k`` of the products (torch has
+no ``syrk`` binding on CPU).
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from torch.func import jacrev, vmap
 
 from ..functional import FunctionalModel, Inputs
 from .engine import Engine
+
+# Diagonal blocks of x2=None: chunks of at least this many work-matrix rows, at most this many chunks.
+SYMMETRIC_CHUNK_ROWS = 128
+MAX_SYMMETRIC_CHUNKS = 8
 
 
 class JacobianEngine(Engine):
@@ -39,16 +48,27 @@ class JacobianEngine(Engine):
     def contract(
         self, rows: Dict[str, torch.Tensor], cols: Dict[str, torch.Tensor]
     ) -> Dict[str, torch.Tensor]:
-        layout, fmodel = self.layout, self.fmodel
+        """Each group's block; with ``rows is cols`` (a diagonal block of ``x2=None``) the
+        upper block triangle only, mirrored: exactly symmetric (:attr:`exact_symmetric`)."""
+        layout, fmodel, o = self.layout, self.fmodel, self.num_outputs
         n1, n2 = next(iter(rows.values())).shape[0], next(iter(cols.values())).shape[0]
-        shape = layout.work_shape(n1, n2, self.num_outputs)
+        shape = layout.work_shape(n1, n2, o)
+        same = rows is cols
+        bounds = layout.symmetric_chunks(n1, o, SYMMETRIC_CHUNK_ROWS, MAX_SYMMETRIC_CHUNKS) if same else None
         blocks = {}
         for group in self.groups:
             acc = torch.zeros(shape, dtype=fmodel.dtype, device=fmodel.device)
             for name in group.param_names:
-                layout.add_gradient_products(acc, rows[name], cols[name])
+                if same:
+                    layout.add_symmetric_gradient_products(acc, rows[name], o, bounds)
+                else:
+                    layout.add_gradient_products(acc, rows[name], cols[name])
+            if same:
+                layout.mirror_work(acc, o, bounds)
             blocks[group.name] = layout.from_work(acc)
         return blocks
+
+    exact_symmetric = True
 
     def block_bytes(self, n_rows: int, n_cols: int) -> int:
         profile = self.profile

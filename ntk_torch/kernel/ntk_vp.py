@@ -11,6 +11,11 @@ formed, which pays off when a forward pass is cheap relative to ``O P``.
 ``trace`` and ``diagonal`` modes run the columns of one output ``a`` at a time and keep
 only the entries ``K[i, j, a, a]``, so the full block is never held.
 
+A diagonal block of ``x2 = None`` computes only its upper block triangle: for each chunk
+of columns ``a:b`` (:meth:`~ntk_torch.layout.Layout.symmetric_chunks`) the jvps run over
+the rows ``0:b`` only, then the block is mirrored -- exactly symmetric for about
+``(k + 1) / 2k`` of the forward passes.
+
 Both halves must be derivatives of the same convention. Where forward mode has no
 derivative for an operation or disagrees with reverse mode (``weight_norm``; an
 ``F.embedding`` whose ``padding_idx`` row is also used elsewhere; see
@@ -28,7 +33,7 @@ from typing import Dict, Sequence
 import torch
 from torch.func import jvp, vmap
 
-from ..functional import FunctionalModel, Inputs, ParamGroup, batch_size
+from ..functional import FunctionalModel, Inputs, ParamGroup, batch_size, slice_inputs
 from ..layout import Layout
 from .capability import column_by_reverse_mode
 from .cost import ForwardProfile
@@ -36,10 +41,22 @@ from .engine import Engine
 from .jacobian import per_example_jacobians
 
 
+# Diagonal blocks of x2=None: column chunks of at least this many tangents, at most this many chunks.
+SYMMETRIC_CHUNK_ROWS = 64
+MAX_SYMMETRIC_CHUNKS = 8
+
+
 @dataclass
 class _Rows:
     x: Inputs
     n: int
+
+
+@dataclass
+class _SameCols:
+    """The columns of a diagonal block of ``x2=None``: the rows' own tangents."""
+
+    tangents: Dict[str, torch.Tensor]
 
 
 class NTKVPEngine(Engine):
@@ -73,8 +90,32 @@ class NTKVPEngine(Engine):
         """The tangents ``t_jb``: ``{param name: (n2, O, *param)}``."""
         return per_example_jacobians(self.fmodel, x)
 
-    def contract(self, rows: _Rows, cols: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def cols_from_rows(self, rows: _Rows, x: Inputs) -> _SameCols:
+        return _SameCols(self.prepare_cols(x))
+
+    def contract(self, rows: _Rows, cols) -> Dict[str, torch.Tensor]:
+        """Each group's block; for :class:`_SameCols` the upper block triangle, mirrored
+        (exactly symmetric, :attr:`exact_symmetric`)."""
+        if isinstance(cols, _SameCols):
+            return {group.name: self._symmetric_block(group.param_names, rows, cols.tangents)
+                    for group in self.groups}
         return {group.name: self._group_block(group.param_names, rows, cols) for group in self.groups}
+
+    exact_symmetric = True
+
+    def _symmetric_block(self, names, rows: _Rows, tangents: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """``K[0:b, a:b]`` for each column chunk ``a:b`` into a work block, then mirrored."""
+        layout, o, n = self.layout, self.num_outputs, rows.n
+        first = next(iter(tangents.values()))
+        acc = first.new_zeros(layout.work_shape(n, n, o))
+        block = layout.from_work(acc)  # a view: writing it writes the work block
+        bounds = layout.symmetric_chunks(n, 1, SYMMETRIC_CHUNK_ROWS, MAX_SYMMETRIC_CHUNKS)
+        for a, b in bounds:
+            sub_rows = _Rows(slice_inputs(rows.x, 0, b), b)
+            part = {name: t[a:b] for name, t in tangents.items()}
+            block[0:b, a:b] = self._group_block(names, sub_rows, part)
+        layout.mirror_work(acc, o, bounds)
+        return block
 
     def _group_block(self, names, rows: _Rows, cols: Dict[str, torch.Tensor]) -> torch.Tensor:
         params = self.fmodel.params

@@ -337,9 +337,7 @@ MAX_SYMMETRIC_CHUNKS = 8
 def symmetric_chunks(n: int, layout: Layout, o: int) -> List[Tuple[int, int]]:
     """Example ranges splitting a diagonal block: ``k`` chunks cost ``(k + 1) / 2k`` of
     the full block's products; chunks are kept large enough for efficient matmuls."""
-    k = max(1, min(MAX_SYMMETRIC_CHUNKS, n * layout.work_rows(o) // SYMMETRIC_CHUNK_ROWS, n))
-    size = -(-n // k)
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
+    return layout.symmetric_chunks(n, o, SYMMETRIC_CHUNK_ROWS, MAX_SYMMETRIC_CHUNKS)
 
 
 def _gram_full(acc: torch.Tensor, gv: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor) -> None:
