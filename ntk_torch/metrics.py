@@ -107,6 +107,11 @@ def _matrix(K: Tensor) -> Tensor:
     return layout_of(K).matrix(K)
 
 
+def center(M: Tensor) -> Tensor:
+    """``H M H`` with ``H = I - 1 1^T / n`` for a square matrix ``M`` (n x n)."""
+    return _center(M)
+
+
 def _center(M: Tensor) -> Tensor:
     """H M H with H = I - 11^T / n: subtract row and column means, add back the grand mean."""
     return M - M.mean(dim=0, keepdim=True) - M.mean(dim=1, keepdim=True) + M.mean()
@@ -303,15 +308,25 @@ def target_alignment(K: KernelLike, y: KernelLike, centered: bool = True) -> flo
     """
     check_bool("centered", centered)
     K = _kernel(K, "K")
+    target = target_kernel(K, y).to(K.device)
+    return _cosine(_matrix(K), target, "K", "the target kernel y y^T", centered)
+
+
+def target_kernel(K: KernelLike, y: KernelLike) -> Tensor:
+    """The float64 target kernel of :func:`target_alignment` for a kernel shaped like
+    ``K`` (only its shape is read): ``Y Y^T`` (N, N) for a trace kernel, ``y_flat
+    y_flat^T`` (N*O, N*O) for full and diagonal kernels.
+
+    Raises:
+        ValueError: K not square, y of the wrong shape or labels out of range.
+    """
     _require_square(K, "K", "target alignment")
     outputs = layout_of(K).num_outputs(K)
-    Y = _targets(y, K.shape[0], outputs).to(K.device)
+    Y = _targets(y, K.shape[0], outputs)
     if outputs is None:
-        target = Y @ Y.T
-    else:
-        y_flat = Y.reshape(-1)  # index i * O + a, matching the rows of _matrix(K)
-        target = torch.outer(y_flat, y_flat)
-    return _cosine(_matrix(K), target, "K", "the target kernel y y^T", centered)
+        return Y @ Y.T
+    y_flat = Y.reshape(-1)  # index i * O + a, matching the rows of _matrix(K)
+    return torch.outer(y_flat, y_flat)
 
 
 # --------------------------------------------------------------------------- spectrum
