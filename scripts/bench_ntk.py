@@ -4,6 +4,8 @@
     python scripts/bench_ntk.py [--quick] [--cases mlp,cnn] [--methods ...] [--modes ...]
     python scripts/bench_ntk.py --structured [--nt-python PYTHON] [--skip-slow]
     python scripts/bench_ntk.py --bert-only [--repeats 5]
+    python scripts/bench_ntk.py --vs-nt --nt-python PYTHON [--quick]   # scripts/bench_vs_nt.py
+    python scripts/bench_ntk.py --scaling [--quick]                    # scripts/bench_scaling.py
 
 ``ntk-torch bench [args...]`` runs this script's :func:`main` from a source checkout.
 
@@ -283,7 +285,14 @@ def machine_description(device: torch.device) -> str:
     text = f"{cpu}, {os.cpu_count()} cores"
     if device.type == "cuda":
         text += f", {torch.cuda.get_device_name(device)}"
-    return text
+    return text + f", {load_average()}"
+
+
+def load_average() -> str:
+    """``load average 1m 5m 15m``: a figure measured under load is recognisable."""
+    if not hasattr(os, "getloadavg"):
+        return "load average unknown"
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def format_table(cases: Sequence[Case], rows: Sequence[Row], device: torch.device, repeats: int) -> str:
@@ -505,7 +514,7 @@ def structured_report(args: argparse.Namespace) -> str:
     """The structured-engine comparison (see the module docstring); printed and returned."""
     matmul_rate = matmul_gflops()
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, {load_average()}",
         f"torch.matmul (1280x512 @ 512x1280): {matmul_rate:.1f} GFLOP/s",
         "",
         "| case | mode | structured s | GFLOP/s | floor s | jacobian s | tutorial s | neural-tangents s |"
@@ -553,6 +562,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     structured.add_argument("--skip-slow", action="store_true", help="skip the MLP's Jacobian/tutorial runs")
     structured.add_argument("--bert-only", action="store_true",
                             help="only the BERT-like encoder's table (structured vs jacobian, N=16, trace)")
+    structured.add_argument("--vs-nt", action="store_true",
+                            help="structured vs neural-tangents, 1 thread pinned and all threads (bench_vs_nt.py)")
+    structured.add_argument("--scaling", action="store_true",
+                            help="trace kernel time and memory against N and width (bench_scaling.py)")
     structured.add_argument("--large-trace-child", type=int, metavar="N", help=argparse.SUPPRESS)
     structured.add_argument("--bert-child", type=int, metavar="VOCAB", help=argparse.SUPPRESS)
     structured.add_argument("--bert-threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -578,6 +591,16 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                            f"median of {args.repeats} interleaved call(s) after one warm-up round", "",
                            bert_table(args.repeats)])
         print(table)
+    elif args.vs_nt or args.scaling:
+        sys.path.insert(0, HERE)
+        if args.vs_nt:
+            import bench_vs_nt
+
+            quick = ["--quick"] if args.quick else []
+            return bench_vs_nt.main(["--nt-python", args.nt_python, "--repeats", str(args.repeats)] + quick)
+        import bench_scaling
+
+        return bench_scaling.main(["--quick"] if args.quick else [])
     elif args.structured:
         structured_report(args)
     else:
