@@ -23,7 +23,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("_version", "errors", "failures", "_options", "steps", "records", "layout"),
     ("functional", "runs"),
     ("kernel",),
-    ("metrics", "losses"),
+    ("metrics", "losses", "spectral", "estimate"),
     ("predict", "probe", "schedule", "linearize"),
     ("forecast", "drift", "twin", "diagnostics"),
     ("forecasting", "lifecycle", "provenance", "sharing"),

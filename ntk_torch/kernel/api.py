@@ -13,7 +13,8 @@ from torch import nn
 from ..errors import NonFiniteKernelError, UnsupportedModelError
 from ..failures import first_line
 from ..functional import (
-    FunctionalModel, Inputs, ParamSelector, check_call_kwargs, evaluation_context, slice_inputs, unwrap_model,
+    FunctionalModel, Inputs, ParamSelector, check_call_kwargs, evaluation_context, slice_inputs, summed_output_fn,
+    unwrap_model,
 )
 from ..layout import layout as as_layout
 from .analysis import AnalysisMemo
@@ -83,9 +84,11 @@ class NTK:
             inside, called eagerly: the compiled one is never recompiled).
         mode: the layout (:mod:`ntk_torch.layout`): ``"full"`` -> ``(N1, N2, O, O)``;
             ``"trace"`` -> ``(N1, N2)``, the sum over ``o`` of ``K[i, j, o, o]``;
-            ``"diagonal"`` -> ``(N1, N2, O)``. ``O`` is the number of output values per
-            example (``prod(out)`` for outputs ``(N, *out)``). ``trace`` and ``diagonal``
-            never build the full kernel.
+            ``"diagonal"`` -> ``(N1, N2, O)``; ``"pntk"`` -> ``(N1, N2)``, the
+            sum-of-logits kernel ``(1/O) sum_{a,b} K[i, j, a, b]`` (Mohamadi et al. 2023),
+            one backward pass per example. ``O`` is the number of output values per
+            example (``prod(out)`` for outputs ``(N, *out)``). ``trace``, ``diagonal`` and
+            ``pntk`` never build the full kernel.
         method: ``"jacobian"`` (Jacobian contraction), ``"ntk_vp"`` (NTK-vector
             products), ``"structured"`` (rules per module type and per torch function --
             Linear, convolutions, embeddings, norms, attention projections through
@@ -164,7 +167,9 @@ class NTK:
         resume: bool = False,
     ) -> None:
         model = unwrap_model(model)
-        layout = as_layout(mode)
+        layout = self._layout = as_layout(mode)
+        if layout.sums_logits:  # pntk: the trace kernel of the summed logits
+            output_fn, layout = summed_output_fn(output_fn), layout.computed_as
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         for name, flag in (("per_layer", per_layer), ("progress", progress)):
@@ -190,7 +195,7 @@ class NTK:
 
     @property
     def mode(self) -> str:
-        return self.options.layout.name
+        return self._layout.name
 
     @property
     def method(self) -> str:
@@ -350,7 +355,7 @@ def empirical_ntk(
     only once.
 
     Returns:
-        ``(N1, N2, O, O)`` (``mode="full"``), ``(N1, N2)`` (``"trace"``) or
+        ``(N1, N2, O, O)`` (``mode="full"``), ``(N1, N2)`` (``"trace"``, ``"pntk"``) or
         ``(N1, N2, O)`` (``"diagonal"``) on the model's device in the compute dtype, or a
         :class:`PerLayerKernels` when ``per_layer=True``; with ``distributed``, ``gather``
         or ``out`` as :meth:`NTK.__call__` says.
