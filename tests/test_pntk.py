@@ -19,7 +19,7 @@ def _pntk_reference(model, x1, x2=None, output_fn=None):
 
 @pytest.mark.parametrize("method", ["jacobian", "ntk_vp", "structured", "loop", "auto"])
 def test_empirical_ntk_pntk_matches_its_definition(method):
-    case = make_zoo()["cnn_bn"]
+    case = make_zoo()["residual"]
     x1, x2 = case.make_inputs(4, 0), case.make_inputs(3, 1)
     for second in (None, x2):
         K = ntk.empirical_ntk(case.model, x1, second, mode="pntk", method=method, dtype=torch.float64)
