@@ -25,7 +25,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("kernel",),
     ("metrics", "losses", "spectral", "estimate"),
     ("predict", "probe", "schedule", "linearize"),
-    ("forecast", "drift", "twin", "diagnostics"),
+    ("forecast", "drift", "twin", "diagnostics", "budget"),
     ("forecasting", "lifecycle", "provenance", "sharing"),
     ("tracker",),
     ("plots",),
