@@ -25,6 +25,7 @@ from .cost import profile_forward
 __all__ = ["check_sketch", "sketched_kernel"]
 
 _SEED_STRIDE = 1_000_003
+_MAX_CHUNK = 128
 
 
 def check_sketch(sketch: Optional[int], sketch_seed: int) -> None:
@@ -62,7 +63,10 @@ def sketched_kernel(
     o = fmodel.output_size(x1, n1)
     params = fmodel.params
     activation = profile_forward(fmodel, slice_inputs(x1, 0, 1), o).activation_bytes
-    chunk = int(max(1, min(d, memory_budget // max(1, 3 * (n1 + n2) * activation))))
+    # Per column: the forward-mode activations of both sides and the tangent (drawn in
+    # float64, then cast); at most _MAX_CHUNK columns at once.
+    per_column = 3 * (n1 + n2) * activation + 16 * fmodel.num_params
+    chunk = int(max(1, min(d, _MAX_CHUNK, memory_budget // per_column)))
 
     def products(x: Inputs, tangents: Dict[str, torch.Tensor]) -> torch.Tensor:
         def column(tangent):
