@@ -19,8 +19,10 @@ _DEFINED_IN = {
     "KernelShard": "kernel",
     "KernelTile": "kernel",
     "NTK": "kernel",
+    "NTKOperator": "kernel",
     "PerLayerKernels": "kernel",
     "empirical_ntk": "kernel",
+    "eigsh": "spectral",
     "LinearizedModel": "linearize",
     "linearize": "linearize",
     "Prediction": "predict",
@@ -30,7 +32,7 @@ _DEFINED_IN = {
     "NTKTracker": "tracker",
 }
 """Public names -> the module defining them."""
-_MODULES = ("data", "metrics", "models", "predict", "plots", "report")
+_MODULES = ("data", "estimate", "metrics", "models", "predict", "plots", "report")
 """Public submodules (matplotlib, for plots and report, only when figures are asked for)."""
 
 
@@ -67,6 +69,7 @@ __all__ = [
     "KernelTile",
     "LinearizedModel",
     "NTK",
+    "NTKOperator",
     "NTKTracker",
     "NonFiniteKernelError",
     "PerLayerKernels",
@@ -74,7 +77,9 @@ __all__ = [
     "Run",
     "RunWriter",
     "UnsupportedModelError",
+    "eigsh",
     "empirical_ntk",
+    "estimate",
     "linearize",
     "load_run",
     "metrics",

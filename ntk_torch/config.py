@@ -45,7 +45,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from .kernel import METHODS, MODES
+from .kernel import KERNEL_MODES, METHODS
 from .losses import KNOWN_LOSSES
 
 
@@ -136,7 +136,7 @@ CHOICES = {
     "train.optimizer": OPTIMIZERS,
     "train.loss": KNOWN_LOSSES,
     "train.dtype": ("float32", "float64"),
-    "track.mode": MODES,
+    "track.mode": KERNEL_MODES,
     "track.method": METHODS,
     "track.keep_kernels": ("all", "log", "first_last", "none"),
 }

@@ -234,6 +234,25 @@ def select_output(out: Any, output_fn: Optional[Callable[[Any], torch.Tensor]]) 
     return out
 
 
+def summed_output_fn(output_fn: Optional[Callable[[Any], torch.Tensor]]) -> Callable[[Any], torch.Tensor]:
+    """``output_fn`` then the summed logits ``sum_a f_a / sqrt(O)`` ``(N, 1)``, ``O`` the
+    size of one example's output: the function whose kernel is the pNTK
+    (:data:`ntk_torch.layout.PNTK`).
+
+    Raises:
+        TypeError: ``output_fn`` is neither None nor callable.
+    """
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
+
+    def summed(out: Any) -> torch.Tensor:
+        y = select_output(out, output_fn)
+        y = y.reshape(y.shape[0], -1)
+        return y.sum(dim=1, keepdim=True) * (float(y.shape[1]) ** -0.5)
+
+    return summed
+
+
 def slice_inputs(x: Inputs, start: int, stop: int) -> Inputs:
     """Examples ``start:stop`` of every tensor in ``x``."""
     return map_inputs(x, lambda t: t[start:stop])

@@ -13,6 +13,12 @@ layout      tensor shape        entries
 ``diagonal`` ``(N1, N2, O)``    ``K[i, j, a, a]``
 ==========  ==================  ===============================================
 
+``mode="pntk"`` (:data:`PNTK`) is the sum-of-logits kernel of Mohamadi, Bae & Sutherland
+(2023), ``(1/O) grad(sum_a f_a(x_i)) . grad(sum_b f_b(x'_j)) = (1/O) sum_{a,b} K[i, j, a, b]``:
+an ``(N1, N2)`` tensor read like ``trace`` (the engines compute it as the ``trace`` kernel
+of the one-output function ``sum_a f_a / sqrt(O)``, :attr:`Layout.computed_as`), one
+backward pass per example instead of ``O``.
+
 Every layout is also read as a matrix (:meth:`Layout.matrix`):
 
 * ``full``: the ``(N1 O) x (N2 O)`` matrix with rows indexed by ``(i, a)`` and columns by
@@ -41,7 +47,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["DIAGONAL", "FULL", "LAYOUTS", "Layout", "MODES", "TRACE", "layout", "layout_of"]
+__all__ = ["DIAGONAL", "FULL", "KERNEL_MODES", "LAYOUTS", "Layout", "MODES", "PNTK", "TRACE", "layout", "layout_of"]
 
 T = TypeVar("T")
 
@@ -56,6 +62,14 @@ class Layout:
     ndim: int = 0
     #: Whether the layout sums over outputs (``trace``), so that ``O`` is not in its shape.
     sums_outputs: bool = False
+    #: Whether the kernel is that of the summed logits ``sum_a f_a / sqrt(O)`` (``pntk``).
+    sums_logits: bool = False
+
+    @property
+    def computed_as(self) -> "Layout":
+        """The layout the engines compute: ``trace`` (of the summed logits) for ``pntk``,
+        the layout itself otherwise."""
+        return self
 
     # ------------------------------------------------------------------ shapes
 
@@ -267,6 +281,16 @@ class _Trace(Layout):
         return acc[a:b, a:]
 
 
+class _PNTK(_Trace):
+    """The pNTK: the ``trace`` kernel of ``sum_a f_a / sqrt(O)`` (one output)."""
+
+    name, sums_logits = "pntk", True
+
+    @property
+    def computed_as(self) -> Layout:
+        return TRACE
+
+
 class _Diagonal(Layout):
     name, ndim = "diagonal", 3
 
@@ -309,7 +333,10 @@ TRACE: Layout = _Trace()
 DIAGONAL: Layout = _Diagonal()
 LAYOUTS: Dict[str, Layout] = {FULL.name: FULL, TRACE.name: TRACE, DIAGONAL.name: DIAGONAL}
 MODES: Tuple[str, ...] = tuple(LAYOUTS)
-"""The layout names, as ``empirical_ntk``'s ``mode`` takes them."""
+"""The tensor layout names (a kernel's shape tells which)."""
+PNTK: Layout = _PNTK()
+KERNEL_MODES: Tuple[str, ...] = MODES + (PNTK.name,)
+"""Every ``mode`` ``empirical_ntk`` takes: the layouts and ``pntk`` (stored as ``trace``)."""
 
 
 def layout(mode: Any, name: str = "mode") -> Layout:
@@ -322,7 +349,9 @@ def layout(mode: Any, name: str = "mode") -> Layout:
         return mode
     if isinstance(mode, str) and mode in LAYOUTS:
         return LAYOUTS[mode]
-    raise ValueError(f"{name} must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if mode == PNTK.name:
+        return PNTK
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, KERNEL_MODES))}, got {mode!r}")
 
 
 def layout_of(K: Any, name: str = "K", allowed: Optional[Sequence[Layout]] = None) -> Layout:

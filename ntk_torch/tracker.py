@@ -47,7 +47,7 @@ from .kernel import NTK
 from .losses import CLASSIFICATION, resolve
 from .probe import Data, LabelledSet, batch_size, choose_probe, evaluate, load_set, sample_output
 from .runs import KEEP_KERNELS, Run, RunWriter, load_run
-from .schedule import Schedule
+from .budget import scheduled
 from .sharing import is_main_process, rank0_probe, shares_kernel
 
 __all__ = ["NTKTracker"]
@@ -101,6 +101,9 @@ class NTKTracker:
             initialised with more than one process.
         predict: deprecated alias: ``predict=False`` is ``forecast=None``, ``True`` is
             ``forecast="auto"``.
+        budget: a fraction such as ``0.1``: measure the schedule's steps only while
+            tracking costs at most that fraction of the training time, the log schedule
+            measured always (:class:`~ntk_torch.budget.TimeBudget`, ``tracker.budget``).
 
     Each record (a dict; see ``NTKTracker.measure``) holds:
 
@@ -190,12 +193,13 @@ class NTKTracker:
         predict: Optional[bool] = None,
         distributed: Optional[bool] = None,
         call_kwargs: Optional[Dict[str, Any]] = None,
+        budget: Optional[float] = None,
     ) -> None:
         self.model = unwrap_model(model)
         forecast = forecast_option(forecast, predict)
         _check_options(probe_size, max_predict_points, seed, keep_kernels, progress=progress, overwrite=overwrite)
         self._clip = clip_options(clip_grad_norm, clip_grad_value)
-        self.schedule = Schedule(every, schedule)
+        self.schedule, self.budget = scheduled(every, schedule, budget)
         self._shared_step: Optional[int] = None
         self.call_kwargs = check_call_kwargs(call_kwargs)
         self.ntk = self._probe_kernel(mode, method, params, output_fn, distributed)
@@ -450,6 +454,7 @@ class NTKTracker:
         Returns:
             The new record, or None if this step is not measured (or off rank 0).
         """
+        entered = time.perf_counter()
         self._require_open()
         if not self._started:
             raise RuntimeError(
@@ -462,6 +467,8 @@ class NTKTracker:
             self._forecasting.after_step(self._step, self.optimizer)
             if not settled and self._writer is not None:
                 self._writer.update_meta(**self._forecasting.meta())
+        if self.budget is not None:
+            return self.budget.run(self._step, self.measure, entered)
         return self.measure() if self._step in self.schedule else None
 
     def measure(self) -> Optional[Dict[str, Any]]:

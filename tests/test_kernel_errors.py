@@ -93,7 +93,7 @@ def test_output_whose_first_dimension_is_not_the_batch(mlp):
 
 def test_unknown_mode_and_method(mlp):
     x = torch.randn(2, 6)
-    with pytest.raises(ValueError, match="mode must be one of 'full', 'trace', 'diagonal', got 'diag'"):
+    with pytest.raises(ValueError, match="mode must be one of 'full', 'trace', 'diagonal', 'pntk', got 'diag'"):
         ntk.empirical_ntk(mlp, x, mode="diag")
     with pytest.raises(ValueError, match="method must be one of .*'jacobian'.*got 'fast'"):
         ntk.empirical_ntk(mlp, x, method="fast")

@@ -13,15 +13,17 @@ from torch import nn
 from ..errors import NonFiniteKernelError, UnsupportedModelError
 from ..failures import first_line
 from ..functional import (
-    FunctionalModel, Inputs, ParamSelector, check_call_kwargs, evaluation_context, slice_inputs, unwrap_model,
+    FunctionalModel, Inputs, ParamSelector, check_call_kwargs, evaluation_context, slice_inputs, summed_output_fn,
+    unwrap_model,
 )
 from ..layout import layout as as_layout
 from .analysis import AnalysisMemo
-from .cost import parse_memory
+from .cost import default_memory_budget, parse_memory
 from .execution import compute, nonfinite_error, scale_options
 from .explain import StructuredReport, engine_notes, structured_report
 from .gathering import KernelShard
 from .planning import METHODS, TOTAL, KernelOptions, KernelPlan, functional_view, plan_kernel, replan_without_vmap
+from .sketch import check_sketch, sketched_kernel
 from .structured import StructuredEngine
 from .tiling import NonFiniteBlock, compute_kernel
 
@@ -83,9 +85,11 @@ class NTK:
             inside, called eagerly: the compiled one is never recompiled).
         mode: the layout (:mod:`ntk_torch.layout`): ``"full"`` -> ``(N1, N2, O, O)``;
             ``"trace"`` -> ``(N1, N2)``, the sum over ``o`` of ``K[i, j, o, o]``;
-            ``"diagonal"`` -> ``(N1, N2, O)``. ``O`` is the number of output values per
-            example (``prod(out)`` for outputs ``(N, *out)``). ``trace`` and ``diagonal``
-            never build the full kernel.
+            ``"diagonal"`` -> ``(N1, N2, O)``; ``"pntk"`` -> ``(N1, N2)``, the
+            sum-of-logits kernel ``(1/O) sum_{a,b} K[i, j, a, b]`` (Mohamadi et al. 2023),
+            one backward pass per example. ``O`` is the number of output values per
+            example (``prod(out)`` for outputs ``(N, *out)``). ``trace``, ``diagonal`` and
+            ``pntk`` never build the full kernel.
         method: ``"jacobian"`` (Jacobian contraction), ``"ntk_vp"`` (NTK-vector
             products), ``"structured"`` (rules per module type and per torch function --
             Linear, convolutions, embeddings, norms, attention projections through
@@ -133,6 +137,12 @@ class NTK:
             already complete; a record made for another request (weights, inputs, mode,
             dtype, shape, method) is refused. Without ``resume``, an existing ``out`` is
             an error.
+        sketch: ``d`` for the sketched kernel ``(J1 S)(J2 S)^T`` with a seeded Gaussian
+            projection ``S`` (``P x d``, ``E[S S^T] = I``): unbiased, relative error about
+            ``1/sqrt(d)``, computed by ``d`` forward-mode products, never forming ``J``
+            (:mod:`.sketch`); for models with many parameters. ``method`` is then unused;
+            not with ``per_layer``, ``distributed`` or ``out``.
+        sketch_seed: seeds ``S`` (the same seed, the same projection).
         call_kwargs: keyword arguments that are not batched, passed unchanged to every call
             of the model (``use_cache=False``, a shared mask); Tensors among them are moved
             to the model's device and floating ones cast to ``dtype``, never
@@ -162,9 +172,17 @@ class NTK:
         gather: str = "all",
         out: Union[str, "os.PathLike[str]", None] = None,
         resume: bool = False,
+        sketch: Optional[int] = None,
+        sketch_seed: int = 0,
     ) -> None:
+        check_sketch(sketch, sketch_seed)
+        if sketch is not None and (per_layer or distributed or out is not None):
+            raise ValueError("sketch does not combine with per_layer, distributed or out; drop one of them")
+        self._sketch = (sketch, sketch_seed)
         model = unwrap_model(model)
-        layout = as_layout(mode)
+        layout = self._layout = as_layout(mode)
+        if layout.sums_logits:  # pntk: the trace kernel of the summed logits
+            output_fn, layout = summed_output_fn(output_fn), layout.computed_as
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         for name, flag in (("per_layer", per_layer), ("progress", progress)):
@@ -190,7 +208,7 @@ class NTK:
 
     @property
     def mode(self) -> str:
-        return self.options.layout.name
+        return self._layout.name
 
     @property
     def method(self) -> str:
@@ -234,6 +252,8 @@ class NTK:
                 complete (the process group's timeout).
         """
         options = self.options
+        if self._sketch[0] is not None:
+            return self._sketched(x1, x2)
         if not options.scale.plain:
             result = compute(options, self._memo, x1, x2)
             return self._assembled(result) if isinstance(result, dict) else result
@@ -250,6 +270,14 @@ class NTK:
                     raise
                 kernels = _compute(retry, self.mode, options.progress)
         return self._assembled(kernels)
+
+    def _sketched(self, x1: Inputs, x2: Optional[Inputs]) -> torch.Tensor:
+        """The sketched kernel (:mod:`.sketch`) of the parameters as they are now."""
+        options = self.options
+        fmodel = functional_view(options)
+        budget = options.memory_budget if options.memory_budget is not None else default_memory_budget(fmodel.device)
+        with torch.no_grad(), evaluation_context(options.model, fmodel.device):
+            return sketched_kernel(fmodel, options.layout, x1, x2, *self._sketch, budget)
 
     def _assembled(self, kernels: Dict[str, torch.Tensor]) -> Union[torch.Tensor, PerLayerKernels]:
         """The total kernel, or the :class:`PerLayerKernels` of ``{group: kernel}``."""
@@ -341,6 +369,8 @@ def empirical_ntk(
     gather: str = "all",
     out: Union[str, "os.PathLike[str]", None] = None,
     resume: bool = False,
+    sketch: Optional[int] = None,
+    sketch_seed: int = 0,
 ) -> KernelResult:
     r"""The empirical neural tangent kernel of ``model`` between ``x1`` and ``x2``.
 
@@ -350,7 +380,7 @@ def empirical_ntk(
     only once.
 
     Returns:
-        ``(N1, N2, O, O)`` (``mode="full"``), ``(N1, N2)`` (``"trace"``) or
+        ``(N1, N2, O, O)`` (``mode="full"``), ``(N1, N2)`` (``"trace"``, ``"pntk"``) or
         ``(N1, N2, O)`` (``"diagonal"``) on the model's device in the compute dtype, or a
         :class:`PerLayerKernels` when ``per_layer=True``; with ``distributed``, ``gather``
         or ``out`` as :meth:`NTK.__call__` says.
@@ -360,6 +390,7 @@ def empirical_ntk(
         dtype=dtype, memory_budget=memory_budget, batch_size=batch_size, progress=progress,
         call_kwargs=call_kwargs,
         distributed=distributed, process_group=process_group, gather=gather, out=out, resume=resume,
+        sketch=sketch, sketch_seed=sketch_seed,
     )
     return kernel(x1, x2)
 
