@@ -28,6 +28,7 @@ _DEFINED_IN = {
     "RunWriter": "runs",
     "load_run": "runs",
     "NTKTracker": "tracker",
+    "select": "selection",
 }
 """Public names -> the module defining them."""
 _MODULES = ("data", "metrics", "models", "predict", "plots", "report")
@@ -78,6 +79,7 @@ __all__ = [
     "linearize",
     "load_run",
     "metrics",
+    "select",
     "predict",
     "data",
     "models",
