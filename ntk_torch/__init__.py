@@ -30,6 +30,7 @@ _DEFINED_IN = {
     "RunWriter": "runs",
     "load_run": "runs",
     "NTKTracker": "tracker",
+    "select": "selection",
 }
 """Public names -> the module defining them."""
 _MODULES = ("data", "estimate", "metrics", "models", "predict", "plots", "report")
@@ -83,6 +84,7 @@ __all__ = [
     "linearize",
     "load_run",
     "metrics",
+    "select",
     "predict",
     "data",
     "models",

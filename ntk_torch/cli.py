@@ -177,6 +177,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    """Rank a selection config's candidates before training (``--validate``: then train some); the exit status."""
+    from . import selection
+
+    k = args.validate if args.validate in (None, "all") else _positive_int("--validate", args.validate)
+    space = selection.load_space(args.config)
+    out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / space.name
+    chosen = selection.rank(space, progress=not args.no_progress)
+    if k is not None:
+        selection.validate(chosen, space, k, baselines=not args.no_baselines, progress=not args.no_progress)
+    paths = selection.write(chosen, out)
+    print(selection.table(chosen))
+    for line in selection.summary_lines(chosen):
+        print(line)
+    print(f"wrote {paths['json']}, {paths['figure']} and {paths['html']}")
+    return 0
+
+
+def _positive_int(flag: str, text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{flag} must be a positive integer or 'all', got {text!r}")
+    return int(text)
+
+
 def _print_sweep_point(parameter: str, point: SweepPoint) -> None:
     """One swept value's line, printed as soon as its runs are done."""
     over = f" (mean of {len(point.runs)} seeds)" if len(point.runs) > 1 else ""
@@ -409,6 +433,18 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
     sweep.set_defaults(handler=cmd_sweep)
 
 
+def _add_select_parser(commands: argparse._SubParsersAction) -> None:
+    select = commands.add_parser("select", help="rank candidate networks and learning rates before training",
+                                 description="Rank a selection config's candidates by the kernel forecast at "
+                                 "initialisation; write selection.json, selection.png and selection.html.")
+    select.add_argument("config", help="selection config (YAML: base, candidates, learning_rates)")
+    select.add_argument("--out", help="output directory (default runs/<selection name>)")
+    select.add_argument("--validate", metavar="K", help="train the top K and K random candidates (or 'all')")
+    select.add_argument("--no-baselines", action="store_true", help="with --validate: skip the one-epoch baseline")
+    select.add_argument("--no-progress", action="store_true", help="no progress lines")
+    select.set_defaults(handler=cmd_select)
+
+
 def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="predict the training curve of the network linearised at step 0",
                                   description="Before any training: the linearised model's predicted train and test "
@@ -477,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run_parser(commands)
     _add_sweep_parser(commands)
+    _add_select_parser(commands)
     _add_predict_parser(commands)
     _add_kernel_parser(commands)
     _add_run_dir_parsers(commands)

@@ -9,6 +9,8 @@ name                  task            what
 ``teacher``           regression      Gaussian (or spherical) inputs labelled by a fixed random
                                       MLP, the teacher-student setting of NTK studies
 ``sine``              regression      ``y = sin(frequency * x)`` on an interval, 1-d
+``spoken_commands``   classification  SYNTHETIC spoken command words, log-mel (:mod:`.speech`)
+``audio_folder``      classification  WAVs in label sub-folders (Speech Commands), log-mel
 ====================  ==============  ==========================================================
 
 ``load(name, **options)`` is what configs use; a name of the form
@@ -52,9 +54,11 @@ from ._options import (
     is_import_path,
     lookup,
 )
+from . import speech
 from .losses import CLASSIFICATION, REGRESSION
 
-__all__ = ["DATASETS", "TASKS", "DataSplit", "custom", "digits", "load", "sine", "teacher"]
+__all__ = ["DATASETS", "TASKS", "DataSplit", "audio_folder", "custom", "digits", "load", "sine", "spoken_commands",
+           "teacher"]
 
 TASKS = (CLASSIFICATION, REGRESSION)
 
@@ -632,11 +636,56 @@ def _as_pair(data: Any, where: str) -> Tuple[Tensor, Tensor]:
     return x, y
 
 
+# --------------------------------------------------------------------------- speech
+
+
+def spoken_commands(*, n_train: int = 400, n_test: int = 200, seconds: float = 0.5, n_mels: int = 32,
+                    seed: int = 0, dtype: Union[torch.dtype, str] = torch.float32) -> DataSplit:
+    """SYNTHETIC spoken command words (``speech.WORDS``: yes, no, up, down, left, right, on,
+    off, stop, go; balanced labels) from the source-filter synthesiser of
+    :mod:`ntk_torch.speech` (a new speaker, onset, stretch and noise level per utterance,
+    all from one Generator seeded by ``seed``), as log-mel features ``(N, n_mels, frames)``,
+    ``frames = 1 + round(16000 seconds) // 160``, standardised per mel band on the training split."""
+    n_train, n_test = check_int("n_train", n_train, minimum=10), check_int("n_test", n_test, minimum=10)
+    seconds, seed, dtype = speech.check_seconds(seconds), check_seed("seed", seed), check_dtype("dtype", dtype)
+    waves, labels = speech.synthetic_commands(n_train + n_test, seconds, seed)
+    info = {"source": "synthetic (ntk_torch.speech source-filter synthesiser)", "seed": seed,
+            "labels": list(speech.WORDS), "seconds": seconds, "n_mels": n_mels}
+    return _speech_split(waves, labels, n_train, n_mels, dtype, "spoken_commands", info)
+
+
+def audio_folder(path: str, *, seconds: float = 1.0, n_mels: int = 32, test_size: Union[float, int] = 0.2,
+                 seed: int = 0, dtype: Union[torch.dtype, str] = torch.float32) -> DataSplit:
+    """Users' recordings ``path/<label>/*.wav`` (Speech Commands layout, 16-bit PCM, resampled
+    to 16 kHz, padded or cut to ``seconds``: :func:`ntk_torch.speech.read_wav_folder`) as
+    :func:`spoken_commands`'s features; ``train_test_split(stratify=y, random_state=seed)``;
+    classes: the sorted label folder names (``info["labels"]``)."""
+    from sklearn.model_selection import train_test_split
+
+    seconds, seed, dtype = speech.check_seconds(seconds), check_seed("seed", seed), check_dtype("dtype", dtype)
+    waves, labels, names = speech.read_wav_folder(path, int(round(seconds * speech.SAMPLE_RATE)))
+    n_test = _check_test_size(test_size, len(labels), len(names))
+    train, test = train_test_split(np.arange(len(labels)), test_size=n_test, random_state=seed, stratify=labels)
+    info = {"source": f"WAV folder {path}", "labels": names, "seed": seed, "seconds": seconds, "n_mels": n_mels}
+    index = np.concatenate([train, test])
+    return _speech_split(waves[index], labels[index], len(train), n_mels, dtype, "audio_folder", info)
+
+
+def _speech_split(waves: np.ndarray, labels: np.ndarray, n_train: int, n_mels: int, dtype: torch.dtype,
+                  name: str, info: Dict[str, Any]) -> DataSplit:
+    """The split of :func:`ntk_torch.speech.standardised_log_mel` features, the first ``n_train`` training."""
+    features = speech.standardised_log_mel(waves, n_train, check_int("n_mels", n_mels, minimum=4)).to(dtype)
+    y, info = torch.as_tensor(labels, dtype=torch.int64), {**info, "input_shape": list(features.shape[1:])}
+    return DataSplit(x_train=features[:n_train], y_train=y[:n_train], x_test=features[n_train:], y_test=y[n_train:],
+                     task=CLASSIFICATION, num_classes=len(info["labels"]), name=name, info=info)
+
+
 # --------------------------------------------------------------------------- registry
 
 
 DATASETS: Mapping[str, Callable[..., DataSplit]] = MappingProxyType(
-    {"digits": digits, "sine": sine, "teacher": teacher}
+    {"audio_folder": audio_folder, "digits": digits, "sine": sine, "spoken_commands": spoken_commands,
+     "teacher": teacher}
 )
 """The built-in data sets by name (read-only)."""
 

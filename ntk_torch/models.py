@@ -1,4 +1,5 @@
-r"""Built-in models: an MLP in NTK or standard parametrisation and a small CNN.
+r"""Built-in models: an MLP in NTK or standard parametrisation, a small CNN, and the keyword
+spotters of :mod:`ntk_torch.spotters` (``conv_spotter``, ``gru_spotter``).
 
 ``build(name, data=None, **options)`` is what configs use; with ``data`` (a
 :class:`~ntk_torch.data.DataSplit`) the input and output sizes are read from the data. A
@@ -46,6 +47,7 @@ from ._options import (
     lookup,
 )
 from .functional import group_of
+from .spotters import ConvSpotter, GRUSpotter
 from .kernel.rules import DenseFeatures, KroneckerTerm, Term, register_rule
 
 __all__ = [
@@ -468,7 +470,9 @@ def _call_factory(path: str, factory: Callable[..., Any], options: Mapping[str, 
     return model
 
 
-MODELS: Mapping[str, type] = MappingProxyType({"cnn": CNN, "mlp": MLP})
+MODELS: Mapping[str, type] = MappingProxyType(
+    {"cnn": CNN, "conv_spotter": ConvSpotter, "gru_spotter": GRUSpotter, "mlp": MLP}
+)
 """The built-in models by name (read-only)."""
 
 _CUSTOM_SHAPE_OPTIONS = ("input_dim", "input_shape", "output_dim", "num_classes")

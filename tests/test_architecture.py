@@ -24,14 +24,14 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("functional", "runs"),
     ("kernel",),
     ("metrics", "losses", "spectral", "estimate"),
-    ("predict", "probe", "schedule", "linearize"),
+    ("predict", "probe", "schedule", "linearize", "speech", "spotters"),
     ("forecast", "drift", "twin", "diagnostics", "budget"),
     ("forecasting", "lifecycle", "provenance", "sharing"),
     ("tracker",),
     ("plots",),
     ("report", "data", "models", "config"),
     ("experiment",),
-    ("sweeps", "kernel_files"),
+    ("sweeps", "kernel_files", "selection"),
     ("cli",),
 )
 ALSO_ALLOWED = {("report", "config")}  # the report prints the run's config

@@ -123,7 +123,7 @@ def test_usage_errors_exit_2(capsys):
     assert "not an ntk_torch run directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["run", "sweep", "predict", "plot", "report", "compare", "bench"])
+@pytest.mark.parametrize("command", ["run", "sweep", "select", "predict", "plot", "report", "compare", "bench"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main([command, "--help"])

@@ -217,11 +217,11 @@ def test_datasplit_validates_and_converts():
 def test_load_by_name_matches_the_functions():
     assert same(data.load("digits", seed=1), data.digits(seed=1))
     assert same(data.load("sine", n_train=5), data.sine(n_train=5))
-    assert set(data.DATASETS) == {"digits", "sine", "teacher"}
+    assert set(data.DATASETS) == {"audio_folder", "digits", "sine", "spoken_commands", "teacher"}
 
 
 def test_load_unknown_name_and_option():
-    with pytest.raises(ValueError, match=r"unknown data set 'mnist'; valid names: digits, sine, teacher"):
+    with pytest.raises(ValueError, match=r"unknown data set 'mnist'; valid names: audio_folder, digits, sine, spoken_commands, teacher"):
         data.load("mnist")
     with pytest.raises(TypeError, match=r"unknown option 'sede' for data set 'digits'; valid options: test_size, seed"):
         data.load("digits", sede=1)

@@ -213,7 +213,7 @@ def test_build_fills_sizes_from_the_data(split):
 
 
 def test_build_unknown_model_and_option(split):
-    with pytest.raises(ValueError, match=r"unknown model 'resnet'; valid names: cnn, mlp"):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet'; valid names: cnn, conv_spotter, gru_spotter, mlp"):
         models.build("resnet", data=split)
     with pytest.raises(TypeError, match=r"unknown option 'widht' for model 'mlp'; valid options: input_dim, output_dim, width"):
         models.build("mlp", data=split, widht=10)
