@@ -175,7 +175,6 @@ def candidate_signals(config: RunConfig, forecast: Dict[str, Any]) -> Dict[str, 
     grid = [max_lr * float(r) for r in np.geomspace(1 / 64, 0.95, forecast["lr_grid"])]
     on_grid = [(*_forecast_at(dynamics, lr, train.steps, sgd), lr) for lr in grid]
     best = max(on_grid, key=lambda item: (_or(item[0], -math.inf), -_or(item[1], math.inf)))
-    full = K if K.dim() == 2 else K
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "predicted_test_accuracy": accuracy,
@@ -184,9 +183,9 @@ def candidate_signals(config: RunConfig, forecast: Dict[str, Any]) -> Dict[str, 
         "stable": train.lr < max_lr,
         "preferred_lr": best[2],
         "preferred_lr_accuracy": best[0],
-        "condition_number": float(condition_number(full)),
-        "effective_rank": float(effective_rank(full)),
-        "target_alignment": float(target_alignment(full, y)) if not regression else None,
+        "condition_number": float(condition_number(K)),
+        "effective_rank": float(effective_rank(K)),
+        "target_alignment": float(target_alignment(K, y)) if not regression else None,
         "seconds": time.perf_counter() - start,
     }
 
