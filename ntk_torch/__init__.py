@@ -28,9 +28,10 @@ _DEFINED_IN = {
     "RunWriter": "runs",
     "load_run": "runs",
     "NTKTracker": "tracker",
+    "mlp_kernels": "analytic",
 }
 """Public names -> the module defining them."""
-_MODULES = ("data", "metrics", "models", "predict", "plots", "report")
+_MODULES = ("analytic", "data", "metrics", "models", "predict", "plots", "report")
 """Public submodules (matplotlib, for plots and report, only when figures are asked for)."""
 
 
@@ -77,6 +78,8 @@ __all__ = [
     "empirical_ntk",
     "linearize",
     "load_run",
+    "mlp_kernels",
+    "analytic",
     "metrics",
     "predict",
     "data",

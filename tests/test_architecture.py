@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ntk_torch"
 # ALSO_ALLOWED says so.
 LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("_version", "errors", "failures", "_options", "steps", "records", "layout"),
-    ("functional", "runs"),
+    ("functional", "runs", "analytic"),
     ("kernel",),
     ("metrics", "losses"),
     ("predict", "probe", "schedule", "linearize"),
