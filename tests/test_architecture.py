@@ -31,7 +31,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("plots",),
     ("report", "data", "models", "config"),
     ("experiment",),
-    ("sweeps", "kernel_files"),
+    ("sweeps", "kernel_files", "results"),
     ("cli",),
 )
 ALSO_ALLOWED = {("report", "config")}  # the report prints the run's config
