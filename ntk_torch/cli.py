@@ -149,7 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / config.name
     replace = _fresh_output(out, args.force)
     try:
-        experiment.run(config, out, force=replace, progress=not args.no_progress, allow_imports=args.allow_import or ())
+        experiment.run(config, out, force=replace, progress=not args.no_progress, allow_imports=args.allow_import or (),
+                       tensorboard=args.tensorboard)
     except KeyboardInterrupt as interruption:
         print(f"\nntk-torch: {_interrupted(interruption)}; the run recorded so far is in {out}", file=sys.stderr)
         return _interrupt_status(interruption)
@@ -415,6 +416,8 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
                               "directory, figures and report.html, and print a summary.")
     _add_config_options(run, "output directory (default runs/<config name>)")
     _add_training_options(run, "no progress bar")
+    run.add_argument("--tensorboard", metavar="DIR", help="also log the measurements (scalars ntk/...) and the "
+                     "figures to TensorBoard in DIR (pip install 'ntk-torch[tensorboard]')")
     run.set_defaults(handler=cmd_run)
 
 

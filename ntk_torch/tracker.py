@@ -49,6 +49,7 @@ from .probe import Data, LabelledSet, batch_size, choose_probe, evaluate, load_s
 from .runs import KEEP_KERNELS, Run, RunWriter, load_run
 from .schedule import Schedule
 from .sharing import is_main_process, rank0_probe, shares_kernel
+from .sinks import open_sink
 
 __all__ = ["NTKTracker"]
 
@@ -85,6 +86,8 @@ class NTKTracker:
             ``"log"`` (the m-th kernel for m = 0 and m a power of two), ``"all"``,
             ``"first_last"`` or ``"none"``.
         progress: show a progress line (tqdm) with the step and drift.
+        tensorboard: a ``SummaryWriter`` or a log directory: every record's numbers as scalars
+            ``ntk/<field>`` at the optimizer step, the figures at the end (:mod:`ntk_torch.sinks`).
         seed: seed of the private ``torch.Generator`` that draws the probe.
         overwrite: replace an existing run in ``run_dir``.
         forecast: the predicted training curve of the network linearised at step 0 (see
@@ -190,6 +193,7 @@ class NTKTracker:
         predict: Optional[bool] = None,
         distributed: Optional[bool] = None,
         call_kwargs: Optional[Dict[str, Any]] = None,
+        tensorboard: Any = None,
     ) -> None:
         self.model = unwrap_model(model)
         forecast = forecast_option(forecast, predict)
@@ -220,7 +224,7 @@ class NTKTracker:
         self._param_names = list(selected)
         self._theta0 = {n: p.detach().clone() for n, p in self._live_params().items()} if self._main else {}
 
-        self.run_dir = run_dir
+        self._sink, self.run_dir = open_sink(tensorboard, self._main), run_dir  # before the run is claimed
         self._writer: Optional[RunWriter] = None
         if run_dir is not None and self._main:
             config = dict(probe_size=probe_size, every=every, seed=seed, keep_kernels=keep_kernels)
@@ -493,6 +497,7 @@ class NTKTracker:
         self.records.append(record)
         if self._writer is not None:
             self._writer.append(record)
+        self._sink.write(record)
         if self._progress is not None:
             self._progress.set_postfix(step=record[records.STEP], drift=record[records.RELATIVE_CHANGE],
                                        refresh=False)
@@ -518,6 +523,7 @@ class NTKTracker:
             if self._forecasting is not None:
                 self._forecasting.write_dense(self._writer)
             self._writer.close(status=status, reason=reason)
+        self._sink.close(None if self._writer is None else self._writer.path)
         if self._progress is not None:
             self._progress.close()
 
