@@ -47,8 +47,9 @@ import torch
 from torch import Tensor
 
 from ._options import check_choice, check_int, check_real
+from .layout import Layout
 
-__all__ = ["ACTIVATIONS", "mlp_kernels"]
+__all__ = ["ACTIVATIONS", "mlp_kernels", "reference_kernel"]
 
 _Expectations = Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor]]
 
@@ -148,3 +149,30 @@ def mlp_kernels(
     dtype = x1.dtype if x1.is_floating_point() else torch.get_default_dtype()
     return {"nngp": sigma.to(dtype), "ntk": theta.to(dtype)}
 
+
+
+def reference_kernel(model: torch.nn.Module, x: Tensor, layout: Layout, tracked: Dict[str, Tensor]) -> Tensor:
+    """The infinite-width NTK of ``model`` on ``x`` in ``layout``: ``(N, N, O, O)``
+    ``Theta delta_oo'`` (full), ``(N, N)`` ``O Theta`` (trace) or ``(N, N, O)`` (diagonal),
+    in ``x``'s dtype, for the tracker's ``analytic_reference``.
+
+    Raises:
+        ValueError: ``model`` is not an ``ntk_torch.models.MLP`` in NTK parametrisation with
+            an activation of :data:`ACTIVATIONS`, or ``tracked`` (the kernel's parameters)
+            is not all of its parameters.
+    """
+    config = getattr(model, "config", None)
+    is_mlp = type(model).__name__ == "MLP" and type(model).__module__ == "ntk_torch.models"
+    if not (is_mlp and isinstance(config, dict) and config.get("parametrization") == "ntk"
+            and config.get("activation") in ACTIVATIONS):
+        raise ValueError("analytic_reference needs an ntk_torch.models.MLP in NTK parametrisation with activation "
+                         f"{' / '.join(ACTIVATIONS)}, got {type(model).__name__}")
+    if len(tracked) != len(list(model.parameters())):
+        raise ValueError("analytic_reference needs the kernel of all the MLP's parameters (params=None)")
+    bias_std = config["sigma_b"] if config["bias"] else 0.0
+    theta = mlp_kernels(x, depth=config["depth"], activation=config["activation"], weight_std=config["sigma_w"],
+                        bias_std=bias_std)["ntk"]
+    o = config["output_dim"]
+    eye = torch.eye(o, dtype=theta.dtype, device=theta.device)
+    return layout.choose(full=theta[:, :, None, None] * eye, trace=o * theta,
+                         diagonal=theta[:, :, None].expand(-1, -1, o).contiguous())

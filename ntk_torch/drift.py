@@ -38,11 +38,15 @@ class KernelDrift:
     Args:
         layout: the kernels' layout.
         labels: the probe's targets, for the kernel-target alignment.
+        reference: the infinite-width kernel in ``layout``
+            (:func:`ntk_torch.analytic.reference_kernel`): each record then has
+            ``analytic_distance``, the relative Frobenius distance from it.
     """
 
-    def __init__(self, layout: Layout, labels: torch.Tensor) -> None:
+    def __init__(self, layout: Layout, labels: torch.Tensor, reference: Optional[torch.Tensor] = None) -> None:
         self.layout = layout
         self.labels = labels
+        self.reference = reference  # the infinite-width kernel in this layout, or None
         self.initial: Optional[torch.Tensor] = None
         self.previous: Optional[Tuple[int, torch.Tensor]] = None
 
@@ -56,6 +60,8 @@ class KernelDrift:
         the reference (at step 0) and the previous kernel."""
         K = kernels.total
         fields = {**self._statistics(K), **self._drift(step, K), **self._shares(kernels)}
+        if self.reference is not None:
+            fields[records.ANALYTIC_DISTANCE] = _or_none(metrics.relative_change, K, self.reference)
         if step == 0:
             self.initial = K
         self.previous = (step, K)

@@ -50,6 +50,7 @@ from .runs import KEEP_KERNELS, Run, RunWriter, load_run
 from .schedule import Schedule
 from .sharing import is_main_process, rank0_probe, shares_kernel
 from .sinks import open_sink
+from .analytic import reference_kernel
 
 __all__ = ["NTKTracker"]
 
@@ -88,6 +89,8 @@ class NTKTracker:
         progress: show a progress line (tqdm) with the step and drift.
         tensorboard: a ``SummaryWriter`` or a log directory: every record's numbers as scalars
             ``ntk/<field>`` at the optimizer step, the figures at the end (:mod:`ntk_torch.sinks`).
+        analytic_reference: for an ``ntk_torch.models.MLP`` in NTK parametrisation, record
+            ``analytic_distance`` from its infinite-width NTK (:mod:`ntk_torch.analytic`).
         seed: seed of the private ``torch.Generator`` that draws the probe.
         overwrite: replace an existing run in ``run_dir``.
         forecast: the predicted training curve of the network linearised at step 0 (see
@@ -194,6 +197,7 @@ class NTKTracker:
         distributed: Optional[bool] = None,
         call_kwargs: Optional[Dict[str, Any]] = None,
         tensorboard: Any = None,
+        analytic_reference: bool = False,
     ) -> None:
         self.model = unwrap_model(model)
         forecast = forecast_option(forecast, predict)
@@ -203,8 +207,7 @@ class NTKTracker:
         self._shared_step: Optional[int] = None
         self.call_kwargs = check_call_kwargs(call_kwargs)
         self.ntk = self._probe_kernel(mode, method, params, output_fn, distributed)
-        self.output_fn = output_fn
-        self.loss = resolve(loss)
+        self.output_fn, self.loss = output_fn, resolve(loss)
         selected = self.ntk.view().params
         self.device = next(iter(selected.values())).device
 
@@ -213,7 +216,7 @@ class NTKTracker:
         self._forecast_points = None if forecast is None else self._choose_forecast_points(
             train, min(self._train_size, max_predict_points), seed)
         self._forecasting: Optional[TrackedForecast] = None
-        self.drift = KernelDrift(self.ntk.options.layout, self.probe.y)
+        self.drift = self._kernel_drift(analytic_reference)
 
         self.records: List[Dict[str, Any]] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None  # while attached
@@ -232,6 +235,12 @@ class NTKTracker:
         self._progress = self._progress_bar() if progress and self._main else None
 
     # ------------------------------------------------------------------ set-up
+
+    def _kernel_drift(self, analytic: bool) -> KernelDrift:
+        layout = self.ntk.options.layout
+        check_bool("analytic_reference", analytic)
+        reference = reference_kernel(self.model, self.probe.x, layout, self.ntk.view().params) if analytic else None
+        return KernelDrift(layout, self.probe.y, reference)
 
     def _probe_kernel(self, mode: str, method: str, params: ParamSelector,
                       output_fn: Optional[Callable[[Any], torch.Tensor]], distributed: Optional[bool]) -> NTK:

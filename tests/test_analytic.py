@@ -145,3 +145,47 @@ def test_bad_inputs_name_themselves():
 def test_public_through_the_package_root():
     assert ntk_torch.mlp_kernels is mlp_kernels
     assert ntk_torch.analytic.mlp_kernels is mlp_kernels
+
+
+@pytest.mark.parametrize("mode", ["trace", "full", "diagonal"])
+def test_reference_kernel_in_each_layout(mode):
+    from ntk_torch.analytic import reference_kernel
+    from ntk_torch.layout import layout
+
+    x = _inputs(3, 4)
+    model = MLP(4, 2, width=8, depth=2, sigma_b=0.2, seed=0).double()
+    theta = mlp_kernels(x, depth=2, bias_std=0.2)["ntk"]
+    K = reference_kernel(model, x, layout(mode), dict(model.named_parameters()))
+    expected = {"trace": 2 * theta, "full": theta[:, :, None, None] * torch.eye(2, dtype=torch.float64),
+                "diagonal": torch.stack([theta, theta], dim=-1)}[mode]
+    assert torch.equal(K, expected)
+
+
+@pytest.mark.slow
+def test_tracker_records_the_distance_from_the_infinite_width_kernel():
+    from ntk_torch.tracker import NTKTracker
+
+    x, y = _inputs(8, 3).float(), _inputs(8, 1, seed=5).float()
+    model = MLP(3, 1, width=512, depth=1, sigma_b=0.1, seed=0)
+    tracker = NTKTracker(model, (x, y), loss="mse", probe_size=8, progress=False, forecast=None,
+                         analytic_reference=True)
+    tracker.attach()
+    record = tracker.records[0]
+    theta = mlp_kernels(tracker.probe.x.double(), depth=1, bias_std=0.1)["ntk"]
+    K = ntk_torch.empirical_ntk(model.double(), tracker.probe.x.double(), mode="trace")
+    assert record["analytic_distance"] == pytest.approx(float((K - theta).norm() / theta.norm()), rel=1e-3)
+    assert 0 < record["analytic_distance"] < 0.2
+    tracker.close()
+
+
+def test_analytic_reference_refuses_other_models():
+    from ntk_torch.tracker import NTKTracker
+
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    with pytest.raises(ValueError, match="analytic_reference needs an ntk_torch.models.MLP in NTK parametrisation"):
+        NTKTracker(torch.nn.Linear(3, 1), (x, y), loss="mse", probe_size=8, progress=False, analytic_reference=True)
+    with pytest.raises(ValueError, match="NTK parametrisation"):
+        NTKTracker(MLP(3, 1, 8, 1, parametrization="standard"), (x, y), loss="mse", probe_size=8, progress=False,
+                   analytic_reference=True)
+    with pytest.raises(TypeError, match="analytic_reference must be"):
+        NTKTracker(MLP(3, 1, 8, 1), (x, y), loss="mse", probe_size=8, progress=False, analytic_reference="yes")
