@@ -88,6 +88,7 @@ def test_a_trainer_run_records_what_a_plain_loop_records(tmp_path):
             assert got[field] == pytest.approx(want[field], rel=1e-4, abs=1e-6), (field, got["step"])
 
 
+@pytest.mark.slow  # importing transformers takes seconds
 def test_logits_are_picked_from_outputs():
     from ntk_torch.integrations.transformers import logits
 
