@@ -31,9 +31,10 @@ _DEFINED_IN = {
     "load_run": "runs",
     "NTKTracker": "tracker",
     "select": "selection",
+    "mlp_kernels": "analytic",
 }
 """Public names -> the module defining them."""
-_MODULES = ("data", "estimate", "metrics", "models", "predict", "plots", "report")
+_MODULES = ("analytic", "data", "estimate", "metrics", "models", "predict", "plots", "report")
 """Public submodules (matplotlib, for plots and report, only when figures are asked for)."""
 
 
@@ -83,6 +84,8 @@ __all__ = [
     "estimate",
     "linearize",
     "load_run",
+    "mlp_kernels",
+    "analytic",
     "metrics",
     "select",
     "predict",

@@ -24,7 +24,7 @@ import threading
 import traceback
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import records
 from ._version import __version__
@@ -143,29 +143,32 @@ def _finish_run(run_dir: Path, config: RunConfig) -> List[Path]:
 def cmd_run(args: argparse.Namespace) -> int:
     """Train the config and write its figures and report; the exit status (130 on Ctrl-C,
     143 on SIGTERM)."""
-    from . import experiment
+    from . import experiment, results
 
     config = _config(args)
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / config.name
     replace = _fresh_output(out, args.force)
     try:
-        experiment.run(config, out, force=replace, progress=not args.no_progress, allow_imports=args.allow_import or ())
+        experiment.run(config, out, force=replace, progress=not args.no_progress, allow_imports=args.allow_import or (),
+                       tensorboard=args.tensorboard)
     except KeyboardInterrupt as interruption:
         print(f"\nntk-torch: {_interrupted(interruption)}; the run recorded so far is in {out}", file=sys.stderr)
         return _interrupt_status(interruption)
-    _finish_run(out, config)
+    args.summary = results.run_result(out, _finish_run(out, config))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train the sweep (or rank it by forecast, ``--predict-only``) and print the comparison; the exit status."""
-    from . import sweeps
+    from . import results, sweeps
 
     config = _config(args)
     plan = sweeps.sweep_plan(config)
     trusted = args.allow_import or ()
     if args.predict_only:
-        _print_ranking(sweeps.rank_by_forecast(plan, allow_imports=trusted))
+        ranking = sweeps.rank_by_forecast(plan, allow_imports=trusted)
+        _print_ranking(ranking)
+        args.summary = results.ranking_result(ranking)
         return 0
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / config.name
     _fresh_output(out, args.force)
@@ -174,6 +177,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         on_point=lambda point: _print_sweep_point(plan.parameter, point), allow_imports=trusted,
     )
     _print_sweep(result)
+    args.summary = results.sweep_result(result)
     return 0
 
 
@@ -202,10 +206,20 @@ def _positive_int(flag: str, text: str) -> int:
 
 
 def _print_sweep_point(parameter: str, point: SweepPoint) -> None:
-    """One swept value's line, printed as soon as its runs are done."""
-    over = f" (mean of {len(point.runs)} seeds)" if len(point.runs) > 1 else ""
-    print(f"  {parameter}={point.value}: relative kernel change {_format(point.means[RELATIVE_CHANGE])}, "
-          f"linearisation gap {_format(point.means[TRAIN_GAP])}{over}")
+    """One swept value's line, printed as soon as its runs are done (mean ± the standard
+    deviation across seeds, and their range)."""
+    from .results import point_spreads
+
+    spread = point_spreads(point)
+    print(f"  {parameter}={point.value}: relative kernel change {_spread(spread[RELATIVE_CHANGE])}, "
+          f"linearisation gap {_spread(spread[TRAIN_GAP])}")
+
+
+def _spread(spread: Dict[str, Any]) -> str:
+    if spread["std"] is None:
+        return _format(spread["mean"])
+    return (f"{_format(spread['mean'])} ± {_format(spread['std'])} "
+            f"(min {_format(spread['min'])}, max {_format(spread['max'])}, {len(spread['seeds'])} seeds)")
 
 
 def _print_sweep(result: SweepResult) -> None:
@@ -217,8 +231,13 @@ def _print_sweep(result: SweepResult) -> None:
     print(f"\nSweep over {parameter}:")
     for row in rows:
         print("  " + "  ".join(f"{cell:>18}" for cell in row))
+    from .results import MIN_SLOPE_POINTS, slope_points
+
     for field, slope in result.slopes.items():
-        print(f"  {SWEEP_LABELS[field]} ~ {parameter}^{slope:.2f}")
+        count = slope_points(result, field)
+        caveat = (f" (caveat: fitted through only {count} points, which always lie on a line; use at least "
+                  f"{MIN_SLOPE_POINTS} values to test a power law)") if count < MIN_SLOPE_POINTS else ""
+        print(f"  {SWEEP_LABELS[field]} ~ {parameter}^{slope:.2f}{caveat}")
     if result.figure is not None:
         print(f"  figure: {result.figure}")
 
@@ -238,7 +257,7 @@ def _print_ranking(ranking: Ranking) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Print and draw the config's forecast before training; the exit status."""
-    from . import experiment, plots
+    from . import experiment, plots, results
 
     config = _config(args)
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / f"{config.name}-predict"
@@ -250,6 +269,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for fmt in ("png", "svg"):
         plots.save_figure(figure, out / f"predicted.{fmt}")
     print(f"  figure: {out / 'predicted.png'}")
+    args.summary = results.forecast_result(config.name, result, out / "predicted.png")
     return 0
 
 
@@ -397,6 +417,8 @@ def _add_config_options(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--out", help=out_help)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.05 (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON alone on stdout (the run's "
+                        "summary.json, the sweep's points and slopes, the forecast); everything else goes to stderr")
     _add_allow_import(parser)
 
 
@@ -418,6 +440,8 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
                               "directory, figures and report.html, and print a summary.")
     _add_config_options(run, "output directory (default runs/<config name>)")
     _add_training_options(run, "no progress bar")
+    run.add_argument("--tensorboard", metavar="DIR", help="also log the measurements (scalars ntk/...) and the "
+                     "figures to TensorBoard in DIR (pip install 'ntk-torch[tensorboard]')")
     run.set_defaults(handler=cmd_run)
 
 
@@ -545,7 +569,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     with _one_line_warnings(), _sigterm_as_interrupt():
         try:
-            return int(args.handler(args) or 0)
+            return _handle(args)
         except KeyboardInterrupt as interruption:  # runs already written stay loadable
             print(f"\nntk-torch: {_interrupted(interruption)}", file=sys.stderr)
             return _interrupt_status(interruption)
@@ -554,6 +578,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 traceback.print_exc()
             print(f"ntk-torch: error: {_describe(error, args.debug)}", file=sys.stderr)
             return EXIT_ERROR
+
+
+def _handle(args: argparse.Namespace) -> int:
+    """The command's exit status; with ``--json``, what it prints goes to stderr and its
+    result (``args.summary``, see :mod:`ntk_torch.results`) alone to stdout."""
+    if not getattr(args, "json", False):
+        return int(args.handler(args) or 0)
+    from .results import dumps
+
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        status = int(args.handler(args) or 0)
+    stdout.write(dumps(getattr(args, "summary", None)) + "\n")
+    return status
 
 
 _EXPECTED = (UserError, OSError, ValueError, TypeError, ImportError, LookupError, FloatingPointError)

@@ -18,6 +18,7 @@ functions (the same formulas on the same float64 tensors).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -89,11 +90,15 @@ class KernelDrift:
     Args:
         layout: the kernels' layout.
         labels: the probe's targets, for the kernel-target alignment.
+        reference: the infinite-width kernel in ``layout``
+            (:func:`ntk_torch.analytic.reference_kernel`): each record then has
+            ``analytic_distance``, the relative Frobenius distance from it.
     """
 
-    def __init__(self, layout: Layout, labels: torch.Tensor) -> None:
+    def __init__(self, layout: Layout, labels: torch.Tensor, reference: Optional[torch.Tensor] = None) -> None:
         self.layout = layout
         self.labels = labels
+        self.reference = reference  # the infinite-width kernel in this layout, or None
         self.initial: Optional[torch.Tensor] = None
         self.previous: Optional[Tuple[int, torch.Tensor]] = None
         self._initial: Optional[_Fused] = None
@@ -111,6 +116,8 @@ class KernelDrift:
         K = kernels.total
         fused = _Fused(K)
         fields = {**self._statistics(K, fused), **self._drift(step, fused), **self._shares(kernels)}
+        if self.reference is not None:
+            fields[records.ANALYTIC_DISTANCE] = _or_none(metrics.relative_change, K, self.reference)
         if step == 0:
             self.initial, self._initial = K, fused
         self.previous, self._previous = (step, K), fused
@@ -155,3 +162,15 @@ class KernelDrift:
         total = self.layout.matrix_trace(kernels.total)
         trace = self.layout.matrix_trace
         return {records.LAYER_SHARE: {g: trace(K) / total if total else None for g, K in kernels.items()}}
+
+
+def parameter_distance(params: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor]) -> Optional[float]:
+    """|theta - theta_0| / |theta_0| over the tracked parameters (``params`` and their step-0
+    values ``initial``, by name), in float64; None when theta_0 is zero."""
+    moved = reference = 0.0
+    with torch.no_grad():
+        for name, p in params.items():
+            p0 = initial[name]
+            moved += float(torch.linalg.vector_norm(p - p0, dtype=torch.float64)) ** 2
+            reference += float(torch.linalg.vector_norm(p0, dtype=torch.float64)) ** 2
+    return math.sqrt(moved / reference) if reference > 0 else None

@@ -165,7 +165,7 @@ def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Optio
                                  pct_start=given("pct_start", 0.3), cycle_momentum=False)
 
 
-def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False) -> NTKTracker:
+def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False, tensorboard: Any = None) -> NTKTracker:
     """The tracker a config asks for, writing to ``run_dir``. ``track.forecast: auto`` is
     resolved here by :func:`ntk_torch.forecasting.choose`, which knows from the config
     whether :func:`train_loop` will show the tracker minibatches (so the tracker need not
@@ -194,6 +194,7 @@ def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False) 
         overwrite=force,
         forecast=forecast,
         clip_grad_norm=config.train.clip_grad_norm,
+        tensorboard=tensorboard,
     )
 
 
@@ -229,8 +230,11 @@ def run(
     force: bool = False,
     progress: bool = True,
     allow_imports: Sequence[str] = (),
+    tensorboard: Any = None,
 ) -> Run:
-    """Train ``config``'s model with the tracker attached; the run directory is ``out_dir``.
+    """Train ``config``'s model with the tracker attached; the run directory is ``out_dir``
+    (and, with ``tensorboard`` a log directory or ``SummaryWriter``, TensorBoard's scalars
+    and figures; see :mod:`ntk_torch.integrations.tensorboard`).
 
     An existing run in ``out_dir`` is replaced only with ``force``; any other non-empty
     directory is never touched. Ctrl-C stops training and leaves a loadable run with
@@ -244,7 +248,7 @@ def run(
     out_dir = Path(out_dir)
     setup = build(config, allow_imports=allow_imports)
     config = setup.config = fit_probe(config, setup.split.x_train.shape[0])
-    tracker = make_tracker(setup, out_dir, force=force)
+    tracker = make_tracker(setup, out_dir, force=force, tensorboard=tensorboard)
     try:
         (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     except BaseException as error:

@@ -22,6 +22,8 @@ field                       value
 ``relative_change``         ``|K - K0|_F / |K0|_F``, from step 0
 ``kernel_distance``         ``1 - <K, K0>_F / (|K|_F |K0|_F)`` (Fort et al. 2020)
 ``velocity``                kernel distance per step since the previous measurement
+``analytic_distance``       ``|K - K_inf|_F / |K_inf|_F``, from the infinite-width NTK
+                            (``analytic_reference=True``, an ntk_torch MLP in NTK parametrisation)
 ``layer_share``             ``{parameter group: trace(K_group) / trace(K)}``
 ``param_distance``          ``|theta - theta_0| / |theta_0|``
 ``{split}_loss``            the network's loss on a split (``probe``, ``test``, ``train``)
@@ -43,6 +45,7 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional, Tuple
 
 __all__ = [
+    "ANALYTIC_DISTANCE",
     "DRIFT",
     "FORECAST_SPLITS",
     "KERNEL_STATISTICS",
@@ -85,6 +88,7 @@ EFFECTIVE_RANK = "effective_rank"
 TARGET_ALIGNMENT = "target_alignment"
 RELATIVE_CHANGE = "relative_change"
 KERNEL_DISTANCE = "kernel_distance"
+ANALYTIC_DISTANCE = "analytic_distance"
 VELOCITY = "velocity"
 LAYER_SHARE = "layer_share"
 PARAM_DISTANCE = "param_distance"

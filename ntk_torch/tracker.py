@@ -24,7 +24,6 @@ fixed-size state): memory does not grow with the number of steps.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -35,7 +34,7 @@ from torch import nn
 
 from . import records
 from ._options import check_bool, check_int
-from .drift import KernelDrift
+from .drift import KernelDrift, parameter_distance
 from .errors import NonFiniteKernelError
 from .forecasting import Forecast, TrackedForecast, clip_options, forecast_option
 from .functional import (
@@ -49,6 +48,8 @@ from .probe import Data, LabelledSet, batch_size, choose_probe, evaluate, load_s
 from .runs import KEEP_KERNELS, Run, RunWriter, load_run
 from .budget import scheduled
 from .sharing import is_main_process, rank0_probe, shares_kernel
+from .sinks import open_sink
+from .analytic import reference_kernel
 
 __all__ = ["NTKTracker"]
 
@@ -85,6 +86,10 @@ class NTKTracker:
             ``"log"`` (the m-th kernel for m = 0 and m a power of two), ``"all"``,
             ``"first_last"`` or ``"none"``.
         progress: show a progress line (tqdm) with the step and drift.
+        tensorboard: a ``SummaryWriter`` or a log directory: every record's numbers as scalars
+            ``ntk/<field>`` at the optimizer step, the figures at the end (:mod:`ntk_torch.sinks`).
+        analytic_reference: for an ``ntk_torch.models.MLP`` in NTK parametrisation, record
+            ``analytic_distance`` from its infinite-width NTK (:mod:`ntk_torch.analytic`).
         seed: seed of the private ``torch.Generator`` that draws the probe.
         overwrite: replace an existing run in ``run_dir``.
         forecast: the predicted training curve of the network linearised at step 0 (see
@@ -194,6 +199,8 @@ class NTKTracker:
         distributed: Optional[bool] = None,
         call_kwargs: Optional[Dict[str, Any]] = None,
         budget: Optional[float] = None,
+        tensorboard: Any = None,
+        analytic_reference: bool = False,
     ) -> None:
         self.model = unwrap_model(model)
         forecast = forecast_option(forecast, predict)
@@ -203,8 +210,7 @@ class NTKTracker:
         self._shared_step: Optional[int] = None
         self.call_kwargs = check_call_kwargs(call_kwargs)
         self.ntk = self._probe_kernel(mode, method, params, output_fn, distributed)
-        self.output_fn = output_fn
-        self.loss = resolve(loss)
+        self.output_fn, self.loss = output_fn, resolve(loss)
         selected = self.ntk.view().params
         self.device = next(iter(selected.values())).device
 
@@ -213,7 +219,7 @@ class NTKTracker:
         self._forecast_points = None if forecast is None else self._choose_forecast_points(
             train, min(self._train_size, max_predict_points), seed)
         self._forecasting: Optional[TrackedForecast] = None
-        self.drift = KernelDrift(self.ntk.options.layout, self.probe.y)
+        self.drift = self._kernel_drift(analytic_reference)
 
         self.records: List[Dict[str, Any]] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None  # while attached
@@ -224,7 +230,7 @@ class NTKTracker:
         self._param_names = list(selected)
         self._theta0 = {n: p.detach().clone() for n, p in self._live_params().items()} if self._main else {}
 
-        self.run_dir = run_dir
+        self._sink, self.run_dir = open_sink(tensorboard, self._main), run_dir  # before the run is claimed
         self._writer: Optional[RunWriter] = None
         if run_dir is not None and self._main:
             config = dict(probe_size=probe_size, every=every, seed=seed, keep_kernels=keep_kernels)
@@ -232,6 +238,12 @@ class NTKTracker:
         self._progress = self._progress_bar() if progress and self._main else None
 
     # ------------------------------------------------------------------ set-up
+
+    def _kernel_drift(self, analytic: bool) -> KernelDrift:
+        layout = self.ntk.options.layout
+        check_bool("analytic_reference", analytic)
+        reference = reference_kernel(self.model, self.probe.x, layout, self.ntk.view().params) if analytic else None
+        return KernelDrift(layout, self.probe.y, reference)
 
     def _probe_kernel(self, mode: str, method: str, params: ParamSelector,
                       output_fn: Optional[Callable[[Any], torch.Tensor]], distributed: Optional[bool]) -> NTK:
@@ -500,6 +512,7 @@ class NTKTracker:
         self.records.append(record)
         if self._writer is not None:
             self._writer.append(record)
+        self._sink.write(record)
         if self._progress is not None:
             self._progress.set_postfix(step=record[records.STEP], drift=record[records.RELATIVE_CHANGE],
                                        refresh=False)
@@ -525,6 +538,7 @@ class NTKTracker:
             if self._forecasting is not None:
                 self._forecasting.write_dense(self._writer)
             self._writer.close(status=status, reason=reason)
+        self._sink.close(None if self._writer is None else self._writer.path)
         if self._progress is not None:
             self._progress.close()
 
@@ -605,7 +619,7 @@ class NTKTracker:
             record.update(self.drift.fields(self._step, kernels))
             if self._writer is not None:
                 self._writer.save_kernel(self._step, kernels.total)
-        record[records.PARAM_DISTANCE] = self._parameter_distance()
+        record[records.PARAM_DISTANCE] = parameter_distance(self._live_params(), self._theta0)
         record.update(self._evaluation())
         if self._forecasting is not None:
             record.update(self._forecasting.fields(self._step, self.device, record))
@@ -636,16 +650,6 @@ class NTKTracker:
                     stacklevel=2,
                 )
             return None, list(error.groups)
-
-    def _parameter_distance(self) -> Optional[float]:
-        """|theta - theta_0| / |theta_0| over the tracked parameters, in float64."""
-        moved = reference = 0.0
-        with torch.no_grad():
-            for name, p in self._live_params().items():
-                p0 = self._theta0[name]
-                moved += float(torch.linalg.vector_norm(p - p0, dtype=torch.float64)) ** 2
-                reference += float(torch.linalg.vector_norm(p0, dtype=torch.float64)) ** 2
-        return math.sqrt(moved / reference) if reference > 0 else None
 
     def _evaluation(self) -> Dict[str, Any]:
         """Loss (and accuracy) on the probe and the test set, in eval mode, without grad."""

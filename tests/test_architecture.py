@@ -21,17 +21,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ntk_torch"
 # ALSO_ALLOWED says so.
 LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("_version", "errors", "failures", "_options", "steps", "records", "layout"),
-    ("functional", "runs"),
+    ("functional", "runs", "analytic"),
     ("kernel",),
     ("metrics", "losses", "spectral", "estimate"),
     ("predict", "probe", "schedule", "linearize", "speech", "spotters"),
     ("forecast", "drift", "twin", "diagnostics", "budget"),
-    ("forecasting", "lifecycle", "provenance", "sharing"),
+    ("forecasting", "lifecycle", "provenance", "sharing", "sinks"),
     ("tracker",),
     ("plots",),
-    ("report", "data", "models", "config"),
+    ("report", "data", "models", "config", "integrations"),
     ("experiment",),
-    ("sweeps", "kernel_files", "selection"),
+    ("sweeps", "kernel_files", "selection", "results"),
     ("cli",),
 )
 ALSO_ALLOWED = {("report", "config")}  # the report prints the run's config

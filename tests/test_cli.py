@@ -163,7 +163,9 @@ def test_sweep_with_several_seeds_runs_each_value_per_seed(tiny_config, tmp_path
     assert ntk.load_run(out / "tiny-width16-seed1").meta["config"]["seed"] == 1
     printed = capsys.readouterr().out
     changes = [final(ntk.load_run(out / f"tiny-width16-seed{s}"), "relative_change") for s in (0, 1)]
-    assert f"relative kernel change {np.mean(changes):.4g}" in printed and "(mean of 2 seeds)" in printed
+    assert f"relative kernel change {np.mean(changes):.4g} ± {np.std(changes, ddof=1):.4g}" in printed
+    assert f"min {min(changes):.4g}, max {max(changes):.4g}, 2 seeds)" in printed
+    assert "caveat: fitted through only 2 points" in printed  # no bare slope from 2 values
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ Layout of a run directory::
     forecast.json              the dense forecast, written once when the tracker closes:
                                {"steps": [0, 1, 2, ...], "fields": {"predicted_train_loss":
                                [...], ...}} (optional; Run.dense_forecast)
+    summary.json               written when the writer closes: final values, configuration,
+                               versions (strict JSON; Run.summary, see runs.summary)
 
 Guarantees, so that a crash or Ctrl-C loses at most the record being written and no two
 runs are ever mixed:

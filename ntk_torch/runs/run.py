@@ -13,6 +13,8 @@ import numpy as np
 from .. import records
 from .files import KERNELS_DIR, META_FILE, METRICS_FILE, PathLike, kernel_name, resolve
 from .reading import header_fields, kernel_files, read_forecast, read_meta, read_records
+from .summary import read_summary
+from .table import to_csv, to_dataframe
 from .writer import KEEP_KERNELS, check_step
 
 __all__ = ["Curve", "DenseForecast", "Run", "load_run"]
@@ -265,6 +267,30 @@ class Run:
             if both.any():
                 curves[split] = Curve(self.steps[both], actual[both], predicted[both])
         return curves
+
+    @cached_property
+    def summary(self) -> Optional[Dict[str, Any]]:
+        """``summary.json`` as written when the run closed (final values, configuration,
+        versions; see :mod:`ntk_torch.runs.summary`), or None for a run not closed yet or
+        written before summaries existed. An unreadable file is named in :attr:`problems`
+        and a ``RuntimeWarning``, and gives None."""
+        try:
+            return read_summary(self.path)
+        except (ValueError, OSError) as error:
+            self.problems.append(str(error))
+            warnings.warn(f"{self.path}: {error}", RuntimeWarning, stacklevel=2)
+            return None
+
+    def to_dataframe(self) -> Any:
+        """The records as a ``pandas.DataFrame``: one row per record, ``step`` then every
+        column of :attr:`metrics` (list columns split into ``name.0``, ``name.1``, ...).
+        Needs pandas (``pip install 'ntk-torch[pandas]'``)."""
+        return to_dataframe(self)
+
+    def to_csv(self, path: PathLike) -> Path:
+        """Write the table of :meth:`to_dataframe` to the CSV file ``path`` (no pandas
+        needed; written atomically); the resolved path written."""
+        return to_csv(self, path)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -29,6 +29,7 @@ from .files import (
     write_line,
 )
 from .reading import MAX_STEP, read_meta
+from .summary import FinalValues, write_summary
 
 __all__ = ["KEEP_KERNELS", "RunWriter"]
 
@@ -166,6 +167,7 @@ class RunWriter:
         self._keep_kernels = keep_kernels
         self._kernel_calls = 0
         self._last_kernel: Optional[int] = None
+        self._final = FinalValues()
 
         _prepare_directory(self._path, overwrite)
         try:
@@ -213,6 +215,7 @@ class RunWriter:
         except (TypeError, ValueError) as error:
             raise TypeError(f"record at step {step} is not JSON-serialisable: {error}") from error
         write_line(self._metrics_fd, (line + "\n").encode())
+        self._final.add(json.loads(line))
 
     def _keeps(self, m: int) -> bool:
         """Whether the m-th kernel stays on disk for good (not only as the latest)."""
@@ -294,7 +297,9 @@ class RunWriter:
         return target
 
     def close(self, status: Optional[str] = None, *, reason: Optional[str] = None) -> None:
-        """Close ``metrics.jsonl``; idempotent. Everything appended is already on disk.
+        """Close ``metrics.jsonl`` and write ``summary.json`` (the last finite value of
+        every numeric field, the configuration, the versions; see
+        :mod:`ntk_torch.runs.summary`); idempotent. Everything appended is already on disk.
 
         Args:
             status: how the run ended, e.g. ``"completed"``, ``"interrupted"`` or
@@ -314,6 +319,7 @@ class RunWriter:
             ending = {"status": status, **({"reason": reason} if reason is not None else {})}
             encoded = _dumps({**self._header, **ending}).encode()
             atomic_write(self._path / META_FILE, lambda file: file.write(encoded))
+        write_summary(self._path, self._header["meta"], self._final, status, reason, default=_jsonable)
 
     def __enter__(self) -> "RunWriter":
         return self

@@ -1,0 +1,115 @@
+"""The Hugging Face Trainer callback: a real transformers.Trainer on a tiny config model
+(never downloaded) gives the records of a plain loop with the same seed; dict batches; the
+logits picked; a missing transformers named."""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import sys
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from ntk_torch import load_run
+from ntk_torch.tracker import NTKTracker
+
+FIELDS = ("relative_change", "kernel_distance", "param_distance", "probe_loss", "probe_accuracy")
+
+
+def _model(transformers):
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(
+        vocab_size=16, pad_token_id=0, n_layers=1, n_heads=2, dim=8, hidden_dim=12, max_position_embeddings=8,
+        num_labels=3, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    return transformers.DistilBertForSequenceClassification(config)
+
+
+def _data():
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 16, (12, 6), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.randint(0, 3, (12,), generator=generator)
+
+
+class _Batches(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {**{k: v[i] for k, v in self.x.items()}, "labels": self.y[i]}
+
+
+def _plain_loop(transformers, steps):
+    x, y = _data()
+    model = _model(transformers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = NTKTracker(model, (x, y), probe_size=6, every=2, progress=False, forecast=None,
+                         output_fn=lambda out: out.logits)
+    model.train()
+    with tracker.attach(optimizer):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(**x, labels=y).loss.backward()
+            optimizer.step()
+    return tracker.records
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:method='auto'.*vmap cannot run this model:RuntimeWarning")
+def test_a_trainer_run_records_what_a_plain_loop_records(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from ntk_torch.integrations.transformers import NTKCallback
+
+    transformers.logging.set_verbosity_error()
+    x, y = _data()
+    steps = 4
+    callback = NTKCallback(train={**x, "labels": y}, every=2, probe_size=6, forecast=None, run_dir=tmp_path / "run")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=steps, per_device_train_batch_size=12,
+        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        save_strategy="no", logging_strategy="no", remove_unused_columns=False, disable_tqdm=True, seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=_model(transformers), args=args, train_dataset=_Batches(x, y),
+                                   callbacks=[callback])
+    trainer.train()
+
+    expected = _plain_loop(transformers, steps)
+    run = load_run(tmp_path / "run")
+    assert run.status == "completed"
+    assert [r["step"] for r in run.records] == [r["step"] for r in expected] == [0, 2, 4]
+    for got, want in zip(run.records, expected):
+        for field in FIELDS:
+            assert got[field] == pytest.approx(want[field], rel=1e-4, abs=1e-6), (field, got["step"])
+
+
+@pytest.mark.slow  # importing transformers takes seconds
+def test_logits_are_picked_from_outputs():
+    from ntk_torch.integrations.transformers import logits
+
+    t = torch.ones(2, 3)
+    assert logits(t) is t and logits({"logits": t}) is t
+    assert logits(type("Out", (), {"logits": t})()) is t
+    with pytest.raises(ValueError, match="has no logits; pass output_fn="):
+        logits({"loss": t})
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *args, **kwargs)
+
+    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, "ntk_torch.integrations.transformers", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    with pytest.raises(ImportError, match=r"pip install 'ntk-torch\[transformers\]'"):
+        importlib.import_module("ntk_torch.integrations.transformers")
