@@ -224,8 +224,7 @@ class NTKTracker:
         self.records: List[Dict[str, Any]] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None  # while attached
         self._main = is_main_process()
-        self._step, self._started, self._closed, self._hook = 0, False, False, None
-        self._warned_nonfinite = False
+        self._step, self._hook, self._started, self._closed, self._warned_nonfinite = 0, None, False, False, False
         self._sigterm = SigtermGuard(self.close)
         self._param_names = list(selected)
         self._theta0 = {n: p.detach().clone() for n, p in self._live_params().items()} if self._main else {}
