@@ -6,11 +6,12 @@ Used by :mod:`ntk_torch.data` and :mod:`ntk_torch.models`; nothing here is publi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
 import numbers
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -194,3 +195,15 @@ def check_dtype(name: str, value: Any) -> torch.dtype:
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise TypeError(f"{name} must be a floating torch.dtype such as torch.float32, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def initialisation_rng(seed: Optional[int]) -> Iterator[None]:
+    """Draw a built-in model's initial parameters from ``torch.manual_seed(seed)`` without
+    touching the global CPU generator's state; with ``seed=None``, from the global generator."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(check_seed("seed", seed))
+        yield

@@ -25,11 +25,10 @@ limit as the width grows (and changes less and less during training, by
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +40,8 @@ from ._options import (
     check_int,
     check_options,
     check_real,
-    check_seed,
     import_object,
+    initialisation_rng,
     is_import_path,
     lookup,
 )
@@ -108,18 +107,6 @@ PARAMETRIZATIONS = ("ntk", "standard")
 
 def _activation(name: Any) -> nn.Module:
     return ACTIVATIONS[check_choice("activation", name, ACTIVATIONS)]()
-
-
-@contextlib.contextmanager
-def _initialisation_rng(seed: Optional[int]) -> Iterator[None]:
-    """Draw initial parameters from ``torch.manual_seed(seed)`` without touching the global
-    CPU generator's state; with ``seed=None``, from the global generator as usual."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(check_seed("seed", seed))
-        yield
 
 
 # --------------------------------------------------------------------------- NTKLinear
@@ -271,7 +258,7 @@ class MLP(nn.Module):
         sizes = [input_dim] + [width] * depth + [output_dim]
         count = sum(n_in * n_out + (n_out if bias else 0) for n_in, n_out in zip(sizes[:-1], sizes[1:]))
         _check_parameter_count("MLP", count, dict(input_dim=input_dim, width=width, depth=depth, output_dim=output_dim))
-        with _initialisation_rng(seed):
+        with initialisation_rng(seed):
             if parametrization == "ntk":
                 layers: List[nn.Module] = [
                     NTKLinear(n_in, n_out, bias, sigma_w=sigma_w, sigma_b=sigma_b)
@@ -366,7 +353,7 @@ class CNN(nn.Module):
                                     kernel_size=kernel_size, num_classes=num_classes))
         height, width = self.image_size
         convs, norms = [], []
-        with _initialisation_rng(seed):
+        with initialisation_rng(seed):
             for index, (c_in, c_out) in enumerate(zip((in_channels,) + channels[:-1], channels)):
                 stride = 1 if index == 0 else 2
                 padding = kernel_size // 2

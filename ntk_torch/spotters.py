@@ -12,13 +12,12 @@ other built-in models, and read ``n_mels`` and ``num_classes`` from the data.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._options import check_choice, check_int, check_seed
+from ._options import check_choice, check_int, initialisation_rng
 
 SPOTTER_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -34,18 +33,6 @@ def _spotter_data_options(data: Any) -> Dict[str, Any]:
 def _check_input(x: Tensor, n_mels: int, name: str) -> None:
     if x.dim() != 3 or x.shape[1] != n_mels:
         raise ValueError(f"{name} expects log-mel inputs (N, {n_mels}, frames), got shape {tuple(x.shape)}")
-
-
-@contextlib.contextmanager
-def _seeded(seed: Optional[int]) -> Iterator[None]:
-    """Parameters drawn from ``torch.manual_seed(seed)``, the global CPU generator's state
-    restored after (as the other built-in models); ``None``: the global generator."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(check_seed("seed", seed))
-        yield
 
 
 class ConvSpotter(nn.Module):
@@ -77,7 +64,7 @@ class ConvSpotter(nn.Module):
         self.n_mels = n_mels
         self.config = dict(n_mels=n_mels, num_classes=num_classes, channels=channels, kernel_size=kernel_size,
                            activation=activation, seed=seed)
-        with _seeded(seed):
+        with initialisation_rng(seed):
             self.convs = nn.ModuleList(
                 nn.Conv1d(c_in, c_out, kernel_size, stride=1 if i == 0 else 2, padding=kernel_size // 2)
                 for i, (c_in, c_out) in enumerate(zip([n_mels] + channels[:-1], channels))
@@ -145,7 +132,7 @@ class GRUSpotter(nn.Module):
         hidden, layers = check_int("hidden", hidden, minimum=1), check_int("layers", layers, minimum=1)
         self.n_mels = n_mels
         self.config = dict(n_mels=n_mels, num_classes=num_classes, hidden=hidden, layers=layers, seed=seed)
-        with _seeded(seed):
+        with initialisation_rng(seed):
             self.grus = nn.ModuleList(GRULayer(n_mels if i == 0 else hidden, hidden) for i in range(layers))
             self.head = nn.Linear(hidden, num_classes)
 

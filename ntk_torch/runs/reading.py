@@ -68,6 +68,18 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+def read_json_object(file: Path, kind: str) -> Dict[str, Any]:
+    """The JSON object in ``file`` (bounded as :func:`parse_json`) whose ``"format"`` is
+    ``kind``; a ``ValueError`` naming the file when it is unreadable or not ours."""
+    try:
+        value = parse_json(file.read_bytes(), MAX_META_BYTES)
+    except ValueError as error:
+        raise ValueError(f"{file} is unreadable: {error}") from None
+    if not isinstance(value, dict) or value.get("format") != kind:
+        raise ValueError(f"{file} was not written by ntk_torch (no \"format\": \"{kind}\")")
+    return value
+
+
 def read_meta(path: Path) -> Dict[str, Any]:
     """The parsed ``meta.json`` of a run, after checking it is one ntk_torch reads.
 
@@ -76,12 +88,7 @@ def read_meta(path: Path) -> Dict[str, Any]:
             ntk_torch, or by a newer format version.
     """
     file = path / META_FILE
-    try:
-        header = parse_json(file.read_bytes(), MAX_META_BYTES)
-    except ValueError as error:
-        raise ValueError(f"{file} is unreadable: {error}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{file} was not written by ntk_torch (no \"format\": \"{FORMAT}\")")
+    header = read_json_object(file, FORMAT)
     version = header.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 from .._version import __version__
 from .. import records
 from .files import atomic_write
-from .reading import MAX_META_BYTES, parse_json
+from .reading import read_json_object
 
 __all__ = ["SUMMARY_FILE", "FinalValues", "read_summary", "strict_json", "write_summary"]
 
@@ -141,10 +141,4 @@ def read_summary(path: Path) -> Optional[Dict[str, Any]]:
     file = path / SUMMARY_FILE
     if not file.is_file():
         return None
-    try:
-        summary = parse_json(file.read_bytes(), MAX_META_BYTES)
-    except ValueError as error:
-        raise ValueError(f"{file} is unreadable: {error}") from None
-    if not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT:
-        raise ValueError(f"{file} was not written by ntk_torch (no \"format\": \"{SUMMARY_FORMAT}\")")
-    return summary
+    return read_json_object(file, SUMMARY_FORMAT)
