@@ -178,6 +178,7 @@ def test_tracker_records_the_distance_from_the_infinite_width_kernel():
     tracker.close()
 
 
+@pytest.mark.slow
 def test_analytic_reference_refuses_other_models():
     from ntk_torch.tracker import NTKTracker
 

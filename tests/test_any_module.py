@@ -252,6 +252,7 @@ def test_reentrant_checkpoint_is_a_clear_error_in_every_method(method):
 # Hygiene
 # ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, method", [
     ("lstm", "loop"), ("checkpoint", "structured"), ("masked", "auto"), ("sparse_embedding", "loop"),
     ("sparse_embedding", "structured"), ("nested", "auto"), ("padded_tied", "ntk_vp"),

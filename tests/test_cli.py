@@ -131,6 +131,7 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: ntk-torch " + command in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sweep_draws_the_lazy_regime_picture(tiny_config, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert ntk_torch_cli("sweep", tiny_config, "--out", out, "--no-progress") == 0
@@ -154,6 +155,7 @@ def test_sweep_predict_only_ranks_without_training(tiny_config, tmp_path, capsys
     assert "mean of 2 seeds" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sweep_with_several_seeds_runs_each_value_per_seed(tiny_config, tmp_path, capsys):
     out = tmp_path / "sweep"
     overrides = ["--set", "sweep.seeds=2", "--set", "sweep.values=[16, 64]", "--set", "train.steps=4"]
@@ -199,6 +201,7 @@ def test_digits_mlp_drifts_more_at_small_width(tmp_path):
     assert drift[32] > drift[512]
 
 
+@pytest.mark.slow
 def test_predict_and_run_use_the_same_twin_for_adam_a_scheduler_and_clipping(tmp_path, capsys):
     """``predict`` trains the twin alone; ``run`` trains the network with the twin beside it,
     on the same minibatches, at the same learning rates: the curves agree."""

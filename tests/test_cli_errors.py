@@ -374,6 +374,7 @@ def _document(mutations, text_damage):
     return text
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     mutations=st.lists(st.tuples(st.sampled_from(_KEYS), _VALUES), max_size=3),

@@ -94,6 +94,7 @@ def test_import_paths_need_a_trusted_module(monkeypatch):
         check_imports(parse_config({"model": {"name": "mypkgevil:f"}}), ["mypkg"])
 
 
+@pytest.mark.slow
 def test_yaml_alias_bombs_deep_nesting_and_self_reference_are_refused(tmp_path):
     levels = ["    a0: &a0 [" + ", ".join(["x"] * 10) + "]"]
     levels += [f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]  # 10**9 values

@@ -1,5 +1,6 @@
 """The tracker's forecast is one configured problem: one eigendecomposition per run."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -8,6 +9,7 @@ from ntk_torch.forecast import LinearisedForecast
 from ntk_torch.tracker import NTKTracker
 
 
+@pytest.mark.slow
 def test_a_400_step_run_decomposes_the_kernel_once(monkeypatch):
     calls = []
     real = torch.linalg.eigh

@@ -136,6 +136,7 @@ def test_minibatches_forecast_as_full_batch():
     assert train(model, torch.optim.SGD(model.parameters(), lr=0.1), tracker_for(model)) == {}
 
 
+@pytest.mark.slow
 def test_clipping_the_tracker_was_not_told_about():
     model = mlp()
     found = train(model, torch.optim.Adam(model.parameters(), lr=1e-2), tracker_for(model), steps=32,

@@ -244,6 +244,7 @@ def test_transformer_fast_path_setting_is_restored(method):
     assert mha.get_fastpath_enabled()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_repeated_calls_keep_no_tensors_alive(method):
     case = make_zoo()["cnn_bn"]
@@ -264,6 +265,7 @@ def _fail(model, x, method, k):
     raise AssertionError(f"call {k} did not fail")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_errors_keep_no_tensors_alive(method):
     """A call that fails inside the engine's passes (the structured capture, the

@@ -20,6 +20,16 @@ from zoo import make_zoo
 
 ENGINES = list(METHODS)
 F64 = torch.float64
+# The Transformer, and `auto` (which runs one of the other engines), in the slow lane only:
+# the fast lane keeps every property on the other models and engines.
+SLOW_LANE_VALUES = {"transformer", "auto"}
+
+
+def lane(*values):
+    """Parameter values with those of ``SLOW_LANE_VALUES`` marked slow."""
+    return [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_LANE_VALUES else v for v in values]
+
+
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -37,9 +47,9 @@ def _transposed(kernel, mode):
     return kernel.permute(1, 0, 3, 2) if mode == "full" else kernel.transpose(0, 1)
 
 
-@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("method", lane(*ENGINES))
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "transformer"])
+@pytest.mark.parametrize("name", lane("mlp", "cnn_bn", "transformer"))
 def test_x2_none_is_exactly_symmetric(zoo, name, mode, method):
     case = zoo[name]
     x = case.make_inputs(7, 0)
@@ -57,7 +67,7 @@ BUDGETED_ENGINES = ["structured", "ntk_vp"]
 
 @pytest.mark.parametrize("method", BUDGETED_ENGINES)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "dict_in_out"])
+@pytest.mark.parametrize("name", lane("mlp", "cnn_bn", "dict_in_out"))
 def test_x2_none_is_exactly_symmetric_under_a_small_memory_budget(zoo, name, mode, method):
     """A budget that fits only 3x3 blocks: off-diagonal blocks are mirrored, diagonal
     blocks are symmetric by construction, and the whole kernel is exactly symmetric."""
@@ -71,7 +81,7 @@ def test_x2_none_is_exactly_symmetric_under_a_small_memory_budget(zoo, name, mod
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "tied", "dict_in_out"])
+@pytest.mark.parametrize("name", lane("mlp", "cnn_bn", "tied", "dict_in_out"))
 def test_structured_diagonal_blocks_in_chunks_are_exactly_symmetric(zoo, name, mode, monkeypatch):
     """The structured engine computes the upper chunk triangle of a diagonal block and
     mirrors it; with one example per chunk every chunk pair is mirrored, in one block and
@@ -88,8 +98,8 @@ def test_structured_diagonal_blocks_in_chunks_are_exactly_symmetric(zoo, name, m
         assert torch.equal(kernel, _transposed(kernel, mode))
 
 
-@pytest.mark.parametrize("method", ENGINES)
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "residual", "dict_in_out", "tied", "transformer"])
+@pytest.mark.parametrize("method", lane(*ENGINES))
+@pytest.mark.parametrize("name", lane("mlp", "cnn_bn", "residual", "dict_in_out", "tied", "transformer"))
 def test_positive_semi_definite(zoo, name, method):
     case = zoo[name]
     full = ntk.empirical_ntk(case.model, case.make_inputs(6, 0), method=method,
@@ -104,8 +114,8 @@ def test_positive_semi_definite(zoo, name, method):
     assert torch.linalg.eigvalsh(trace_kernel).min() >= -1e-10 * trace_kernel.diagonal().sum()
 
 
-@pytest.mark.parametrize("method", ENGINES)
-@pytest.mark.parametrize("name", ["mlp", "two_input", "dict_in_out", "cnn_bn", "tied", "transformer"])
+@pytest.mark.parametrize("method", lane(*ENGINES))
+@pytest.mark.parametrize("name", lane("mlp", "two_input", "dict_in_out", "cnn_bn", "tied", "transformer"))
 def test_trace_and_diagonal_modes_reduce_the_full_kernel(zoo, name, method):
     case = zoo[name]
     x1, x2 = case.make_inputs(5, 0), case.make_inputs(4, 1)
@@ -117,7 +127,7 @@ def test_trace_and_diagonal_modes_reduce_the_full_kernel(zoo, name, method):
             torch.testing.assert_close(reduced, reduce_mode(full, mode), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("method", lane(*ENGINES))
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
 def test_swapping_inputs_transposes_the_kernel(mlp, mode, method):
     x1, x2 = mlp.make_inputs(5, 0), mlp.make_inputs(3, 1)
@@ -128,7 +138,7 @@ def test_swapping_inputs_transposes_the_kernel(mlp, mode, method):
     torch.testing.assert_close(k12, transposed, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("method", lane(*ENGINES))
 @SETTINGS
 @given(
     n1=st.integers(1, 9),
@@ -146,7 +156,7 @@ def test_any_tiling_gives_the_same_kernel(mlp, n1, n2, block, symmetric, mode, m
     torch.testing.assert_close(tiled, whole, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("method", lane(*ENGINES))
 def test_memory_budget_forces_tiling_without_changing_the_result(mlp, method):
     x = mlp.make_inputs(12, 0)
     whole = ntk.empirical_ntk(mlp.model, x, method=method, dtype=torch.float64)
@@ -156,9 +166,9 @@ def test_memory_budget_forces_tiling_without_changing_the_result(mlp, method):
     torch.testing.assert_close(tiled, whole, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ENGINES)
+@pytest.mark.parametrize("method", lane(*ENGINES))
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "tied", "transformer"])
+@pytest.mark.parametrize("name", lane("mlp", "cnn_bn", "tied", "transformer"))
 def test_per_layer_parts_sum_to_the_total(zoo, name, mode, method):
     case = zoo[name]
     x1, x2 = case.make_inputs(4, 0), case.make_inputs(3, 1)
@@ -173,9 +183,9 @@ def test_per_layer_parts_sum_to_the_total(zoo, name, mode, method):
     torch.testing.assert_close(parts.total, total, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", [m for m in ENGINES if m != "jacobian"])
+@pytest.mark.parametrize("method", lane(*[m for m in ENGINES if m != "jacobian"]))
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "tied", "transformer", "dict_in_out", "frozen"])
+@pytest.mark.parametrize("name", lane("mlp", "cnn_bn", "tied", "transformer", "dict_in_out", "frozen"))
 def test_per_layer_parts_match_the_jacobian_engine(zoo, name, mode, method):
     """Each group's kernel, not only their sum, is the same whichever engine computes it
     (the structured engine splits some groups between rules and the fallback)."""

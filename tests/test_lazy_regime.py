@@ -57,10 +57,12 @@ def measurements():
     return np.array(rows)  # (widths, [kernel change, gap, loss ratio])
 
 
+@pytest.mark.slow
 def test_training_makes_progress_at_every_width(measurements):
     assert (measurements[:, 2] < 0.2).all()  # the loss fell by more than 5x
 
 
+@pytest.mark.slow
 def test_kernel_change_shrinks_with_width(measurements):
     changes = measurements[:, 0]
     assert (np.diff(changes) < 0).all()
@@ -68,6 +70,7 @@ def test_kernel_change_shrinks_with_width(measurements):
     assert -1.25 < slope < -0.4, slope
 
 
+@pytest.mark.slow
 def test_linearisation_gap_shrinks_with_width(measurements):
     gaps = measurements[:, 1]
     assert (np.diff(gaps) < 0).all()

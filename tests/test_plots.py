@@ -135,6 +135,7 @@ def lines_by_label(ax):
 # --------------------------------------------------------------------------- every figure, from disk
 
 
+@pytest.mark.slow
 def test_save_all_writes_every_supported_figure_from_a_tracked_run(real_run, tmp_path):
     paths = plots.save_all(real_run.path, tmp_path / "figures")
 
@@ -152,6 +153,7 @@ def test_save_all_writes_every_supported_figure_from_a_tracked_run(real_run, tmp
             assert root.tag == "{http://www.w3.org/2000/svg}svg"
 
 
+@pytest.mark.slow
 def test_save_all_formats_are_checked(run, tmp_path):
     with pytest.raises(ValueError, match="formats must be"):
         plots.save_all(run, tmp_path / "figures", formats=("png", "bmpx"))

@@ -285,6 +285,7 @@ def test_gradient_flow_is_the_small_lr_limit_of_gd(net, loss):
     assert errors[1] < 1e-2
 
 
+@pytest.mark.slow
 def test_gradient_flow_ode_matches_the_mse_closed_form(net):
     y = regression_targets(N)
     times = [0.0, 3.0, 40.0, 400.0]

@@ -74,6 +74,7 @@ def small_run(path, **meta):
     return load_run(path)
 
 
+@pytest.mark.slow
 def test_report_of_a_tracked_run_is_self_contained_and_complete(real_run):
     path = write_report(real_run.path, real_run.path.parent / "report.html")
     assert path.is_file()
@@ -141,6 +142,7 @@ def test_text_is_escaped_everywhere(tmp_path):
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "&lt;layer&gt;" in page and "&lt;MLP&gt;" in page
 
 
+@pytest.mark.slow
 def test_config_dataclass_and_out_path(tmp_path):
     run = small_run(tmp_path / "run")
     assert write_report(run) == run.path / "report.html"

@@ -294,6 +294,7 @@ def pristine(tmp_path_factory):
     return write_run(tmp_path_factory.mktemp("pristine") / "run")
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damages=st.lists(_DAMAGE, min_size=1, max_size=4))
 def test_fuzz_load_run_never_raises_on_a_run_with_a_readable_meta(pristine, damages):

@@ -643,6 +643,7 @@ def test_memo_sees_forward_override_and_attribute_changes(monkeypatch):
     assert counts["analyse"] == 5
 
 
+@pytest.mark.slow
 def test_memo_holds_no_tensors_and_is_bounded():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))

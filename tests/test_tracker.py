@@ -297,6 +297,7 @@ def _contains_tensor(value):
     return isinstance(value, (torch.Tensor, np.ndarray))
 
 
+@pytest.mark.slow
 def test_tracker_holds_a_bounded_set_of_tensors(tmp_path):
     """Only the kernel at step 0, the previous kernel, theta_0 and the data stay; records
     hold plain numbers; kernels kept by keep_kernels go to disk."""
@@ -315,6 +316,7 @@ def test_tracker_holds_a_bounded_set_of_tensors(tmp_path):
     assert len(load_run(tmp_path / "run").kernel_steps) == 12  # "all": on disk, not in memory
 
 
+@pytest.mark.slow
 def test_live_tensors_do_not_grow_with_the_number_of_measurements():
     """No tensor anywhere in the process accumulates with measurements."""
     tracker = tracker_for(make_model(), make_data(), every=1)

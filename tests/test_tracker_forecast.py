@@ -102,6 +102,7 @@ def bytes_after(make_optimizer, checkpoints):
     return tracker, found
 
 
+@pytest.mark.slow
 def test_live_tensor_bytes_stay_flat_past_the_dense_forecast_with_the_kernel_forecast():
     """The quick version: from step 200 to 1200, past the every-step part of the dense record."""
     tracker, found = bytes_after(lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.5), [200, 1200])

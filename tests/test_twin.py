@@ -140,6 +140,7 @@ def by_hand(recipe, data, test, batches):
     return curve
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_the_twin_is_a_linearised_network_trained_by_hand(name):
     recipe = RECIPES[name]
@@ -170,6 +171,7 @@ def test_the_twin_reads_the_learning_rate_of_each_group_at_every_step():
     assert type(tracker.forecast.optimizer) is torch.optim.AdamW
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "loss, options",
     [

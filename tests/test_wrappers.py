@@ -37,6 +37,7 @@ def _data(n=8):
     return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)
 
 
+@pytest.mark.slow
 def test_unwrap_finds_the_module_inside_any_nesting_of_wrappers():
     model = MLP()
     compiled = torch.compile(model, backend=CountingBackend())
@@ -100,6 +101,7 @@ def _compare_training(make_backend):
     return runs
 
 
+@pytest.mark.slow
 def test_tracker_on_a_compiled_model_is_bit_identical_and_compiles_nothing_more():
     backends = []
 
