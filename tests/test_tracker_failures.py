@@ -151,11 +151,29 @@ def test_sigterm_while_attached_closes_the_run_as_interrupted(tmp_path):
 def test_sigterm_handler_is_restored_after_close():
     x, y = make_problem()
     tracker = NTKTracker(make_model(), (x, y), loss="mse", probe_size=8, progress=False)
-    before = signal.getsignal(signal.SIGTERM)
-    with tracker.attach():
-        if before is signal.SIG_DFL:
-            assert signal.getsignal(signal.SIGTERM) == tracker._on_sigterm
-    assert signal.getsignal(signal.SIGTERM) is before
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with tracker.attach():
+            assert signal.getsignal(signal.SIGTERM) == tracker._sigterm._on_sigterm
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_programs_own_sigterm_handler_is_left_alone():
+    x, y = make_problem()
+    tracker = NTKTracker(make_model(), (x, y), loss="mse", probe_size=8, progress=False)
+
+    def own_handler(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        with tracker.attach():
+            assert signal.getsignal(signal.SIGTERM) is own_handler
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_test_set_of_the_wrong_width_is_refused_at_construction():
