@@ -67,3 +67,33 @@ def test_close_raises_a_pending_error_and_still_closes(tmp_path, monkeypatch):
 def test_background_must_be_a_bool(tmp_path):
     with pytest.raises(TypeError, match="background"):
         RunWriter(tmp_path / "run", META, background="yes")
+
+
+@pytest.mark.slow
+def test_the_tracker_writes_kernels_in_the_background_and_its_run_sees_them(tmp_path):
+    import torch
+    from torch import nn
+
+    from ntk_torch import NTKTracker
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3)
+    y = x[:, :1]
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = NTKTracker(model, (x, y), loss="mse", probe_size=8, every=2, run_dir=tmp_path / "run",
+                         keep_kernels="all", forecast=None, progress=False)
+    assert tracker._writer._background
+    with tracker.attach(optimizer):
+        for _ in range(4):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        open_run = tracker.run  # waits for the kernel being written
+        assert open_run.kernel_steps.tolist() == [0, 2, 4]
+    run = load_run(tmp_path / "run")
+    assert run.problems == [] and run.kernel_steps.tolist() == [0, 2, 4]
+    from ntk_torch import empirical_ntk
+
+    expected = empirical_ntk(model, x[tracker.probe_indices], mode=tracker.mode).numpy()  # the weights after step 4
+    np.testing.assert_allclose(run.kernel(4), expected, rtol=1e-5, atol=1e-6)
