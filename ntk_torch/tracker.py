@@ -233,7 +233,7 @@ class NTKTracker:
         self._writer: Optional[RunWriter] = None
         if run_dir is not None and self._main:
             config = dict(probe_size=probe_size, every=every, seed=seed, keep_kernels=keep_kernels)
-            self._writer = RunWriter(run_dir, self._meta(config), keep_kernels=keep_kernels, overwrite=overwrite)
+            self._writer = RunWriter(run_dir, self._meta(config), keep_kernels=keep_kernels, overwrite=overwrite, background=True)
         self._progress = self._progress_bar() if progress and self._main else None
 
     # ------------------------------------------------------------------ set-up
@@ -359,6 +359,8 @@ class NTKTracker:
         """The run directory as ``load_run`` reads it."""
         if self.run_dir is None:
             raise ValueError("this tracker has no run_dir; pass run_dir=... or use tracker.records")
+        if self._writer is not None and not self._writer.closed:
+            self._writer.flush()  # the kernel being written in the background
         return load_run(self.run_dir)
 
     def attach(self, optimizer: Optional[torch.optim.Optimizer] = None) -> Attachment:

@@ -6,6 +6,7 @@
     python scripts/bench_ntk.py --bert-only [--repeats 5]
     python scripts/bench_ntk.py --vs-nt --nt-python PYTHON [--quick]   # scripts/bench_vs_nt.py
     python scripts/bench_ntk.py --scaling [--quick]                    # scripts/bench_scaling.py
+    python scripts/bench_ntk.py --goals --nt-python PYTHON [--quick]   # scripts/bench_goals.py
 
 ``ntk-torch bench [args...]`` runs this script's :func:`main` from a source checkout.
 
@@ -566,6 +567,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                             help="structured vs neural-tangents, 1 thread pinned and all threads (bench_vs_nt.py)")
     structured.add_argument("--scaling", action="store_true",
                             help="trace kernel time and memory against N and width (bench_scaling.py)")
+    structured.add_argument("--goals", action="store_true",
+                            help="every performance goal in one table, 1 thread pinned and all threads (bench_goals.py)")
     structured.add_argument("--large-trace-child", type=int, metavar="N", help=argparse.SUPPRESS)
     structured.add_argument("--bert-child", type=int, metavar="VOCAB", help=argparse.SUPPRESS)
     structured.add_argument("--bert-threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -591,8 +594,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                            f"median of {args.repeats} interleaved call(s) after one warm-up round", "",
                            bert_table(args.repeats)])
         print(table)
-    elif args.vs_nt or args.scaling:
+    elif args.vs_nt or args.scaling or args.goals:
         sys.path.insert(0, HERE)
+        if args.goals:
+            import bench_goals
+
+            quick = ["--quick"] if args.quick else []
+            return bench_goals.main(["--nt-python", args.nt_python, "--repeats", str(args.repeats)] + quick)
         if args.vs_nt:
             import bench_vs_nt
 

@@ -13,6 +13,7 @@ import torch
 
 from .. import records
 from .._options import check_bool
+from .background import BackgroundWrite
 from .files import (
     FORMAT,
     FORECAST_FILE,
@@ -123,6 +124,9 @@ class RunWriter:
         overwrite: if ``path`` already holds an ntk_torch run, delete it and start afresh
             (otherwise that is an error). A non-empty directory that is not a run is
             never touched. Must be a bool.
+        background: write kernels on a background thread (:mod:`.background`): the same
+            atomic replace, one write in flight, waited for by the next ``save_kernel``,
+            :meth:`flush` and :meth:`close` (which raise its error, if any). Must be a bool.
 
     The directory is taken race-free: ``meta.json`` is created exclusively (a hard link
     of a complete temporary file, which fails if the file exists), so of two writers
@@ -149,11 +153,13 @@ class RunWriter:
         *,
         keep_kernels: str = "log",
         overwrite: bool = False,
+        background: bool = False,
     ) -> None:
         if keep_kernels not in KEEP_KERNELS:
             options = ", ".join(repr(k) for k in KEEP_KERNELS)
             raise ValueError(f"keep_kernels must be one of {options}, got {keep_kernels!r}")
         check_bool("overwrite", overwrite)
+        check_bool("background", background)
         if not isinstance(meta, Mapping):
             raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
         header = {"format": FORMAT, "version": FORMAT_VERSION, "keep_kernels": keep_kernels}
@@ -168,6 +174,8 @@ class RunWriter:
         self._kernel_calls = 0
         self._last_kernel: Optional[int] = None
         self._final = FinalValues()
+        self._background = background
+        self._pending: Optional[BackgroundWrite] = None
 
         _prepare_directory(self._path, overwrite)
         try:
@@ -236,8 +244,9 @@ class RunWriter:
                 only when the kernel is kept. A call that raises is not counted in m.
 
         Returns:
-            The file written (it stays at least until the next kernel is saved), or None
-            with ``keep_kernels="none"``.
+            The file written (it stays at least until the next kernel is saved; with
+            ``background=True`` it is complete once the next ``save_kernel``, ``flush`` or
+            ``close`` returns), or None with ``keep_kernels="none"``.
         """
         self._require_open()
         step = check_step(step, "step")
@@ -246,19 +255,36 @@ class RunWriter:
             return None
 
         array = _as_numpy(K)
+        if self._background:
+            self.flush()  # one write in flight: memory stays bounded, errors surface here
+            array = np.array(array, copy=True)  # the caller may reuse K meanwhile
         directory = self._path / KERNELS_DIR
         directory.mkdir(exist_ok=True)
         target = directory / kernel_name(step)
-        atomic_write(target, lambda file: np.save(file, array, allow_pickle=False))
         permanent = self._keeps(self._kernel_calls)
-        self._kernel_calls += 1
-
         # The latest kernel is always on disk; a previous latest that the policy does not
         # keep for good is deleted once the new one is written.
-        previous, self._last_kernel = self._last_kernel, (None if permanent else step)
-        if previous is not None and previous != step:
-            (directory / kernel_name(previous)).unlink(missing_ok=True)
+        previous = self._last_kernel
+        stale = directory / kernel_name(previous) if previous is not None and previous != step else None
+
+        def write() -> None:
+            atomic_write(target, lambda file: np.save(file, array, allow_pickle=False))
+            if stale is not None:
+                stale.unlink(missing_ok=True)
+
+        if self._background:
+            self._pending = BackgroundWrite(write)
+        else:
+            write()
+        self._kernel_calls += 1
+        self._last_kernel = None if permanent else step
         return target
+
+    def flush(self) -> None:
+        """Wait for a kernel being written in the background; raise its error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
 
     def update_meta(self, **fields: Any) -> None:
         """Add or replace top-level fields of the user metadata (e.g. what is known only
@@ -310,6 +336,12 @@ class RunWriter:
         """
         if self._metrics_fd is None:
             return
+        try:
+            self.flush()
+        finally:
+            self._close(status, reason)
+
+    def _close(self, status: Optional[str], reason: Optional[str]) -> None:
         for name, value in (("status", status), ("reason", reason)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a string or None, got {type(value).__name__}")
