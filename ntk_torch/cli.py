@@ -37,8 +37,9 @@ if TYPE_CHECKING:  # the commands import config, experiment and all they load on
 
 DEFAULT_RUNS_DIR = Path("runs")
 RELATIVE_CHANGE, TRAIN_GAP = records.RELATIVE_CHANGE, records.gap(records.TRAIN)
-SWEEP_LABELS = {RELATIVE_CHANGE: "relative change", TRAIN_GAP: "linearisation gap"}
-"""The columns of the sweep table: record field -> heading."""
+SWEEP_LABELS = {RELATIVE_CHANGE: "relative change", TRAIN_GAP: "linearisation gap",
+                records.ANALYTIC_DISTANCE: "distance from infinite width (step 0)"}
+"""The columns of the sweep table: record field -> heading (the last with ``track.analytic_reference``)."""
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
 """The repository's scripts/ beside the package: present in a checkout (an editable or
 source install), absent from a wheel."""
@@ -225,8 +226,8 @@ def _print_sweep_point(parameter: str, point: SweepPoint) -> None:
     from .results import point_spreads
 
     spread = point_spreads(point)
-    print(f"  {parameter}={point.value}: relative kernel change {_spread(spread[RELATIVE_CHANGE])}, "
-          f"linearisation gap {_spread(spread[TRAIN_GAP])}")
+    print(f"  {parameter}={point.value}: " + ", ".join(f"{SWEEP_LABELS[field]} {_spread(spread[field])}"
+                                                     for field in SWEEP_LABELS if field in spread))
 
 
 def _spread(spread: Dict[str, Any]) -> str:
@@ -236,16 +237,27 @@ def _spread(spread: Dict[str, Any]) -> str:
             f"(min {_format(spread['min'])}, max {_format(spread['max'])}, {len(spread['seeds'])} seeds)")
 
 
+def _mean_and_std(spread: Dict[str, Any]) -> str:
+    """A table cell: the seeds' mean, ``± std`` when there are several."""
+    mean = _format(spread["mean"])
+    return mean if spread["std"] is None else f"{mean} ± {_format(spread['std'])}"
+
+
 def _print_sweep(result: SweepResult) -> None:
     """The sweep's table, its fitted slopes and where its figure is."""
+    from .results import MIN_SLOPE_POINTS, point_spreads, slope_points
+
     parameter = result.parameter
-    rows = [("value", *SWEEP_LABELS.values())] + [
-        (str(point.value), *(_format(point.means[field]) for field in SWEEP_LABELS)) for point in result.points
+    fields = [field for field in SWEEP_LABELS if field in result.points[0].means]
+    rows = [("value", *(SWEEP_LABELS[field] for field in fields))] + [
+        (str(point.value), *(_mean_and_std(spreads[field]) for field in fields))
+        for point, spreads in ((point, point_spreads(point)) for point in result.points)
     ]
-    print(f"\nSweep over {parameter}:")
+    seeds = len(result.points[0].runs)
+    print(f"\nSweep over {parameter}" + (f" (mean ± standard deviation over {seeds} seeds):" if seeds > 1 else ":"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
-        print("  " + "  ".join(f"{cell:>18}" for cell in row))
-    from .results import MIN_SLOPE_POINTS, slope_points
+        print("  " + "  ".join(f"{cell:>{width}}" for cell, width in zip(row, widths)))
 
     for field, slope in result.slopes.items():
         count = slope_points(result, field)

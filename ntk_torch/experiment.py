@@ -197,6 +197,7 @@ def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False, 
         forecast=forecast,
         clip_grad_norm=config.train.clip_grad_norm,
         tensorboard=tensorboard,
+        analytic_reference=track.analytic_reference,
     )
 
 
