@@ -37,8 +37,9 @@ if TYPE_CHECKING:  # the commands import config, experiment and all they load on
 
 DEFAULT_RUNS_DIR = Path("runs")
 RELATIVE_CHANGE, TRAIN_GAP = records.RELATIVE_CHANGE, records.gap(records.TRAIN)
-SWEEP_LABELS = {RELATIVE_CHANGE: "relative change", TRAIN_GAP: "linearisation gap"}
-"""The columns of the sweep table: record field -> heading."""
+SWEEP_LABELS = {RELATIVE_CHANGE: "relative change", TRAIN_GAP: "linearisation gap",
+                records.ANALYTIC_DISTANCE: "distance from infinite width (step 0)"}
+"""The columns of the sweep table: record field -> heading (the last with ``track.analytic_reference``)."""
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
 """The repository's scripts/ beside the package: present in a checkout (an editable or
 source install), absent from a wheel."""
@@ -61,7 +62,16 @@ class Terminated(KeyboardInterrupt):
 
 
 def _note(message: str) -> None:
-    print(f"ntk-torch: {message}", file=sys.stderr)
+    from .progress import write  # a line of its own, never inside a phase line or a bar
+
+    write(f"ntk-torch: {message}")
+
+
+def _phase(args: argparse.Namespace, label: str) -> Any:
+    """A :func:`ntk_torch.progress.phase` line on stderr, unless ``--no-progress``."""
+    from .progress import phase
+
+    return phase(label, enabled=not getattr(args, "no_progress", False))
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -120,7 +130,7 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def _finish_run(run_dir: Path, config: RunConfig) -> List[Path]:
+def _finish_run(run_dir: Path, config: RunConfig, args: argparse.Namespace) -> List[Path]:
     """Figures and the HTML report of a finished run (with the config saved beside it, the
     one that ran); prints the summary table."""
     from . import plots, report
@@ -130,8 +140,11 @@ def _finish_run(run_dir: Path, config: RunConfig) -> List[Path]:
     run = load_run(run_dir)
     with contextlib.suppress(ConfigError):
         config = load_config(run.path / "config.yaml")
-    figures = plots.save_all(run, run_dir / "figures")
-    page = report.write_report(run, run_dir / "report.html", config=config)
+    with _phase(args, "figures") as drawing:
+        figures = plots.save_all(run, run_dir / "figures")
+        drawing.detail = f"{len({path.stem for path in figures})} figures"
+    with _phase(args, "report"):
+        page = report.write_report(run, run_dir / "report.html", config=config)
     _print_table(report.summary_table(run), title=f"\n{config.name}: {run_dir}")
     print(f"  figures in {run_dir / 'figures'}, report {page}")
     return figures + [page]
@@ -143,9 +156,10 @@ def _finish_run(run_dir: Path, config: RunConfig) -> List[Path]:
 def cmd_run(args: argparse.Namespace) -> int:
     """Train the config and write its figures and report; the exit status (130 on Ctrl-C,
     143 on SIGTERM)."""
-    from . import experiment, results
+    with _phase(args, "loading torch and the config"):
+        from . import experiment, results
 
-    config = _config(args)
+        config = _config(args)
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / config.name
     replace = _fresh_output(out, args.force)
     try:
@@ -154,15 +168,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as interruption:
         print(f"\nntk-torch: {_interrupted(interruption)}; the run recorded so far is in {out}", file=sys.stderr)
         return _interrupt_status(interruption)
-    args.summary = results.run_result(out, _finish_run(out, config))
+    args.summary = results.run_result(out, _finish_run(out, config, args))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train the sweep (or rank it by forecast, ``--predict-only``) and print the comparison; the exit status."""
-    from . import results, sweeps
+    with _phase(args, "loading torch and the config"):
+        from . import results, sweeps
 
-    config = _config(args)
+        config = _config(args)
     plan = sweeps.sweep_plan(config)
     trusted = args.allow_import or ()
     if args.predict_only:
@@ -211,8 +226,8 @@ def _print_sweep_point(parameter: str, point: SweepPoint) -> None:
     from .results import point_spreads
 
     spread = point_spreads(point)
-    print(f"  {parameter}={point.value}: relative kernel change {_spread(spread[RELATIVE_CHANGE])}, "
-          f"linearisation gap {_spread(spread[TRAIN_GAP])}")
+    print(f"  {parameter}={point.value}: " + ", ".join(f"{SWEEP_LABELS[field]} {_spread(spread[field])}"
+                                                     for field in SWEEP_LABELS if field in spread))
 
 
 def _spread(spread: Dict[str, Any]) -> str:
@@ -222,16 +237,27 @@ def _spread(spread: Dict[str, Any]) -> str:
             f"(min {_format(spread['min'])}, max {_format(spread['max'])}, {len(spread['seeds'])} seeds)")
 
 
+def _mean_and_std(spread: Dict[str, Any]) -> str:
+    """A table cell: the seeds' mean, ``± std`` when there are several."""
+    mean = _format(spread["mean"])
+    return mean if spread["std"] is None else f"{mean} ± {_format(spread['std'])}"
+
+
 def _print_sweep(result: SweepResult) -> None:
     """The sweep's table, its fitted slopes and where its figure is."""
+    from .results import MIN_SLOPE_POINTS, point_spreads, slope_points
+
     parameter = result.parameter
-    rows = [("value", *SWEEP_LABELS.values())] + [
-        (str(point.value), *(_format(point.means[field]) for field in SWEEP_LABELS)) for point in result.points
+    fields = [field for field in SWEEP_LABELS if field in result.points[0].means]
+    rows = [("value", *(SWEEP_LABELS[field] for field in fields))] + [
+        (str(point.value), *(_mean_and_std(spreads[field]) for field in fields))
+        for point, spreads in ((point, point_spreads(point)) for point in result.points)
     ]
-    print(f"\nSweep over {parameter}:")
+    seeds = len(result.points[0].runs)
+    print(f"\nSweep over {parameter}" + (f" (mean ± standard deviation over {seeds} seeds):" if seeds > 1 else ":"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
-        print("  " + "  ".join(f"{cell:>18}" for cell in row))
-    from .results import MIN_SLOPE_POINTS, slope_points
+        print("  " + "  ".join(f"{cell:>{width}}" for cell, width in zip(row, widths)))
 
     for field, slope in result.slopes.items():
         count = slope_points(result, field)
@@ -257,12 +283,14 @@ def _print_ranking(ranking: Ranking) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Print and draw the config's forecast before training; the exit status."""
-    from . import experiment, plots, results
+    with _phase(args, "loading torch and the config"):
+        from . import experiment, plots, results
 
-    config = _config(args)
+        config = _config(args)
     out = Path(args.out) if args.out else DEFAULT_RUNS_DIR / f"{config.name}-predict"
     _fresh_output(out, args.force)
-    result = experiment.forecast(config, allow_imports=args.allow_import or ())
+    with _phase(args, "forecast before training"):
+        result = experiment.forecast(config, allow_imports=args.allow_import or ())
     _print_forecast(config, result)
     out.mkdir(parents=True, exist_ok=True)
     figure = plots.forecast_figure(result.steps, result.rows, title=f"{config.name}: predicted before training")
@@ -477,6 +505,7 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
                                   "schedulers, clipping, minibatches).")
     _add_config_options(predict, "where to write the figure (default runs/<config name>-predict)")
     predict.add_argument("--force", action="store_true", help="replace the figure in an existing output directory")
+    predict.add_argument("--no-progress", action="store_true", help="no progress lines")
     predict.set_defaults(handler=cmd_predict)
 
 
@@ -622,7 +651,9 @@ def _interrupt_status(interruption: KeyboardInterrupt) -> int:
 
 
 def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    print(f"ntk-torch: warning: {_one_line(str(message))}", file=sys.stderr)
+    from .progress import write  # above a progress bar, never inside a phase line
+
+    write(f"ntk-torch: warning: {_one_line(str(message))}")
 
 
 @contextlib.contextmanager

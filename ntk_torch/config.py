@@ -102,6 +102,7 @@ class TrackConfig:
     method: str = "auto"
     keep_kernels: str = "log"
     forecast: Optional[str] = "auto"  # auto | kernel | twin | null (see NTKTracker)
+    analytic_reference: bool = False  # distance from the infinite-width NTK (an NTK-parametrised mlp)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from .forecast import LinearisedForecast, sgd_settings
 from .forecasting import choose
 from .losses import KNOWN_LOSSES, resolve
 from .probe import LabelledSet
+from .progress import is_terminal, phase
 from .runs import Run, load_run
 from .schedule import Schedule
 from .tracker import NTKTracker, ending
@@ -195,6 +197,7 @@ def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False, 
         forecast=forecast,
         clip_grad_norm=config.train.clip_grad_norm,
         tensorboard=tensorboard,
+        analytic_reference=track.analytic_reference,
     )
 
 
@@ -242,21 +245,28 @@ def run(
     tracker closes the run as interrupted before the process ends); an exception leaves
     status ``failed`` and the reason in ``meta.json``. ``allow_imports``: as for
     :func:`build`. The config saved beside the run (``config.yaml``) is the one that ran
-    (``track.probe_size`` cut to the data, :func:`fit_probe`).
+    (``track.probe_size`` cut to the data, :func:`fit_probe`). With ``progress``, each
+    phase (set-up, the step-0 kernel and forecast, closing the run) is a line on stderr
+    with its time (:func:`ntk_torch.progress.phase`) and training a bar of its steps.
     """
     _check_flags(force=force, progress=progress)
     out_dir = Path(out_dir)
-    setup = build(config, allow_imports=allow_imports)
-    config = setup.config = fit_probe(config, setup.split.x_train.shape[0])
-    tracker = make_tracker(setup, out_dir, force=force, tensorboard=tensorboard)
+    with phase("building data, model and tracker", enabled=progress):
+        setup = build(config, allow_imports=allow_imports)
+        config = setup.config = fit_probe(config, setup.split.x_train.shape[0])
+        tracker = make_tracker(setup, out_dir, force=force, tensorboard=tensorboard)
     try:
         (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     except BaseException as error:
         tracker.close(*ending(error))
         raise
     setup.tracker = tracker
-    with tracker.attach(setup.optimizer):
+    with phase("step 0: kernel" + " and forecast" * (config.track.forecast is not None), enabled=progress):
+        attachment = tracker.attach(setup.optimizer)  # closes the run itself if this fails
+    with attachment:
         train_loop(setup, progress=progress)
+        with phase("last measurement and the run's files", enabled=progress):
+            tracker.close()
     return load_run(out_dir)
 
 
@@ -284,12 +294,21 @@ def minibatches(setup: Setup) -> Iterator[Tuple[Any, torch.Tensor, bool]]:
 def train_loop(setup: Setup, *, progress: bool = True) -> None:
     """``config.train.steps`` optimizer steps of minibatch (or full-batch) training, each
     minibatch shown to ``setup.tracker`` when there is one, gradients clipped to
-    ``train.clip_grad_norm`` when set, the scheduler stepped after each step."""
+    ``train.clip_grad_norm`` when set, the scheduler stepped after each step. ``progress``:
+    a bar on a terminal, one line with the time elsewhere."""
+    config, model = setup.config, setup.model
+    model.train()
+    terminal = progress and is_terminal(sys.stderr)  # elsewhere (a CI log) one line, not a redrawn bar
+    bar = tqdm(minibatches(setup), total=config.train.steps, desc=config.name, unit="step", disable=not terminal)
+    with phase(f"training {config.train.steps} steps", enabled=progress and not terminal):
+        _train_steps(setup, bar)
+
+
+def _train_steps(setup: Setup, bar: Any) -> None:
+    """The optimizer steps of :func:`train_loop`, one per item of ``bar``."""
     config, model, optimizer = setup.config, setup.model, setup.optimizer
     loss_fn = resolve(config.train.loss).fn
     clip = config.train.clip_grad_norm
-    model.train()
-    bar = tqdm(minibatches(setup), total=config.train.steps, desc=config.name, unit="step", disable=not progress)
     for x, y, is_minibatch in bar:
         if is_minibatch and setup.tracker is not None:
             setup.tracker.observe(x, y)

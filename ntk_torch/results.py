@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from . import records
 from .runs import load_run
 from .runs.summary import strict_json, versions
 
@@ -54,14 +55,16 @@ def seed_spread(values: Sequence[Optional[float]]) -> Dict[str, Any]:
     }
 
 
-def _last(run: Any, field: str) -> Optional[float]:
-    last = run.last_finite(field)
-    return None if last is None else last[0]
+def _compared(run: Any, field: str) -> Optional[float]:
+    """The value of ``field`` a sweep compares: the last finite one, but for the distance
+    from the infinite-width NTK, taken at step 0 (the first)."""
+    found = run.first_finite(field) if field == records.ANALYTIC_DISTANCE else run.last_finite(field)
+    return None if found is None else found[0]
 
 
 def point_spreads(point: Any) -> Dict[str, Dict[str, Any]]:
     """Each swept field's :func:`seed_spread` over the runs of one sweep point."""
-    return {field: seed_spread([_last(run, field) for run in point.runs]) for field in point.means}
+    return {field: seed_spread([_compared(run, field) for run in point.runs]) for field in point.means}
 
 
 def slope_points(result: Any, field: str) -> int:

@@ -23,6 +23,10 @@ from .runs import Run
 
 SWEEP_FIELDS: Tuple[str, ...] = (records.RELATIVE_CHANGE, records.gap(records.TRAIN))
 """What a sweep compares across values: each run's last finite value of these fields."""
+ANALYTIC_FIELD = records.ANALYTIC_DISTANCE
+"""With ``track.analytic_reference: true`` also compared: each run's distance of the kernel
+at step 0 from the infinite-width NTK, ``|K0 - K_inf|_F / |K_inf|_F`` (:mod:`ntk_torch.analytic`),
+which shrinks as ``width^(-1/2)`` for an NTK-parametrised MLP."""
 SWEEP_FIGURE = "sweep"
 
 
@@ -90,7 +94,8 @@ class SweepPoint:
         value: the swept value.
         runs: its runs, one per seed.
         means: for each of :data:`SWEEP_FIELDS`, the mean over the runs of the field's
-            last finite value (NaN when no run has one).
+            last finite value (NaN when no run has one); with ``track.analytic_reference``,
+            also :data:`ANALYTIC_FIELD`, the mean of its value at step 0.
     """
 
     value: Any
@@ -137,10 +142,13 @@ def sweep(
     check_bool("progress", progress)
     out_dir = Path(out_dir)
     points = []
+    analytic = plan.values[0][1][0].track.analytic_reference
     for value, repeats in plan.values:
         runs = [run(config, _inside(out_dir, config.name), force=force, progress=progress, allow_imports=allow_imports)
                 for config in repeats]
         means = {field: _mean_finite(_last_finite(r, field) for r in runs) for field in SWEEP_FIELDS}
+        if analytic:
+            means[ANALYTIC_FIELD] = _mean_finite(_first_finite(r, ANALYTIC_FIELD) for r in runs)
         points.append(SweepPoint(value, runs, means))
         if on_point is not None:
             on_point(points[-1])
@@ -164,6 +172,11 @@ def _last_finite(trained: Run, field: str) -> Optional[float]:
     return None if last is None else last[0]
 
 
+def _first_finite(trained: Run, field: str) -> Optional[float]:
+    first = trained.first_finite(field)
+    return None if first is None else first[0]
+
+
 def _positive(value: Any) -> bool:
     """Whether ``value`` is a finite number above 0 (not a bool), one a log axis can show."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
@@ -175,7 +188,7 @@ def _loglog_slopes(points: List[SweepPoint]) -> Dict[str, float]:
     from .plots import fit_loglog_slope
 
     slopes = {}
-    for field in SWEEP_FIELDS:
+    for field in points[0].means:
         pairs = [(p.value, p.means[field]) for p in points if _positive(p.means[field])]
         if len({x for x, _ in pairs}) >= 2:
             slopes[field] = fit_loglog_slope(*zip(*pairs)).slope
@@ -191,7 +204,8 @@ def _save_sweep_figure(points: List[SweepPoint], parameter: str, stem: Path) -> 
 
     figure = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = figure.subplots()
-    plots.width_sweep([(p.value, *(p.means[field] for field in SWEEP_FIELDS)) for p in points], ax)
+    plots.width_sweep([(p.value, *(p.means[field] for field in SWEEP_FIELDS), p.means.get(ANALYTIC_FIELD))
+                       for p in points], ax)
     ax.set_xlabel(parameter)
     for fmt in ("png", "svg"):
         plots.save_figure(figure, stem.with_suffix(f".{fmt}"))

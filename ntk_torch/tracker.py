@@ -50,6 +50,7 @@ from .budget import scheduled
 from .sharing import is_main_process, rank0_probe, shares_kernel
 from .sinks import open_sink
 from .analytic import reference_kernel
+from .progress import StepBar
 
 __all__ = ["NTKTracker"]
 
@@ -85,7 +86,9 @@ class NTKTracker:
         keep_kernels: which measured kernels go to ``run_dir`` (see ``RunWriter``):
             ``"log"`` (the m-th kernel for m = 0 and m a power of two), ``"all"``,
             ``"first_last"`` or ``"none"``.
-        progress: show a progress line (tqdm) with the step and drift.
+        progress: show a progress bar on a terminal (tqdm, on stderr; the user's prints stay
+            whole above it) with the step, measurements and drift (:class:`~.progress.StepBar`).
+        total_steps: the optimizer steps the training will take, for the bar's total.
         tensorboard: a ``SummaryWriter`` or a log directory: every record's numbers as scalars
             ``ntk/<field>`` at the optimizer step, the figures at the end (:mod:`ntk_torch.sinks`).
         analytic_reference: for an ``ntk_torch.models.MLP`` in NTK parametrisation, record
@@ -201,6 +204,7 @@ class NTKTracker:
         budget: Optional[float] = None,
         tensorboard: Any = None,
         analytic_reference: bool = False,
+        total_steps: Optional[int] = None,
     ) -> None:
         self.model = unwrap_model(model)
         forecast = forecast_option(forecast, predict)
@@ -224,9 +228,9 @@ class NTKTracker:
         self.records: List[Dict[str, Any]] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None  # while attached
         self._main = is_main_process()
+        self._progress = StepBar(total_steps, enabled=progress and self._main)
         self._step, self._hook, self._started, self._closed, self._warned_nonfinite = 0, None, False, False, False
-        self._sigterm = SigtermGuard(self.close)
-        self._param_names = list(selected)
+        self._sigterm, self._param_names = SigtermGuard(self.close), list(selected)
         self._theta0 = {n: p.detach().clone() for n, p in self._live_params().items()} if self._main else {}
 
         self._sink, self.run_dir = open_sink(tensorboard, self._main), run_dir  # before the run is claimed
@@ -234,7 +238,6 @@ class NTKTracker:
         if run_dir is not None and self._main:
             config = dict(probe_size=probe_size, every=every, seed=seed, keep_kernels=keep_kernels)
             self._writer = RunWriter(run_dir, self._meta(config), keep_kernels=keep_kernels, overwrite=overwrite, background=True)
-        self._progress = self._progress_bar() if progress and self._main else None
 
     # ------------------------------------------------------------------ set-up
 
@@ -312,11 +315,6 @@ class NTKTracker:
             },
         )
 
-    def _progress_bar(self):
-        from tqdm import tqdm
-
-        return tqdm(desc="NTK", unit=" measurements", leave=True)
-
     # ------------------------------------------------------------------ public API
 
     @property
@@ -390,9 +388,11 @@ class NTKTracker:
         if not self._started:
             self._started = True
             try:  # the step-0 set-up: a failure or Ctrl-C here still closes the run with its status
-                if optimizer is not None and self._forecast_points is not None:
-                    self._start_forecast(optimizer)
-                self.measure()
+                forecasting = optimizer is not None and self._forecast_points is not None
+                with self._progress.phase("step 0: kernel" + " and forecast" * forecasting):
+                    if forecasting:
+                        self._start_forecast(optimizer)
+                    self.measure()
             except BaseException as error:
                 self.close(*ending(error))
                 raise
@@ -475,6 +475,7 @@ class NTKTracker:
                 "kernel) is measured; then call tracker.step() after each update"
             )
         self._step += 1
+        self._progress.step(self._step)
         if self._forecasting is not None and self.optimizer is not None:
             settled = self._forecasting.settled
             self._forecasting.after_step(self._step, self.optimizer)
@@ -514,10 +515,7 @@ class NTKTracker:
         if self._writer is not None:
             self._writer.append(record)
         self._sink.write(record)
-        if self._progress is not None:
-            self._progress.set_postfix(step=record[records.STEP], drift=record[records.RELATIVE_CHANGE],
-                                       refresh=False)
-            self._progress.update()
+        self._progress.measured(record[records.STEP], record[records.RELATIVE_CHANGE])
         return record
 
     def close(self, status: str = "completed", reason: Optional[str] = None) -> None:
@@ -540,8 +538,7 @@ class NTKTracker:
                 self._forecasting.write_dense(self._writer)
             self._writer.close(status=status, reason=reason)
         self._sink.close(None if self._writer is None else self._writer.path)
-        if self._progress is not None:
-            self._progress.close()
+        self._progress.close()
 
     @property
     def closed(self) -> bool:

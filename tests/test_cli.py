@@ -110,8 +110,10 @@ def test_existing_output_is_never_overwritten_silently(tiny_config, tmp_path, ca
 def test_config_errors_exit_2_without_traceback(tiny_config, tmp_path, capsys, args, message):
     assert ntk_torch_cli("run", tiny_config, "--out", tmp_path / "x", *args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ntk-torch: error: ") and "Traceback" not in err
-    assert re.search(message, err), err
+    *phases, last = err.splitlines()
+    assert last.startswith("ntk-torch: error: ") and "Traceback" not in err
+    assert all(re.fullmatch(r"ntk-torch: .* \.\.\. [\d.]+ s", line) for line in phases), err  # the phases done
+    assert re.search(message, last), err
 
 
 def test_usage_errors_exit_2(capsys):
@@ -158,16 +160,26 @@ def test_sweep_predict_only_ranks_without_training(tiny_config, tmp_path, capsys
 @pytest.mark.slow
 def test_sweep_with_several_seeds_runs_each_value_per_seed(tiny_config, tmp_path, capsys):
     out = tmp_path / "sweep"
-    overrides = ["--set", "sweep.seeds=2", "--set", "sweep.values=[16, 64]", "--set", "train.steps=4"]
+    overrides = ["--set", "sweep.seeds=2", "--set", "sweep.values=[16, 64]", "--set", "train.steps=4",
+                 "--set", "model.options.activation=relu", "--set", "track.analytic_reference=true"]
     assert ntk_torch_cli("sweep", tiny_config, "--out", out, "--no-progress", *overrides) == 0
     runs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert runs == ["tiny-width16-seed0", "tiny-width16-seed1", "tiny-width64-seed0", "tiny-width64-seed1"]
     assert ntk.load_run(out / "tiny-width16-seed1").meta["config"]["seed"] == 1
     printed = capsys.readouterr().out
     changes = [final(ntk.load_run(out / f"tiny-width16-seed{s}"), "relative_change") for s in (0, 1)]
-    assert f"relative kernel change {np.mean(changes):.4g} ± {np.std(changes, ddof=1):.4g}" in printed
-    assert f"min {min(changes):.4g}, max {max(changes):.4g}, 2 seeds)" in printed
+    spread = f"{np.mean(changes):.4g} ± {np.std(changes, ddof=1):.4g}"
+    assert f"relative change {spread} (min {min(changes):.4g}, max {max(changes):.4g}, 2 seeds)" in printed
+    assert "mean ± standard deviation over 2 seeds" in printed
+    row = next(line for line in printed.splitlines() if line.split()[:1] == ["16"])  # the table's spread too
+    assert spread in row
     assert "caveat: fitted through only 2 points" in printed  # no bare slope from 2 values
+    # the distance of the kernel at initialisation from the infinite-width NTK: a column, a curve, smaller when wider
+    distance = {w: np.mean([ntk.load_run(out / f"tiny-width{w}-seed{s}").first_finite("analytic_distance")[0]
+                            for s in (0, 1)]) for w in (16, 64)}
+    assert "distance from infinite width (step 0)" in printed and f"{distance[16]:.4g} ±" in row
+    assert distance[64] < distance[16]
+    assert "distance from infinite width (step 0) ~ model.options.width^-" in printed
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ def one_line_error(capsys):
 @pytest.fixture
 def no_figures(monkeypatch):
     """Training without the figures and report of ``run`` (drawn by other tests)."""
-    monkeypatch.setattr(cli, "_finish_run", lambda out, config: [])
+    monkeypatch.setattr(cli, "_finish_run", lambda out, config, args: [])
 
 
 # --------------------------------------------------------------------------- item 5
@@ -384,7 +384,7 @@ def _document(mutations, text_damage):
 def test_fuzz_config_documents_never_give_a_traceback(monkeypatch, capsys, mutations, text_damage):
     """Valid documents train (a few tiny steps; figures are left to the damaged-run tests),
     invalid ones are one line with exit status 2."""
-    monkeypatch.setattr(cli, "_finish_run", lambda out, config: [])
+    monkeypatch.setattr(cli, "_finish_run", lambda out, config, args: [])
     monkeypatch.delenv("NTK_TORCH_ALLOW_IMPORT", raising=False)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "fuzz.yaml"

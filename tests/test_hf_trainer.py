@@ -4,16 +4,14 @@ logits picked; a missing transformers named."""
 
 from __future__ import annotations
 
-import builtins
-import importlib
-import sys
-
 import pytest
 import torch
 from torch.utils.data import Dataset
 
 from ntk_torch import load_run
 from ntk_torch.tracker import NTKTracker
+
+from _integration_helpers import assert_missing_library_names_the_extra, assert_records_match
 
 FIELDS = ("relative_change", "kernel_distance", "param_distance", "probe_loss", "probe_accuracy")
 
@@ -60,7 +58,7 @@ def _plain_loop(transformers, steps):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:method='auto'.*vmap cannot run this model:RuntimeWarning")
-def test_a_trainer_run_records_what_a_plain_loop_records(tmp_path):
+def test_a_trainer_run_records_what_a_plain_loop_records_and_logs_them(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from ntk_torch.integrations.transformers import NTKCallback
@@ -68,24 +66,36 @@ def test_a_trainer_run_records_what_a_plain_loop_records(tmp_path):
     transformers.logging.set_verbosity_error()
     x, y = _data()
     steps = 4
-    callback = NTKCallback(train={**x, "labels": y}, every=2, probe_size=6, forecast=None, run_dir=tmp_path / "run")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=steps, per_device_train_batch_size=12,
         learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
         save_strategy="no", logging_strategy="no", remove_unused_columns=False, disable_tqdm=True, seed=0,
         dataloader_num_workers=0,
     )
+    seen = []
+
+    class Logger(transformers.TrainerCallback):  # as TensorBoard's and W&B's callbacks see what the Trainer logs
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append((state.global_step, dict(logs)))
+
     trainer = transformers.Trainer(model=_model(transformers), args=args, train_dataset=_Batches(x, y),
-                                   callbacks=[callback])
+                                   callbacks=[Logger()])
+    NTKCallback.add_to(trainer, train={**x, "labels": y}, every=2, probe_size=6, forecast=None,
+                       run_dir=tmp_path / "run")
     trainer.train()
 
     expected = _plain_loop(transformers, steps)
     run = load_run(tmp_path / "run")
-    assert run.status == "completed"
-    assert [r["step"] for r in run.records] == [r["step"] for r in expected] == [0, 2, 4]
-    for got, want in zip(run.records, expected):
-        for field in FIELDS:
-            assert got[field] == pytest.approx(want[field], rel=1e-4, abs=1e-6), (field, got["step"])
+    assert_records_match(run, expected, FIELDS, [0, 2, 4], rel=1e-4, abs=1e-6)
+    logged = [(step, logs) for step, logs in seen if "ntk/relative_change" in logs]
+    assert [step for step, _ in logged] == [0, 2, 4]  # each record at its optimizer step
+    for (_, logs), record in zip(logged, run.records):
+        assert logs["ntk/relative_change"] == pytest.approx(record["relative_change"])
+        assert logs["ntk/probe_loss"] == pytest.approx(record["probe_loss"])
+    history = [entry for entry in trainer.state.log_history if "ntk/kernel_distance" in entry]
+    assert [entry["step"] for entry in history] == [0, 2, 4]
+    with pytest.raises(TypeError, match="trainer must be a transformers.Trainer"):
+        NTKCallback(train={**x, "labels": y}, trainer=object())
 
 
 @pytest.mark.slow  # importing transformers takes seconds
@@ -100,16 +110,5 @@ def test_logits_are_picked_from_outputs():
 
 
 def test_missing_transformers_names_the_extra(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_transformers(name, *args, **kwargs):
-        if name == "transformers" or name.startswith("transformers."):
-            raise ImportError("No module named 'transformers'")
-        return real_import(name, *args, **kwargs)
-
-    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.delitem(sys.modules, "ntk_torch.integrations.transformers", raising=False)
-    monkeypatch.setattr(builtins, "__import__", no_transformers)
-    with pytest.raises(ImportError, match=r"pip install 'ntk-torch\[transformers\]'"):
-        importlib.import_module("ntk_torch.integrations.transformers")
+    assert_missing_library_names_the_extra(monkeypatch, "transformers", "ntk_torch.integrations.transformers",
+                                           "transformers")

@@ -4,10 +4,6 @@ when Lightning is missing."""
 
 from __future__ import annotations
 
-import builtins
-import importlib
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -15,6 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ntk_torch import load_run
 from ntk_torch.tracker import NTKTracker
+
+from _integration_helpers import assert_missing_library_names_the_extra, assert_records_match
 
 FIELDS = ("relative_change", "kernel_distance", "param_distance", "probe_loss", "effective_rank")
 
@@ -80,26 +78,10 @@ def test_a_lightning_fit_records_what_a_plain_loop_records(tmp_path, accumulate)
 
     expected = _plain_loop(steps, batch, accumulate)
     run = load_run(tmp_path / "run")
-    assert run.status == "completed"
-    assert [r["step"] for r in run.records] == [r["step"] for r in expected] == [0, 2, 4]
-    for got, want in zip(run.records, expected):
-        for field in FIELDS:
-            assert got[field] == pytest.approx(want[field], rel=1e-5, abs=1e-7), (field, got["step"])
+    assert_records_match(run, expected, FIELDS, [0, 2, 4], rel=1e-5, abs=1e-7)
     logged = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "ntk/relative_change" in logged.splitlines()[0]
 
 
 def test_missing_lightning_names_the_extra(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_lightning(name, *args, **kwargs):
-        if name == "lightning" or name.startswith("lightning."):
-            raise ImportError("No module named 'lightning'")
-        return real_import(name, *args, **kwargs)
-
-    for name in [m for m in sys.modules if m == "lightning" or m.startswith("lightning.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.delitem(sys.modules, "ntk_torch.integrations.lightning", raising=False)
-    monkeypatch.setattr(builtins, "__import__", no_lightning)
-    with pytest.raises(ImportError, match=r"pip install 'ntk-torch\[lightning\]'"):
-        importlib.import_module("ntk_torch.integrations.lightning")
+    assert_missing_library_names_the_extra(monkeypatch, "lightning", "ntk_torch.integrations.lightning", "lightning")

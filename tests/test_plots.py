@@ -411,3 +411,12 @@ def test_width_sweep_shows_fitted_slopes_on_loglog_axes():
     np.testing.assert_array_equal(gap.get_xdata(), [32, 512, 2048])  # the None point is left out
     with pytest.raises(ValueError, match="width, relative_change"):
         plots.width_sweep([(32, 0.1)])
+    assert not any("infinite-width" in t for t in legend)
+
+
+def test_width_sweep_draws_the_distance_from_infinite_width_when_given():
+    results = [(w, 2.0 * w ** -0.5, 0.5 / w, 3.0 * w ** -0.5) for w in (32, 128, 512)]
+    ax = plots.width_sweep(results)
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any(t.startswith("distance of K₀ from the infinite-width NTK") and "slope -0.50" in t for t in legend)
+    assert "K₀ at initialisation" in ax.get_ylabel()

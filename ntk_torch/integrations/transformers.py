@@ -14,6 +14,17 @@ accumulation respected: a step is what ``state.global_step`` counts). The model 
 what it returns: by default its ``logits``. The data may also be one dict holding the
 labels under ``"labels"`` (a tokenised batch). The run closes when training ends. Needs
 ``transformers`` (and ``accelerate``, which its Trainer needs).
+
+A callback does not see its Trainer, so to log the records where the Trainer logs add the
+callback with :meth:`NTKCallback.add_to` (or pass ``trainer=``)::
+
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    NTKCallback.add_to(trainer, train=(inputs, labels), every=10, run_dir="runs/hf")
+    trainer.train()
+
+Each new record's numbers then go through ``trainer.log`` as ``ntk/<field>`` at the step
+measured: into ``trainer.state.log_history`` and to every callback's ``on_log`` (the
+TensorBoard, Weights & Biases, ... callbacks of ``report_to``, the console printer).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from ..sinks import scalars
 from ..tracker import NTKTracker
 
 try:
@@ -64,6 +76,8 @@ class NTKCallback(TrainerCallback):
         every: measure every ``every`` optimizer steps.
         run_dir: the run directory (written by the main process), or None.
         output_fn: the ``(N, O)`` outputs from the model's output (default :func:`logits`).
+        trainer: the ``transformers.Trainer`` whose ``log`` receives each record's numbers
+            (``ntk/<field>``; see :meth:`add_to`); None logs nothing.
         **options: any other ``NTKTracker`` option (``probe_size``, ``loss``, ``mode``,
             ``forecast``, ``tensorboard``, ...); ``progress`` defaults to False.
 
@@ -72,12 +86,35 @@ class NTKCallback(TrainerCallback):
     """
 
     def __init__(self, train: Any, *, test: Any = None, every: int = 10, run_dir: Any = None,
-                 output_fn: Optional[Callable[[Any], torch.Tensor]] = logits, **options: Any) -> None:
+                 output_fn: Optional[Callable[[Any], torch.Tensor]] = logits, trainer: Any = None,
+                 **options: Any) -> None:
+        if trainer is not None and not callable(getattr(trainer, "log", None)):
+            raise TypeError(f"trainer must be a transformers.Trainer (with a log method), got {type(trainer).__name__}")
         self.train = _split_labels(train, "train")
         self.test = None if test is None else _split_labels(test, "test")
-        self.every, self.run_dir, self.output_fn = every, run_dir, output_fn
+        self.every, self.run_dir, self.output_fn, self.trainer = every, run_dir, output_fn, trainer
         self.options = {"progress": False, **options}
         self.tracker: Optional[NTKTracker] = None
+        self._logged = 0
+
+    @classmethod
+    def add_to(cls, trainer: Any, train: Any, **options: Any) -> "NTKCallback":
+        """A callback logging through ``trainer`` (``trainer=trainer``), added to it with
+        ``trainer.add_callback``; ``options`` as for the constructor. Returns the callback."""
+        callback = cls(train, trainer=trainer, **options)
+        trainer.add_callback(callback)
+        return callback
+
+    def _log_new(self, state: Any) -> None:
+        """Each record not yet logged, as ``{"ntk/<field>": value}``, through ``trainer.log``
+        (main process only; the records are rank 0's)."""
+        if self.tracker is None:
+            return
+        new, self._logged = self.tracker.records[self._logged:], len(self.tracker.records)
+        if self.trainer is None or not getattr(state, "is_world_process_zero", True):
+            return
+        for record in new:
+            self.trainer.log({f"ntk/{name}": value for name, value in scalars(record).items()})
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
@@ -86,8 +123,14 @@ class NTKCallback(TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps it
         self.tracker = NTKTracker(model, self.train, test=self.test, every=self.every, run_dir=self.run_dir,
                                   output_fn=self.output_fn, **self.options)
+        self._logged = 0
         self.tracker.attach(inner)
+        self._log_new(state)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._log_new(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.tracker is not None and not self.tracker.closed:
             self.tracker.close("completed")
+        self._log_new(state)

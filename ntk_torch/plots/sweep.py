@@ -21,6 +21,7 @@ _CURVES = (
     # (column of a result, legend name, colour, marker)
     (1, "relative change ‖K − K₀‖/‖K₀‖", "C0", "o"),
     (2, "linearisation gap", "C3", "s"),
+    (3, "distance of K₀ from the infinite-width NTK", "C2", "^"),
 )
 
 
@@ -75,8 +76,10 @@ def width_sweep(
 
     Args:
         results: ``(width, relative_change, linearisation_gap)`` per trained width (e.g.
-            the final record of each run); a ``None``/NaN or non-positive value leaves
-            that point out of its curve (a run without predictions has no gap).
+            the final record of each run), optionally with a fourth value, the distance
+            of the kernel at step 0 from the infinite-width NTK (``analytic_distance``);
+            a ``None``/NaN or non-positive value leaves that point out of its curve (a run
+            without predictions has no gap).
         ax: the Axes to draw into; None creates a figure.
         reference_slope: slope of the guide line; None for no guide.
 
@@ -104,7 +107,8 @@ def width_sweep(
             ax.plot(grid, y0 * (grid / x0) ** reference_slope, color="0.55", linestyle=REFERENCE_STYLE,
                     linewidth=1, label=f"∝ width$^{{{reference_slope:g}}}$ (Lee et al. 2019)")
     ax.set_xlabel("width (hidden units per layer)")
-    ax.set_ylabel("at the end of training (dimensionless)")
+    with_k0 = bool(np.isfinite(table[:, 3]).any())
+    ax.set_ylabel("at the end of training" + ("; K₀ at initialisation" if with_k0 else "") + " (dimensionless)")
     ax.set_title("Lazy regime: kernel change vs width", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
     legend(ax)
@@ -117,9 +121,10 @@ def _sweep_table(results: Iterable[Sequence[Optional[float]]]) -> np.ndarray:
     if not rows:
         raise ValueError("results is empty; give (width, relative_change, linearisation_gap) per width")
     for row in rows:
-        if len(row) != 3:
-            raise ValueError(f"each result must be (width, relative_change, linearisation_gap), got {row!r}")
-    table = np.array([[math.nan if v is None else float(v) for v in row] for row in rows])
+        if len(row) not in (3, 4):
+            raise ValueError("each result must be (width, relative_change, linearisation_gap[, analytic_distance]), "
+                             f"got {row!r}")
+    table = np.array([[math.nan if v is None else float(v) for v in (*row, None)[:4]] for row in rows])
     return table[np.argsort(table[:, 0], kind="stable")]
 
 
