@@ -13,21 +13,32 @@ training and ``test_points`` test examples drawn with the config's seed:
 * the kernel ``K`` (``trace`` by default: the isotropic approximation, cheap for any
   model) and the linearised full-batch SGD forecast (:class:`ntk_torch.predict.LinearisedDynamics`)
   of the test loss and accuracy after ``train.steps`` steps at the candidate's learning rate;
-* the largest stable learning rate (``max_learning_rate``: ``2 / lambda_max`` of the
-  loss-scaled kernel for MSE, the Hessian bound for cross-entropy) and the learning rate
-  the forecast prefers: the best forecast test accuracy (then lowest loss) over ``lr_grid``
-  rates spaced geometrically from ``max_lr / 64`` to ``0.95 max_lr``;
+* the largest stable learning rate, twice: ``max_learning_rate``, the worst-case bound
+  (``2 / lambda_max`` of the loss-scaled kernel for MSE, the Hessian bound for
+  cross-entropy), and ``local_max_learning_rate``, the cross-entropy rate at the initial
+  logits (the top curvature of the linearised loss there, up to ``C / 2`` times the bound);
+  and the learning rate the forecast prefers: the best forecast test accuracy (then lowest
+  loss) over ``lr_grid`` rates spaced geometrically from ``max_lr / 64`` to ``0.95 max_lr``;
 * trainability signals of ``K``: condition number, effective rank, centred kernel-target
-  alignment (:mod:`ntk_torch.metrics`).
+  alignment (:mod:`ntk_torch.metrics`);
+* the real network's check (``probe_steps``, default 10): that many full-batch steps at
+  the candidate's rate on a copy of the initial model, on the same points, and the
+  training loss before and after (``probe_loss_before``/``_after``).
 
 The **score** (higher is better) is the forecast test accuracy at the candidate's own
 learning rate, minus ``0.001 x`` the forecast test loss (a tie-break among equal
 accuracies: predicted accuracies on a few hundred points tie often), minus 1 when the
-learning rate is at or above the largest stable one (the linearised model diverges there,
-and the real network usually does too). Why this: the forecast is the only signal that
-sees the training budget and the learning rate together; the spectral signals are
-recorded beside it (and measured against the trained ranking by :func:`validate`) but
-not mixed in, since their sign of effect changes with the budget.
+candidate is not ``stable``: its probe's loss is not finite or did not decrease. Why: the
+forecast is the only signal that sees the budget and the learning rate together, and it
+is only worth trusting where the real network trains at that rate at all. The kernel
+bounds did not say that: on the shipped digits space no trained network diverged at lr
+1.5, up to 60 times the cross-entropy bound and 20 times the local rate, so a penalty
+from either bound sank the best candidates (README, measured figures); what matters is
+the real network's divergence, and the probe measures it directly, for the price of a few
+forward and backward passes on ``points`` examples. The bounds are recorded, not scored.
+The spectral signals are recorded beside the score (and measured against the trained
+ranking by :func:`validate`) but not mixed in, since their sign of effect changes with
+the budget. The kernel and every lr-independent signal are computed once per candidate.
 
 :func:`validate` trains the top ``K`` and ``K`` others drawn at random (or all) with the
 real loop (:func:`ntk_torch.experiment.train_loop`), and adds the trained test accuracy,
@@ -52,14 +63,14 @@ import torch
 import yaml
 
 from .config import ConfigError, RunConfig, parse_config
-from .experiment import build, train_loop
+from .experiment import build, make_optimizer, train_loop
 from .kernel import NTK
 from .losses import resolve
 from .metrics import condition_number, effective_rank, target_alignment
 from .predict import LinearisedDynamics
 
 SELECTION_FILE = "selection.json"
-FORECAST_DEFAULTS = {"points": 256, "test_points": 256, "lr_grid": 8, "kernel": "trace"}
+FORECAST_DEFAULTS = {"points": 256, "test_points": 256, "lr_grid": 8, "kernel": "trace", "probe_steps": 10}
 UNSTABLE_PENALTY = 1.0
 LOSS_TIE_BREAK = 1e-3
 
@@ -136,16 +147,9 @@ def _subset(n: int, count: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, count)]
 
 
-def candidate_signals(config: RunConfig, forecast: Dict[str, Any]) -> Dict[str, Any]:
-    """Everything :mod:`ntk_torch.selection` computes for one candidate at initialisation
-    (module docstring): ``parameters``, ``predicted_test_accuracy``/``_loss`` at
-    ``train.lr``, ``max_learning_rate``, ``preferred_lr`` and its forecast accuracy,
-    ``condition_number``, ``effective_rank``, ``target_alignment``, ``seconds``.
-
-    Raises:
-        ConfigError: the optimizer is not SGD or the config trains on minibatches (the
-            forecast models full-batch SGD).
-    """
+def _kernel_state(config: RunConfig, forecast: Dict[str, Any]) -> Dict[str, Any]:
+    """What every learning rate of one candidate shares (the model, data and kernel do not
+    depend on ``train.lr``): the linearised dynamics, the kernel signals, ``seconds``."""
     start = time.perf_counter()
     setup = build(config)
     train = config.train
@@ -158,8 +162,9 @@ def candidate_signals(config: RunConfig, forecast: Dict[str, Any]) -> Dict[str, 
     test_index = _subset(split.n_test, forecast["test_points"], config.seed + 1)
     x, y = split.x_train[index], split.y_train[index]
     xt, yt = split.x_test[test_index], split.y_test[test_index]
-    kernel = NTK(model, mode=forecast["kernel"], dtype=torch.float64)
-    K, K_test = kernel(x), kernel(xt, x)
+    # one kernel of train and test points together: the train rows' Jacobians once
+    joint = NTK(model, mode=forecast["kernel"], dtype=torch.float64)(torch.cat([x, xt]))
+    K, K_test = joint[: len(x), : len(x)], joint[len(x):, : len(x)]
     with torch.no_grad():
         f0, f0_test = model(x).double(), model(xt).double()
     loss = resolve(config.train.loss)
@@ -171,23 +176,90 @@ def candidate_signals(config: RunConfig, forecast: Dict[str, Any]) -> Dict[str, 
     )
     sgd = dict(momentum=train.momentum, weight_decay=train.weight_decay)
     max_lr = float(dynamics.max_learning_rate(**sgd))
-    accuracy, test_loss = _forecast_at(dynamics, train.lr, train.steps, sgd)
+    local_lr = max_lr if regression else _local_rate(K, f0.reshape(len(x), -1), max_lr, train.weight_decay)
     grid = [max_lr * float(r) for r in np.geomspace(1 / 64, 0.95, forecast["lr_grid"])]
     on_grid = [(*_forecast_at(dynamics, lr, train.steps, sgd), lr) for lr in grid]
     best = max(on_grid, key=lambda item: (_or(item[0], -math.inf), -_or(item[1], math.inf)))
-    return {
+    shared = {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "predicted_test_accuracy": accuracy,
-        "predicted_test_loss": test_loss,
-        "max_learning_rate": max_lr,
-        "stable": train.lr < max_lr,
-        "preferred_lr": best[2],
-        "preferred_lr_accuracy": best[0],
-        "condition_number": float(condition_number(K)),
-        "effective_rank": float(effective_rank(K)),
+        "max_learning_rate": max_lr, "local_max_learning_rate": local_lr,
+        "preferred_lr": best[2], "preferred_lr_accuracy": best[0],
+        "condition_number": float(condition_number(K)), "effective_rank": float(effective_rank(K)),
         "target_alignment": float(target_alignment(K, y)) if not regression else None,
-        "seconds": time.perf_counter() - start,
     }
+    return {"dynamics": dynamics, "sgd": sgd, "signals": shared, "seconds": time.perf_counter() - start,
+            "model": model, "x": x, "y": y}
+
+
+def _probe(config: RunConfig, state: Dict[str, Any], steps: int) -> Dict[str, Optional[float]]:
+    """The real network's check of the forecast at ``train.lr``: ``steps`` full-batch steps
+    of the config's optimizer on a copy of the initial model, on the forecast's training
+    points; its training loss before and after (None when not finite)."""
+    model = copy.deepcopy(state["model"])
+    optimizer = make_optimizer(config, model)
+    loss = resolve(config.train.loss).fn
+    x, y = state["x"], state["y"]
+    with torch.no_grad():
+        before = float(loss(model(x), y))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        value = loss(model(x), y)
+        if not torch.isfinite(value):
+            break
+        value.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(loss(model(x), y))
+    return {"probe_loss_before": before if math.isfinite(before) else None,
+            "probe_loss_after": after if math.isfinite(after) else None}
+
+
+def _local_rate(K: torch.Tensor, f0: torch.Tensor, max_lr: float, weight_decay: float, iterations: int = 200) -> float:
+    r"""The largest stable rate of cross-entropy at the initial logits ``f0`` (``(N, C)``):
+    ``factor / (s + wd)``, ``s`` the top eigenvalue of the linearised loss's curvature
+    :math:`J^\top H(f_0) J` there, i.e. of :math:`(K / C \otimes I_C)\,H(f_0)` with
+    :math:`H` block diagonal, blocks :math:`(\mathrm{diag}(p_i) - p_i p_i^\top)/N`
+    (power iteration); ``factor`` (``2 (1 + momentum)``) read back from the worst-case
+    ``max_lr = factor / (\lambda_{max}(K/C) / (2N) + wd)``. Gradient descent started at
+    ``f0`` grows along the top direction above this rate (the edge of stability at
+    initialisation); the worst-case rate is below it by up to ``C / 2``."""
+    n, c = f0.shape
+    p = torch.softmax(f0, dim=1)
+    per_output = K / c
+    top = float(torch.linalg.eigvalsh(per_output)[-1])
+    factor = max_lr * (top / (2 * n) + weight_decay)
+    v = torch.randn(n, c, dtype=K.dtype, generator=torch.Generator().manual_seed(0))
+    sharpness = 0.0
+    for _ in range(iterations):
+        w = per_output @ ((p * v - p * (p * v).sum(1, keepdim=True)) / n)
+        sharpness, v = float(w.norm() / v.norm()), w / w.norm()
+    return factor / (sharpness + weight_decay) if sharpness + weight_decay > 0 else math.inf
+
+
+def candidate_signals(config: RunConfig, forecast: Dict[str, Any],
+                      state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Everything :mod:`ntk_torch.selection` computes for one candidate at initialisation
+    (module docstring): ``parameters``, ``predicted_test_accuracy``/``_loss`` at
+    ``train.lr``, ``max_learning_rate`` (worst case), ``local_max_learning_rate`` (at the
+    initial logits), ``stable``, ``preferred_lr`` and its forecast accuracy,
+    ``condition_number``, ``effective_rank``, ``target_alignment``, ``seconds`` (this
+    rate's forecast plus, when ``state`` is not given, the kernel). ``state``: a
+    :func:`_kernel_state` of the same candidate at another rate, reused.
+
+    Raises:
+        ConfigError: the optimizer is not SGD or the config trains on minibatches (the
+            forecast models full-batch SGD).
+    """
+    start = time.perf_counter()
+    fresh = state is None
+    state = _kernel_state(config, forecast) if fresh else state
+    accuracy, test_loss = _forecast_at(state["dynamics"], config.train.lr, config.train.steps, state["sgd"])
+    probe = _probe(config, state, forecast["probe_steps"])
+    before, after = probe["probe_loss_before"], probe["probe_loss_after"]
+    signals = {**state["signals"], "predicted_test_accuracy": accuracy, "predicted_test_loss": test_loss, **probe,
+               "stable": before is not None and after is not None and after < before}
+    signals["seconds"] = time.perf_counter() - start
+    return signals
 
 
 def _or(value: Optional[float], default: float) -> float:
@@ -227,10 +299,17 @@ class Selection:
 
 def rank(space: SelectionSpace, *, progress: bool = False) -> Selection:
     """Compute every candidate's signals and score, and rank them (rank 1 the best score;
-    ties keep the config's order)."""
-    entries = []
+    ties keep the config's order). The kernel and the lr-independent signals are computed
+    once per candidate and reused for its learning rates."""
+    entries, states = [], {}
     for config, settings in zip(space.configs, space.settings):
-        signals = candidate_signals(config, space.forecast)
+        first = settings["candidate"] not in states
+        if first:  # one candidate's rates are consecutive: keep only its state
+            states = {settings["candidate"]: _kernel_state(config, space.forecast)}
+        state = states[settings["candidate"]]
+        signals = candidate_signals(config, space.forecast, state)
+        if first:  # the first rate of a candidate carries its kernel's seconds
+            signals["seconds"] += state["seconds"]
         entries.append({"name": config.name, "settings": settings, "signals": signals, "score": score(signals)})
         if progress:
             print(f"  {config.name}: score {entries[-1]['score']:.4f} ({signals['seconds']:.1f}s)", flush=True)
@@ -364,7 +443,7 @@ def summarise(selection: Selection) -> Dict[str, Any]:
     accuracy = [e["trained"]["test_accuracy"] for e in trained]
     methods = {"predicted": lambda e: e["score"], "parameters": lambda e: e["signals"]["parameters"]}
     if all("one_epoch" in e for e in trained):
-        methods["one_epoch_loss"] = lambda e: -e["one_epoch"]["loss"]
+        methods["one_epoch_loss"] = lambda e: -_or(e["one_epoch"]["loss"], math.inf)
     for signal in ("condition_number", "effective_rank", "target_alignment", "preferred_lr_accuracy"):
         if all(e["signals"].get(signal) is not None for e in trained):
             methods[signal] = (lambda s: lambda e: e["signals"][s])(signal)
@@ -429,28 +508,13 @@ def summary_lines(selection: Selection) -> List[str]:
     return lines
 
 
-def save_figure(selection: Selection, stem: Path) -> Path:
-    """``selection.png`` (and ``.svg``): predicted score against trained test accuracy for
-    the trained candidates, else the predicted test accuracy of every candidate by rank."""
-    from matplotlib.figure import Figure
-
+def save_figure(json_path: Path, stem: Path) -> Path:
+    """``selection.png`` (and ``.svg``) drawn from the written ``selection.json``
+    (:func:`ntk_torch.plots.selection.selection_figure`)."""
     from . import plots
+    from .plots.selection import selection_figure
 
-    figure = Figure(figsize=(6.4, 4.8), layout="constrained")
-    ax = figure.subplots()
-    trained = [e for e in selection.entries if e.get("trained", {}).get("test_accuracy") is not None]
-    if trained:
-        ax.scatter([e["score"] for e in trained], [e["trained"]["test_accuracy"] for e in trained])
-        ax.set_xlabel("predicted score (forecast test accuracy at the budget)")
-        ax.set_ylabel("trained test accuracy")
-        tau = selection.summary.get("ranking", {}).get("predicted", {}).get("kendall_tau", math.nan)
-        ax.set_title(f"{selection.name}: predicted against trained (Kendall tau {tau:.2f})")
-    else:
-        ax.bar([e["rank"] for e in selection.entries],
-               [_or(e["signals"]["predicted_test_accuracy"], 0.0) for e in selection.entries])
-        ax.set_xlabel("rank")
-        ax.set_ylabel("forecast test accuracy")
-        ax.set_title(f"{selection.name}: candidates by predicted score")
+    figure = selection_figure(json_path).figure
     for fmt in ("png", "svg"):
         plots.save_figure(figure, stem.with_suffix(f".{fmt}"))
     return stem.with_suffix(".png")
@@ -488,7 +552,7 @@ def write(selection: Selection, out_dir: Union[str, Path]) -> Dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / SELECTION_FILE
     json_path.write_text(json.dumps(_json_safe(selection.to_dict()), indent=1))
-    figure = save_figure(selection, out_dir / "selection")
+    figure = save_figure(json_path, out_dir / "selection")
     return {"json": json_path, "figure": figure, "html": write_html(selection, out_dir / "selection.html", figure)}
 
 

@@ -25,6 +25,7 @@ TINY = {
     "forecast": {"points": 24, "test_points": 24, "lr_grid": 3},
 }
 SIGNALS = {"parameters", "predicted_test_accuracy", "predicted_test_loss", "max_learning_rate", "stable",
+           "local_max_learning_rate", "probe_loss_before", "probe_loss_after",
            "preferred_lr", "preferred_lr_accuracy", "condition_number", "effective_rank", "target_alignment",
            "seconds"}
 
@@ -58,6 +59,9 @@ def test_select_writes_a_complete_selection_json(validated):
         assert set(entry["signals"]) == SIGNALS
         assert entry["settings"]["lr"] in (0.05, 0.5) and "model" in entry["settings"]
         assert 0 <= entry["signals"]["predicted_test_accuracy"] <= 1
+        signals = entry["signals"]  # the local rate is above the worst-case bound; stable is the probe's verdict
+        assert signals["local_max_learning_rate"] >= signals["max_learning_rate"] * (1 - 1e-9)
+        assert signals["stable"] == (signals["probe_loss_after"] < signals["probe_loss_before"])
     assert {e["settings"]["candidate"] for e in written["entries"]} == {0, 1}
     assert (out / "selection.png").stat().st_size > 0 and "<table>" in (out / "selection.html").read_text()
 
@@ -123,3 +127,15 @@ def test_cli_select_prints_the_table_and_writes_the_files(tmp_path, capsys):
     assert (tmp_path / "out" / "selection.json").exists()
     assert main(["select", str(path), "--validate", "zero"]) != 0
     assert "--validate must be a positive integer" in capsys.readouterr().err
+
+
+def test_the_selection_figure_is_drawn_from_selection_json(validated, tmp_path):
+    from ntk_torch.plots.selection import selection_figure
+
+    _, out, _ = validated
+    ax = selection_figure(out)  # the directory or the file
+    assert len(ax.collections) >= 1 and "Kendall tau" in ax.get_title()
+    assert selection_figure(out / "selection.json").get_xlabel() == "predicted score"
+    (tmp_path / "selection.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a selection.json"):
+        selection_figure(tmp_path)

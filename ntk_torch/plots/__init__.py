@@ -31,6 +31,8 @@ The modules:
                     training
 ``kernels``         heatmaps of saved kernels (cosine similarity, sorted by class)
 ``sweep``           kernel change against width, with power-law fits
+``selection``       a selection's predicted score against trained accuracy, read from
+                    its ``selection.json`` (``ntk-torch select``)
 ``catalogue``       ``FIGURES`` (names, captions, availability), ``figures``,
                     ``overview``, ``compare``
 ``saving``          ``save_figure``, ``save_all``
