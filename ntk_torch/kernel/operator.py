@@ -13,8 +13,10 @@ Each product is one vector-Jacobian product per column over the examples of ``x2
 batches, summed: a parameter-space vector ``t = J2^T v``) and then one Jacobian-vector
 product ``J1 t`` over the examples of ``x1`` (in batches), the ``k`` columns batched with
 ``vmap``. Memory: ``k`` parameter vectors and one batch's activations per column; the
-kernel is never held. ``trace`` repeats this per output (``O`` times the work of one
-``pntk`` product).
+kernel is never held. ``trace`` runs its ``k O`` cotangents ``v_c e_a^T`` in the same
+single vmapped pass (``O`` times the work of one ``pntk`` product, but one forward pass
+and one linearisation per batch shared by all outputs and columns) and keeps output ``a``
+of the product of tangent ``(c, a)``.
 
 The parameters are a snapshot taken when the operator is built (so an operator made at
 step 0 still stands for the step-0 kernel after training), evaluated as in eval mode.
@@ -38,6 +40,7 @@ __all__ = ["NTKOperator", "OPERATOR_MODES", "as_matvec"]
 OPERATOR_MODES = ("full", "trace", "pntk")
 """The operator's modes (``diagonal`` has no matrix of its own: use ``full``)."""
 Params = Dict[str, torch.Tensor]
+_WORKING_SET = 2**26  # bytes of activations per vmapped pass (see _examples_per_pass)
 
 
 class NTKOperator:
@@ -171,10 +174,14 @@ class NTKOperator:
         if not self.layout.sums_outputs:  # full
             cot = V.T.reshape(k, self.n2, o)
             return self._apply(cot, self.fmodel).reshape(k, self.n1 * o).T
-        out = V.new_zeros(k, self.n1)
-        for a in range(o):  # trace: the kernel of output a, summed over a (pntk: O = 1)
-            out += self._apply(V.T.unsqueeze(-1), _output(self.fmodel, a))[..., 0]
-        return out.T
+        if o == 1:  # pntk (its one summed output) or a one-output trace kernel
+            return self._apply(V.T.unsqueeze(-1), self.fmodel)[..., 0].T
+        # trace: the k O cotangents v_c e_a^T in one vmapped pass (one forward and one
+        # linearisation per batch shared by all outputs), then out_c = sum_a (J1 t_ca)_a.
+        eye = torch.eye(o, dtype=V.dtype, device=V.device)
+        cot = (V.T[:, None, :, None] * eye[None, :, None, :]).reshape(k * o, self.n2, o)
+        res = self._apply(cot, self.fmodel).reshape(k, o, self.n1, o)
+        return res.diagonal(dim1=1, dim2=3).sum(-1).T
 
     def _apply(self, cotangents: torch.Tensor, f: Callable[[Params, Inputs], torch.Tensor]) -> torch.Tensor:
         """``J1 J2^T c`` of ``f`` for each of the ``k`` cotangents ``c`` ``(k, N2, O')``:
@@ -200,9 +207,13 @@ class NTKOperator:
         return torch.cat(outputs, dim=1)
 
     def _examples_per_pass(self, k: int) -> int:
+        """Examples per pass for ``k`` vmapped columns: within the memory budget, and at
+        most a ``_WORKING_SET`` of activations per pass (larger passes are bound by memory
+        bandwidth, not arithmetic, and run slower on CPU)."""
         if self.batch_size is not None:
             return self.batch_size
-        return max(1, self.memory_budget // (3 * k * max(self._bytes_per_example, 1)))
+        per_example = 3 * k * max(self._bytes_per_example, 1)
+        return max(1, min(self.memory_budget, _WORKING_SET) // per_example)
 
     # ------------------------------------------------------------------ dense
 
@@ -215,13 +226,6 @@ class NTKOperator:
         with _parameters(self.fmodel, self._params):
             K = ntk(self.x1, None if self.symmetric else self.x2)
         return ntk.options.layout.matrix(K)
-
-
-def _output(fmodel: FunctionalModel, a: int) -> Callable[[Params, Inputs], torch.Tensor]:
-    def f(params: Params, x: Inputs) -> torch.Tensor:
-        return fmodel(params, x)[:, a:a + 1]
-
-    return f
 
 
 class _parameters:
