@@ -34,6 +34,7 @@ from ..functional import FunctionalModel, Inputs, ParamSelector, batch_size, eva
 from ..functional import check_compatible, summed_output_fn, unwrap_model
 from ..layout import DIAGONAL, layout as as_layout
 from .cost import default_memory_budget, parse_memory, profile_forward
+from .sketch import check_sketch, sketch_features
 
 __all__ = ["NTKOperator", "OPERATOR_MODES", "as_matvec"]
 
@@ -63,6 +64,12 @@ class NTKOperator:
         batch_size: examples per pass (default from ``memory_budget`` and a measured
             forward pass; with ``k`` columns, batches of ``budget / (3 k a)`` examples
             for ``a`` activation bytes per example).
+        sketch: ``d`` for the operator of the sketched kernel ``(J1 S)(J2 S)^T``, the
+            kernel of ``empirical_ntk(..., sketch=d)`` with the same ``sketch_seed``:
+            ``Z = J S`` ``(N, O, d)`` is computed once by ``d`` forward-mode products
+            (:mod:`.sketch`) at the first product and kept, each product then costs
+            ``O(N O d k)``.
+        sketch_seed: seeds ``S``.
 
     Raises:
         ValueError / TypeError: naming the argument at fault.
@@ -81,6 +88,8 @@ class NTKOperator:
         memory_budget: Union[int, float, str, None] = None,
         batch_size: Optional[int] = None,
         call_kwargs: Optional[Dict[str, Any]] = None,
+        sketch: Optional[int] = None,
+        sketch_seed: int = 0,
         _state: Optional[Tuple] = None,
     ) -> None:
         layout = as_layout(mode) if isinstance(mode, str) and mode in OPERATOR_MODES else DIAGONAL
@@ -88,7 +97,9 @@ class NTKOperator:
             raise ValueError(f"mode must be one of {', '.join(map(repr, OPERATOR_MODES))}, got {mode!r}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        check_sketch(sketch, sketch_seed)
         self.mode, self.layout = layout.name, layout.computed_as
+        self.sketch, self.sketch_seed, self._features = sketch, sketch_seed, None
         self._options = dict(params=params, output_fn=output_fn, dtype=dtype, call_kwargs=call_kwargs)
         self._model = unwrap_model(model)
         if _state is not None:  # the transpose shares the snapshot
@@ -142,7 +153,8 @@ class NTKOperator:
         state = (self.fmodel, self._params, self._bytes_per_example, self.num_outputs)
         return NTKOperator(
             self._model, self.x2, self.x1, mode=self.mode, memory_budget=self._memory_budget_arg,
-            batch_size=self.batch_size, _state=state, **self._options,
+            batch_size=self.batch_size, sketch=self.sketch, sketch_seed=self.sketch_seed, _state=state,
+            **self._options,
         )
 
     def __repr__(self) -> str:
@@ -171,6 +183,8 @@ class NTKOperator:
 
     def _product(self, V: torch.Tensor) -> torch.Tensor:
         o, k = self.num_outputs, V.shape[1]
+        if self.sketch is not None:
+            return self._sketched_product(V)
         if not self.layout.sums_outputs:  # full
             cot = V.T.reshape(k, self.n2, o)
             return self._apply(cot, self.fmodel).reshape(k, self.n1 * o).T
@@ -206,6 +220,19 @@ class NTKOperator:
             outputs.append(vmap(column, randomness="same")(tangents))
         return torch.cat(outputs, dim=1)
 
+    def _sketched_product(self, V: torch.Tensor) -> torch.Tensor:
+        """``Z1 (Z2^T V)`` with ``Z = J S`` ``(N, O, d)`` computed once (:mod:`.sketch`):
+        ``full`` over the ``(N O) x d`` rows, ``trace`` (and ``pntk``, ``O = 1``) summed
+        over the outputs, ``sum_a Z1[:, a] (Z2[:, a]^T V)``."""
+        if self._features is None:
+            args = (self.sketch, self.sketch_seed, self.memory_budget, self._params)
+            z1 = sketch_features(self.fmodel, self.x1, *args)
+            self._features = (z1, z1 if self.symmetric else sketch_features(self.fmodel, self.x2, *args))
+        z1, z2 = self._features
+        if not self.layout.sums_outputs:  # full
+            return z1.reshape(-1, z1.shape[2]) @ (z2.reshape(-1, z2.shape[2]).T @ V)
+        return torch.einsum("iad,adk->ik", z1, torch.einsum("jad,jk->adk", z2, V))
+
     def _examples_per_pass(self, k: int) -> int:
         """Examples per pass for ``k`` vmapped columns: within the memory budget, and at
         most a ``_WORKING_SET`` of activations per pass (larger passes are bound by memory
@@ -222,7 +249,8 @@ class NTKOperator:
         layout's matrix view (``full``: rows ``i * O + a``)."""
         from .api import NTK  # api imports the engines; the operator only needs it here
 
-        ntk = NTK(self._model, mode=self.mode, memory_budget=self._memory_budget_arg, **self._options)
+        ntk = NTK(self._model, mode=self.mode, memory_budget=self._memory_budget_arg, sketch=self.sketch,
+                  sketch_seed=self.sketch_seed, **self._options)
         with _parameters(self.fmodel, self._params):
             K = ntk(self.x1, None if self.symmetric else self.x2)
         return ntk.options.layout.matrix(K)
