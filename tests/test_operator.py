@@ -217,7 +217,8 @@ def test_estimators_exact_when_the_sketch_spans_the_space_and_errors():
         estimate.inner(torch.ones(3, 3), torch.ones(2, 2))
 
 
-@pytest.mark.parametrize("mode", ["trace", "full", "pntk"])
+@pytest.mark.parametrize("mode", ["trace", pytest.param("full", marks=pytest.mark.slow),
+                                  pytest.param("pntk", marks=pytest.mark.slow)])
 def test_sketched_operator_equals_the_sketched_kernel_times_v(zoo, mode):
     case = zoo["mlp"]
     x1, x2 = case.make_inputs(5, 0), case.make_inputs(3, 1)

@@ -33,7 +33,10 @@ from torch.func import jvp, vjp, vmap
 from ..functional import FunctionalModel, Inputs, ParamSelector, batch_size, evaluation_context, slice_inputs
 from ..functional import check_compatible, summed_output_fn, unwrap_model
 from ..layout import DIAGONAL, layout as as_layout
+from ..errors import UnsupportedModelError
+from .capability import check
 from .cost import default_memory_budget, parse_memory, profile_forward
+from .loop import example_gradients
 from .sketch import check_sketch, sketch_features
 
 __all__ = ["NTKOperator", "OPERATOR_MODES", "as_matvec"]
@@ -54,7 +57,10 @@ class NTKOperator:
     the matrix itself, computed by the tiled engines of :class:`~ntk_torch.NTK`.
 
     Args:
-        model: any ``nn.Module`` that ``torch.func.vmap`` runs.
+        model: any ``nn.Module``; where ``torch.func.vmap`` cannot run it or forward mode
+            fails or disagrees with reverse mode (the dry runs of :mod:`.capability`, at
+            the first product) the products loop over the examples with plain autograd
+            instead (slower; ``sketch`` then refuses with a one-line error naming why).
         x1: inputs as :class:`~ntk_torch.NTK` takes them (``N1`` examples).
         x2: ``N2`` examples of the same structure, or None for ``x2 = x1`` (symmetric).
         mode: ``"trace"``, ``"full"`` or ``"pntk"``.
@@ -100,6 +106,7 @@ class NTKOperator:
         check_sketch(sketch, sketch_seed)
         self.mode, self.layout = layout.name, layout.computed_as
         self.sketch, self.sketch_seed, self._features = sketch, sketch_seed, None
+        self._vmap_failure: Optional[str] = None  # _capability() at the first product
         self._options = dict(params=params, output_fn=output_fn, dtype=dtype, call_kwargs=call_kwargs)
         self._model = unwrap_model(model)
         if _state is not None:  # the transpose shares the snapshot
@@ -183,8 +190,14 @@ class NTKOperator:
 
     def _product(self, V: torch.Tensor) -> torch.Tensor:
         o, k = self.num_outputs, V.shape[1]
+        if self._vmap_failure is None:
+            self._vmap_failure = self._capability()
+        if self._vmap_failure and self.sketch is not None:
+            raise UnsupportedModelError(f"NTKOperator(sketch=...) cannot run this model: {self._vmap_failure}")
         if self.sketch is not None:
             return self._sketched_product(V)
+        if self._vmap_failure:
+            return self._looped_product(V)
         if not self.layout.sums_outputs:  # full
             cot = V.T.reshape(k, self.n2, o)
             return self._apply(cot, self.fmodel).reshape(k, self.n1 * o).T
@@ -219,6 +232,41 @@ class NTKOperator:
 
             outputs.append(vmap(column, randomness="same")(tangents))
         return torch.cat(outputs, dim=1)
+
+    def _capability(self) -> str:
+        """Why the vmapped vjp-then-jvp products cannot run on this model ("" when they
+        can): ``vmap`` fails, or forward mode fails or disagrees with reverse mode (e.g. an
+        embedding's ``padding_idx``), by the dry runs of :mod:`.capability`."""
+        x_one = slice_inputs(self.x1, 0, 1)
+        for name, what in (("vmap", "torch.func.vmap"), ("forward_mode", "forward-mode AD")):
+            reason = check(name, self.fmodel, x_one)
+            if reason:
+                return f"{what} fails: {reason}"
+        return ""
+
+    def _looped_product(self, V: torch.Tensor) -> torch.Tensor:
+        """``K V`` without ``vmap`` (for models it cannot run): each example's Jacobian
+        ``(O, P)`` from plain autograd, one backward pass per output (``loop.example_gradients``),
+        contracted into ``t = J2^T V`` (``trace``: one ``t`` per output) and then ``J1 t``;
+        one example's Jacobian and ``t`` in memory, ``(N1 + N2) O`` backward passes."""
+        o, k = self.num_outputs, V.shape[1]
+        full = not self.layout.sums_outputs
+        t = V.new_zeros(_flat_size(self._params), k) if full else V.new_zeros(o, _flat_size(self._params), k)
+        for j in range(self.n2):
+            g = self._example_jacobian(self.x2, j)  # (O, P)
+            if full:
+                t += g.T @ V[j * o:(j + 1) * o]
+            else:
+                t += g[:, :, None] * V[j][None, None, :]
+        rows = []
+        for i in range(self.n1):
+            g = self._example_jacobian(self.x1, i)
+            rows.append(g @ t if full else torch.einsum("ap,apk->k", g, t)[None])
+        return torch.cat(rows, dim=0)
+
+    def _example_jacobian(self, x: Inputs, i: int) -> torch.Tensor:
+        rows = example_gradients(self.fmodel, slice_inputs(x, i, i + 1), self._params)
+        return torch.stack([torch.cat([g.reshape(-1) for g in row.values()]) for row in rows])
 
     def _sketched_product(self, V: torch.Tensor) -> torch.Tensor:
         """``Z1 (Z2^T V)`` with ``Z = J S`` ``(N, O, d)`` computed once (:mod:`.sketch`):
@@ -273,6 +321,10 @@ class _parameters:
         with torch.no_grad():
             for n, value in self.saved.items():
                 self.named[n].copy_(value)
+
+
+def _flat_size(params: Params) -> int:
+    return sum(p.numel() for p in params.values())
 
 
 def _count(x: Inputs, name: str) -> int:
