@@ -1,15 +1,18 @@
-r"""Matrix-free spectra: the top (or bottom) eigenpairs of a kernel operator by Lanczos.
+r"""Matrix-free spectra: the top (or bottom) eigenpairs of a kernel operator by block Lanczos.
 
-:func:`eigsh` runs the Lanczos iteration on a symmetric operator ``A`` (an
-:class:`~ntk_torch.NTKOperator` with ``x2=None``, or a symmetric 2-D Tensor) in float64,
-with full reorthogonalisation (every new vector is orthogonalised twice against the whole
-basis, "twice is enough"), so the Ritz values do not repeat. After ``m`` steps
-``A Q_m = Q_m T_m + beta_m q_{m+1} e_m^T``; the Ritz pair ``(theta_i, Q_m s_i)`` of
-``T_m`` has the residual norm ``|beta_m s_{m,i}|``, and the iteration stops once the ``k``
-wanted pairs all have residuals below ``tol * |theta_1|`` (their eigenvalue errors are then
-at most about the residual squared over the spectral gap). An invariant subspace
-(``beta = 0``, e.g. a rank-deficient kernel) is continued with a fresh random vector
-orthogonal to the basis. Memory: ``m`` vectors of length ``N`` in float64.
+:func:`eigsh` runs a block Lanczos (block Krylov) iteration on a symmetric operator ``A``
+(an :class:`~ntk_torch.NTKOperator` with ``x2=None``, or a symmetric 2-D Tensor) in
+float64: each iteration does ONE product ``A Q_j`` with a block of ``b`` columns (so an
+operator's columns share its forward passes), orthogonalises it twice against the whole
+basis (full reorthogonalisation, "twice is enough") and takes its QR factor as the next
+block. The products ``A Q`` are kept beside the basis ``Q`` (``N x m`` each), so the
+Rayleigh-Ritz step uses ``T = Q^T (A Q)`` and the residual ``||A Q s - theta Q s||`` of
+each Ritz pair ``(theta, Q s)`` is computed exactly, not from a recurrence. The iteration
+stops once the ``k`` wanted pairs all have residuals below ``tol * |theta_1|`` (their
+eigenvalue errors are then at most about the residual squared over the spectral gap). A
+block that loses rank (e.g. a rank-deficient kernel) is completed with fresh random
+vectors orthogonal to the basis. Memory: ``2 m`` vectors of length ``N`` in float64, the
+basis size ``m`` bounded by ``max_iter``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ __all__ = ["Eigh", "eigsh"]
 
 class Eigh(NamedTuple):
     """``eigenvalues`` ``(k,)`` descending and ``eigenvectors`` ``(N, k)`` (float64),
-    ``iterations`` (matrix-vector products used) and ``residuals`` ``(k,)``
-    (``||A v - lambda v||``)."""
+    ``iterations`` (matrix-vector products used: columns, over all blocks) and
+    ``residuals`` ``(k,)`` (``||A v - lambda v||``)."""
 
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor
@@ -36,7 +39,7 @@ class Eigh(NamedTuple):
 
 def eigsh(
     op: Any, k: int = 10, which: str = "largest", *, tol: float = 1e-10, max_iter: Optional[int] = None,
-    seed: int = 0,
+    seed: int = 0, block_size: Optional[int] = None,
 ) -> Eigh:
     """The ``k`` largest (or smallest) eigenpairs of a symmetric operator.
 
@@ -45,17 +48,20 @@ def eigsh(
             Tensor ``(N, N)``.
         k: how many eigenpairs, ``1 <= k < N``.
         which: ``"largest"`` or ``"smallest"`` (algebraic).
-        tol: relative residual ``|beta s_m| / |theta_1|`` at which a Ritz pair is accepted.
-        max_iter: at most this many products (default ``N``).
-        seed: seeds the random start vector.
+        tol: relative residual ``||A v - theta v|| / |theta_1|`` at which a Ritz pair is
+            accepted.
+        max_iter: at most this many products, i.e. basis vectors (default
+            ``min(N, max(40 k, 400))``: the memory bound ``2 N max_iter`` float64).
+        seed: seeds the random start block.
+        block_size: columns per product (default ``k``).
 
     Returns:
         :class:`Eigh`, eigenvalues in descending order.
 
     Raises:
         TypeError: ``op`` is not an operator or Tensor.
-        ValueError: ``op`` is not square or symmetric (``x2`` given), ``k`` or ``which``
-            out of range.
+        ValueError: ``op`` is not square or symmetric (``x2`` given), ``k``, ``which``,
+            ``tol`` or ``block_size`` out of range.
     """
     shape, matmul, _, _, device = as_matvec(op)
     if shape[0] != shape[1] or getattr(op, "symmetric", True) is False:
@@ -67,48 +73,43 @@ def eigsh(
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
-    limit = n if max_iter is None else max(k + 1, min(int(max_iter), n))
+    b = k if block_size is None else block_size
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b < n:
+        raise ValueError(f"block_size must be an int with 1 <= block_size < N = {n}, got {block_size!r}")
+    limit = min(n, max(40 * k, 400)) if max_iter is None else max(k + 1, min(int(max_iter), n))
     generator = torch.Generator().manual_seed(seed)
 
-    def product(v: torch.Tensor) -> torch.Tensor:
-        return matmul(v.unsqueeze(1)).to(device="cpu", dtype=torch.float64)[:, 0]
+    def product(block: torch.Tensor) -> torch.Tensor:
+        return matmul(block.to(device)).to(device="cpu", dtype=torch.float64)
 
-    Q = torch.zeros(n, limit + 1, dtype=torch.float64)
-    alpha = torch.zeros(limit, dtype=torch.float64)
-    beta = torch.zeros(limit, dtype=torch.float64)
-    Q[:, 0] = _fresh(Q[:, :0], generator, n)
+    Q = torch.zeros(n, limit, dtype=torch.float64)
+    AQ = torch.zeros(n, limit, dtype=torch.float64)
     m = 0
-    while m < limit:
-        w = product(Q[:, m])
-        alpha[m] = Q[:, m] @ w
-        w = _orthogonalise(w, Q[:, : m + 1])
-        beta[m] = w.norm()
-        m += 1
-        if m >= k and (m == limit or m % 4 == 0 or beta[m - 1] == 0):
-            values, vectors = _ritz(alpha[:m], beta[: m - 1])
-            chosen = _chosen(values, k, which)
-            residual = (beta[m - 1] * vectors[-1, chosen]).abs()
-            scale = values.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-            if bool((residual <= tol * scale).all()) or m == limit:
-                break
-        if beta[m - 1] <= 1e-14 * alpha[: m].abs().max().clamp_min(1e-300):
-            beta[m - 1] = 0.0
-            Q[:, m] = _fresh(Q[:, :m], generator, n)
-        else:
-            Q[:, m] = w / beta[m - 1]
-    values, vectors = _ritz(alpha[:m], beta[: m - 1])
-    chosen = _chosen(values, k, which)
+    block = _fresh(Q[:, :0], generator, n, min(b, limit))
+    while True:
+        width = block.shape[1]
+        Q[:, m:m + width] = block
+        AQ[:, m:m + width] = product(block)
+        m += width
+        values, vectors, residual = _ritz(Q[:, :m], AQ[:, :m])
+        chosen = _chosen(values, k, which)
+        scale = values.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        if m >= k and bool((residual[chosen] <= tol * scale).all()) or m == limit:
+            break
+        block = _next_block(AQ[:, m - width:m], Q[:, :m], generator, min(b, limit - m))
     eigenvalues = values[chosen]
     order = torch.argsort(eigenvalues, descending=True)
-    eigenvalues = eigenvalues[order]
-    eigenvectors = Q[:, :m] @ vectors[:, chosen[order]]
-    residuals = (beta[m - 1] * vectors[-1, chosen[order]]).abs()
-    return Eigh(eigenvalues, eigenvectors.to(device), m, residuals)
+    picked = chosen[order]
+    eigenvectors = Q[:, :m] @ vectors[:, picked]
+    return Eigh(eigenvalues[order], eigenvectors.to(device), m, residual[picked])
 
 
-def _ritz(alpha: torch.Tensor, beta: torch.Tensor):
-    T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
-    return torch.linalg.eigh(T)
+def _ritz(Q: torch.Tensor, AQ: torch.Tensor):
+    """Ritz values (ascending), their coordinates in ``Q`` and residual norms."""
+    T = Q.T @ AQ
+    values, vectors = torch.linalg.eigh((T + T.T) / 2)
+    residual = (AQ @ vectors - (Q @ vectors) * values).norm(dim=0)
+    return values, vectors, residual
 
 
 def _chosen(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -116,13 +117,27 @@ def _chosen(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
     return torch.arange(m - k, m) if which == "largest" else torch.arange(0, k)
 
 
-def _orthogonalise(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+def _orthogonalise(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     for _ in range(2):
-        w = w - Q @ (Q.T @ w)
-    return w
+        W = W - Q @ (Q.T @ W)
+    return W
 
 
-def _fresh(Q: torch.Tensor, generator: torch.Generator, n: int) -> torch.Tensor:
-    """A random unit vector orthogonal to the columns of ``Q``."""
-    v = _orthogonalise(torch.randn(n, dtype=torch.float64, generator=generator), Q)
-    return v / v.norm()
+def _next_block(W: torch.Tensor, Q: torch.Tensor, generator: torch.Generator, width: int) -> torch.Tensor:
+    """The next orthonormal block from the last products ``W``: orthogonalised against
+    ``Q``, its directions of norm below ``1e-10`` of the products' replaced by fresh ones."""
+    scale = W.norm(dim=0).max().clamp_min(1e-300)
+    W = _orthogonalise(W[:, :width], Q)
+    basis, r = torch.linalg.qr(W)
+    keep = r.diagonal().abs() > 1e-10 * scale
+    basis = basis[:, keep]
+    if basis.shape[1] < width:
+        extra = _fresh(torch.cat([Q, basis], dim=1), generator, Q.shape[0], width - basis.shape[1])
+        basis = torch.cat([basis, extra], dim=1)
+    return _orthogonalise(basis, Q)
+
+
+def _fresh(Q: torch.Tensor, generator: torch.Generator, n: int, width: int) -> torch.Tensor:
+    """``width`` random orthonormal vectors orthogonal to the columns of ``Q``."""
+    W = _orthogonalise(torch.randn(n, width, dtype=torch.float64, generator=generator), Q)
+    return torch.linalg.qr(W)[0]

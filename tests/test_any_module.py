@@ -313,3 +313,37 @@ def test_function_rules_in_the_per_example_capture_are_exact(mode):
         expected = reduce_mode(naive_ntk(model, x1, x2_), mode)
         kernel = ntk.empirical_ntk(model, x1, x2_, mode=mode, method="structured")
         torch.testing.assert_close(kernel, expected, rtol=1e-10, atol=1e-12)
+
+
+def _check_operator(case, refs):
+    """NTKOperator products exact against the reference (both modes, x2=None and cross),
+    through plain autograd where vmap cannot run the model."""
+    x1, x2, same, cross = refs
+    for mode in ("trace", "full"):
+        for second, full in ((None, same), (x2, cross)):
+            op = ntk.NTKOperator(case.model, x1, second, mode=mode, output_fn=case.output_fn,
+                                 call_kwargs=case.call_kwargs, dtype=F64)
+            if mode == "full":
+                n1, n2, o, _ = full.shape
+                K = full.permute(0, 2, 1, 3).reshape(n1 * o, n2 * o)
+            else:
+                K = reduce_mode(full, mode)
+            V = torch.randn(op.shape[1], 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+            assert relative_error(op @ V, K @ V) < RTOL, (mode, second is None)
+
+
+def test_operator_without_vmap_on_lstm(zoo, references):
+    _check_operator(zoo["lstm"], references["lstm"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ANY_MODULE_NAMES if n != "lstm"])
+def test_operator_on_the_any_module_zoo(zoo, references, name):
+    _check_operator(zoo[name], references[name])
+
+
+def test_sketched_operator_refuses_without_vmap(zoo):
+    case = zoo["lstm"]
+    op = ntk.NTKOperator(case.model, case.make_inputs(2, 0), output_fn=case.output_fn, sketch=8)
+    with pytest.raises(UnsupportedModelError, match=r"NTKOperator\(sketch=...\) cannot run this model: torch.func.vmap fails"):
+        op @ torch.ones(2, 1)

@@ -215,3 +215,27 @@ def test_estimators_exact_when_the_sketch_spans_the_space_and_errors():
         estimate.trace(torch.ones(3, 2))
     with pytest.raises(ValueError, match="op_a and op_b must have the same shape"):
         estimate.inner(torch.ones(3, 3), torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("mode", ["trace", pytest.param("full", marks=pytest.mark.slow),
+                                  pytest.param("pntk", marks=pytest.mark.slow)])
+def test_sketched_operator_equals_the_sketched_kernel_times_v(zoo, mode):
+    case = zoo["mlp"]
+    x1, x2 = case.make_inputs(5, 0), case.make_inputs(3, 1)
+    common = dict(mode=mode, dtype=torch.float64, sketch=64, sketch_seed=3)
+    for second in (None, x2):
+        op = ntk.NTKOperator(case.model, x1, second, **common)
+        K = op.to_dense()
+        dense = ntk.empirical_ntk(case.model, x1, second, **common)
+        if mode == "full":
+            n1, n2, o, _ = dense.shape
+            dense = dense.permute(0, 2, 1, 3).reshape(n1 * o, n2 * o)
+        assert torch.allclose(K, dense, rtol=1e-12, atol=0)
+        V = torch.randn(op.shape[1], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        assert ((op @ V) - dense @ V).abs().max() <= 1e-10 * (dense @ V).abs().max()
+        U = torch.randn(op.shape[0], 2, dtype=torch.float64)
+        assert ((op.T @ U) - dense.T @ U).abs().max() <= 1e-10 * (dense.T @ U).abs().max()
+    other = ntk.NTKOperator(case.model, x1, mode=mode, dtype=torch.float64, sketch=64, sketch_seed=4)
+    assert not torch.allclose(other.to_dense(), ntk.NTKOperator(case.model, x1, **common).to_dense())
+    with pytest.raises(ValueError, match="sketch must be a positive int"):
+        ntk.NTKOperator(case.model, x1, sketch=0)

@@ -13,8 +13,10 @@ Each product is one vector-Jacobian product per column over the examples of ``x2
 batches, summed: a parameter-space vector ``t = J2^T v``) and then one Jacobian-vector
 product ``J1 t`` over the examples of ``x1`` (in batches), the ``k`` columns batched with
 ``vmap``. Memory: ``k`` parameter vectors and one batch's activations per column; the
-kernel is never held. ``trace`` repeats this per output (``O`` times the work of one
-``pntk`` product).
+kernel is never held. ``trace`` runs its ``k O`` cotangents ``v_c e_a^T`` in the same
+single vmapped pass (``O`` times the work of one ``pntk`` product, but one forward pass
+and one linearisation per batch shared by all outputs and columns) and keeps output ``a``
+of the product of tangent ``(c, a)``.
 
 The parameters are a snapshot taken when the operator is built (so an operator made at
 step 0 still stands for the step-0 kernel after training), evaluated as in eval mode.
@@ -31,13 +33,18 @@ from torch.func import jvp, vjp, vmap
 from ..functional import FunctionalModel, Inputs, ParamSelector, batch_size, evaluation_context, slice_inputs
 from ..functional import check_compatible, summed_output_fn, unwrap_model
 from ..layout import DIAGONAL, layout as as_layout
+from ..errors import UnsupportedModelError
+from .capability import check
 from .cost import default_memory_budget, parse_memory, profile_forward
+from .loop import example_gradients
+from .sketch import check_sketch, sketch_features
 
 __all__ = ["NTKOperator", "OPERATOR_MODES", "as_matvec"]
 
 OPERATOR_MODES = ("full", "trace", "pntk")
 """The operator's modes (``diagonal`` has no matrix of its own: use ``full``)."""
 Params = Dict[str, torch.Tensor]
+_WORKING_SET = 2**26  # bytes of activations per vmapped pass (see _examples_per_pass)
 
 
 class NTKOperator:
@@ -50,7 +57,10 @@ class NTKOperator:
     the matrix itself, computed by the tiled engines of :class:`~ntk_torch.NTK`.
 
     Args:
-        model: any ``nn.Module`` that ``torch.func.vmap`` runs.
+        model: any ``nn.Module``; where ``torch.func.vmap`` cannot run it or forward mode
+            fails or disagrees with reverse mode (the dry runs of :mod:`.capability`, at
+            the first product) the products loop over the examples with plain autograd
+            instead (slower; ``sketch`` then refuses with a one-line error naming why).
         x1: inputs as :class:`~ntk_torch.NTK` takes them (``N1`` examples).
         x2: ``N2`` examples of the same structure, or None for ``x2 = x1`` (symmetric).
         mode: ``"trace"``, ``"full"`` or ``"pntk"``.
@@ -60,6 +70,12 @@ class NTKOperator:
         batch_size: examples per pass (default from ``memory_budget`` and a measured
             forward pass; with ``k`` columns, batches of ``budget / (3 k a)`` examples
             for ``a`` activation bytes per example).
+        sketch: ``d`` for the operator of the sketched kernel ``(J1 S)(J2 S)^T``, the
+            kernel of ``empirical_ntk(..., sketch=d)`` with the same ``sketch_seed``:
+            ``Z = J S`` ``(N, O, d)`` is computed once by ``d`` forward-mode products
+            (:mod:`.sketch`) at the first product and kept, each product then costs
+            ``O(N O d k)``.
+        sketch_seed: seeds ``S``.
 
     Raises:
         ValueError / TypeError: naming the argument at fault.
@@ -78,6 +94,8 @@ class NTKOperator:
         memory_budget: Union[int, float, str, None] = None,
         batch_size: Optional[int] = None,
         call_kwargs: Optional[Dict[str, Any]] = None,
+        sketch: Optional[int] = None,
+        sketch_seed: int = 0,
         _state: Optional[Tuple] = None,
     ) -> None:
         layout = as_layout(mode) if isinstance(mode, str) and mode in OPERATOR_MODES else DIAGONAL
@@ -85,7 +103,10 @@ class NTKOperator:
             raise ValueError(f"mode must be one of {', '.join(map(repr, OPERATOR_MODES))}, got {mode!r}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        check_sketch(sketch, sketch_seed)
         self.mode, self.layout = layout.name, layout.computed_as
+        self.sketch, self.sketch_seed, self._features = sketch, sketch_seed, None
+        self._vmap_failure: Optional[str] = None  # _capability() at the first product
         self._options = dict(params=params, output_fn=output_fn, dtype=dtype, call_kwargs=call_kwargs)
         self._model = unwrap_model(model)
         if _state is not None:  # the transpose shares the snapshot
@@ -139,7 +160,8 @@ class NTKOperator:
         state = (self.fmodel, self._params, self._bytes_per_example, self.num_outputs)
         return NTKOperator(
             self._model, self.x2, self.x1, mode=self.mode, memory_budget=self._memory_budget_arg,
-            batch_size=self.batch_size, _state=state, **self._options,
+            batch_size=self.batch_size, sketch=self.sketch, sketch_seed=self.sketch_seed, _state=state,
+            **self._options,
         )
 
     def __repr__(self) -> str:
@@ -168,13 +190,25 @@ class NTKOperator:
 
     def _product(self, V: torch.Tensor) -> torch.Tensor:
         o, k = self.num_outputs, V.shape[1]
+        if self._vmap_failure is None:
+            self._vmap_failure = self._capability()
+        if self._vmap_failure and self.sketch is not None:
+            raise UnsupportedModelError(f"NTKOperator(sketch=...) cannot run this model: {self._vmap_failure}")
+        if self.sketch is not None:
+            return self._sketched_product(V)
+        if self._vmap_failure:
+            return self._looped_product(V)
         if not self.layout.sums_outputs:  # full
             cot = V.T.reshape(k, self.n2, o)
             return self._apply(cot, self.fmodel).reshape(k, self.n1 * o).T
-        out = V.new_zeros(k, self.n1)
-        for a in range(o):  # trace: the kernel of output a, summed over a (pntk: O = 1)
-            out += self._apply(V.T.unsqueeze(-1), _output(self.fmodel, a))[..., 0]
-        return out.T
+        if o == 1:  # pntk (its one summed output) or a one-output trace kernel
+            return self._apply(V.T.unsqueeze(-1), self.fmodel)[..., 0].T
+        # trace: the k O cotangents v_c e_a^T in one vmapped pass (one forward and one
+        # linearisation per batch shared by all outputs), then out_c = sum_a (J1 t_ca)_a.
+        eye = torch.eye(o, dtype=V.dtype, device=V.device)
+        cot = (V.T[:, None, :, None] * eye[None, :, None, :]).reshape(k * o, self.n2, o)
+        res = self._apply(cot, self.fmodel).reshape(k, o, self.n1, o)
+        return res.diagonal(dim1=1, dim2=3).sum(-1).T
 
     def _apply(self, cotangents: torch.Tensor, f: Callable[[Params, Inputs], torch.Tensor]) -> torch.Tensor:
         """``J1 J2^T c`` of ``f`` for each of the ``k`` cotangents ``c`` ``(k, N2, O')``:
@@ -199,10 +233,62 @@ class NTKOperator:
             outputs.append(vmap(column, randomness="same")(tangents))
         return torch.cat(outputs, dim=1)
 
+    def _capability(self) -> str:
+        """Why the vmapped vjp-then-jvp products cannot run on this model ("" when they
+        can): ``vmap`` fails, or forward mode fails or disagrees with reverse mode (e.g. an
+        embedding's ``padding_idx``), by the dry runs of :mod:`.capability`."""
+        x_one = slice_inputs(self.x1, 0, 1)
+        for name, what in (("vmap", "torch.func.vmap"), ("forward_mode", "forward-mode AD")):
+            reason = check(name, self.fmodel, x_one)
+            if reason:
+                return f"{what} fails: {reason}"
+        return ""
+
+    def _looped_product(self, V: torch.Tensor) -> torch.Tensor:
+        """``K V`` without ``vmap`` (for models it cannot run): each example's Jacobian
+        ``(O, P)`` from plain autograd, one backward pass per output (``loop.example_gradients``),
+        contracted into ``t = J2^T V`` (``trace``: one ``t`` per output) and then ``J1 t``;
+        one example's Jacobian and ``t`` in memory, ``(N1 + N2) O`` backward passes."""
+        o, k = self.num_outputs, V.shape[1]
+        full = not self.layout.sums_outputs
+        t = V.new_zeros(_flat_size(self._params), k) if full else V.new_zeros(o, _flat_size(self._params), k)
+        for j in range(self.n2):
+            g = self._example_jacobian(self.x2, j)  # (O, P)
+            if full:
+                t += g.T @ V[j * o:(j + 1) * o]
+            else:
+                t += g[:, :, None] * V[j][None, None, :]
+        rows = []
+        for i in range(self.n1):
+            g = self._example_jacobian(self.x1, i)
+            rows.append(g @ t if full else torch.einsum("ap,apk->k", g, t)[None])
+        return torch.cat(rows, dim=0)
+
+    def _example_jacobian(self, x: Inputs, i: int) -> torch.Tensor:
+        rows = example_gradients(self.fmodel, slice_inputs(x, i, i + 1), self._params)
+        return torch.stack([torch.cat([g.reshape(-1) for g in row.values()]) for row in rows])
+
+    def _sketched_product(self, V: torch.Tensor) -> torch.Tensor:
+        """``Z1 (Z2^T V)`` with ``Z = J S`` ``(N, O, d)`` computed once (:mod:`.sketch`):
+        ``full`` over the ``(N O) x d`` rows, ``trace`` (and ``pntk``, ``O = 1``) summed
+        over the outputs, ``sum_a Z1[:, a] (Z2[:, a]^T V)``."""
+        if self._features is None:
+            args = (self.sketch, self.sketch_seed, self.memory_budget, self._params)
+            z1 = sketch_features(self.fmodel, self.x1, *args)
+            self._features = (z1, z1 if self.symmetric else sketch_features(self.fmodel, self.x2, *args))
+        z1, z2 = self._features
+        if not self.layout.sums_outputs:  # full
+            return z1.reshape(-1, z1.shape[2]) @ (z2.reshape(-1, z2.shape[2]).T @ V)
+        return torch.einsum("iad,adk->ik", z1, torch.einsum("jad,jk->adk", z2, V))
+
     def _examples_per_pass(self, k: int) -> int:
+        """Examples per pass for ``k`` vmapped columns: within the memory budget, and at
+        most a ``_WORKING_SET`` of activations per pass (larger passes are bound by memory
+        bandwidth, not arithmetic, and run slower on CPU)."""
         if self.batch_size is not None:
             return self.batch_size
-        return max(1, self.memory_budget // (3 * k * max(self._bytes_per_example, 1)))
+        per_example = 3 * k * max(self._bytes_per_example, 1)
+        return max(1, min(self.memory_budget, _WORKING_SET) // per_example)
 
     # ------------------------------------------------------------------ dense
 
@@ -211,17 +297,11 @@ class NTKOperator:
         layout's matrix view (``full``: rows ``i * O + a``)."""
         from .api import NTK  # api imports the engines; the operator only needs it here
 
-        ntk = NTK(self._model, mode=self.mode, memory_budget=self._memory_budget_arg, **self._options)
+        ntk = NTK(self._model, mode=self.mode, memory_budget=self._memory_budget_arg, sketch=self.sketch,
+                  sketch_seed=self.sketch_seed, **self._options)
         with _parameters(self.fmodel, self._params):
             K = ntk(self.x1, None if self.symmetric else self.x2)
         return ntk.options.layout.matrix(K)
-
-
-def _output(fmodel: FunctionalModel, a: int) -> Callable[[Params, Inputs], torch.Tensor]:
-    def f(params: Params, x: Inputs) -> torch.Tensor:
-        return fmodel(params, x)[:, a:a + 1]
-
-    return f
 
 
 class _parameters:
@@ -241,6 +321,10 @@ class _parameters:
         with torch.no_grad():
             for n, value in self.saved.items():
                 self.named[n].copy_(value)
+
+
+def _flat_size(params: Params) -> int:
+    return sum(p.numel() for p in params.values())
 
 
 def _count(x: Inputs, name: str) -> int:

@@ -22,7 +22,7 @@ from ..functional import FunctionalModel, Inputs, batch_size, slice_inputs
 from ..layout import Layout
 from .cost import profile_forward
 
-__all__ = ["check_sketch", "sketched_kernel"]
+__all__ = ["check_sketch", "sketch_features", "sketched_kernel"]
 
 _SEED_STRIDE = 1_000_003
 _MAX_CHUNK = 128
@@ -50,6 +50,43 @@ def projection_columns(params: Dict[str, torch.Tensor], start: int, stop: int, d
     }
 
 
+def _chunk_size(fmodel: FunctionalModel, x: Inputs, o: int, examples: int, d: int, memory_budget: int) -> int:
+    """Projection columns per vmapped chunk: per column the forward-mode activations of
+    ``examples`` inputs and the tangent (drawn in float64, then cast); at most _MAX_CHUNK."""
+    activation = profile_forward(fmodel, slice_inputs(x, 0, 1), o).activation_bytes
+    per_column = 3 * examples * activation + 16 * fmodel.num_params
+    return int(max(1, min(d, _MAX_CHUNK, memory_budget // per_column)))
+
+
+def _products(fmodel: FunctionalModel, x: Inputs, tangents: Dict[str, torch.Tensor], params=None) -> torch.Tensor:
+    """``J S_chunk`` as ``(n, O, chunk)`` at ``params`` (default the model's): one vmapped
+    jvp per projection column."""
+    params = fmodel.params if params is None else params
+
+    def column(tangent):
+        return jvp(lambda p: fmodel(p, x), (params,), (tangent,))[1]
+
+    return vmap(column, randomness="same")(tangents).permute(1, 2, 0)
+
+
+def sketch_features(
+    fmodel: FunctionalModel, x: Inputs, d: int, seed: int, memory_budget: int, params: Optional[Dict[str, torch.Tensor]] = None
+) -> torch.Tensor:
+    """``Z = J S`` of prepared inputs ``x`` at ``params`` (default the model's): ``(N, O,
+    d)``, the same ``S`` (seed) as :func:`sketched_kernel`, so ``Z1 Z2^T`` (per output
+    pair) is that sketched kernel; the caller provides eval mode, a forked RNG and
+    ``torch.no_grad``. Memory: ``Z``."""
+    params = fmodel.params if params is None else params
+    n = batch_size(x, "x")
+    o = fmodel.output_size(x, n)
+    chunk = _chunk_size(fmodel, x, o, n, d, memory_budget)
+    parts = [
+        _products(fmodel, x, projection_columns(params, start, min(start + chunk, d), d, seed), params)
+        for start in range(0, d, chunk)
+    ]
+    return torch.cat(parts, dim=2)
+
+
 def sketched_kernel(
     fmodel: FunctionalModel, layout: Layout, x1: Inputs, x2: Optional[Inputs], d: int, seed: int, memory_budget: int
 ) -> torch.Tensor:
@@ -61,23 +98,11 @@ def sketched_kernel(
     n1 = batch_size(x1, "x1")
     n2 = n1 if x2 is None else batch_size(x2, "x2")
     o = fmodel.output_size(x1, n1)
-    params = fmodel.params
-    activation = profile_forward(fmodel, slice_inputs(x1, 0, 1), o).activation_bytes
-    # Per column: the forward-mode activations of both sides and the tangent (drawn in
-    # float64, then cast); at most _MAX_CHUNK columns at once.
-    per_column = 3 * (n1 + n2) * activation + 16 * fmodel.num_params
-    chunk = int(max(1, min(d, _MAX_CHUNK, memory_budget // per_column)))
-
-    def products(x: Inputs, tangents: Dict[str, torch.Tensor]) -> torch.Tensor:
-        def column(tangent):
-            return jvp(lambda p: fmodel(p, x), (params,), (tangent,))[1]
-
-        return vmap(column, randomness="same")(tangents).permute(1, 2, 0)  # (n, O, chunk)
-
+    chunk = _chunk_size(fmodel, x1, o, n1 + n2, d, memory_budget)
     acc = torch.zeros(layout.work_shape(n1, n2, o), dtype=fmodel.dtype, device=fmodel.device)
     for start in range(0, d, chunk):
-        tangents = projection_columns(params, start, min(start + chunk, d), d, seed)
-        g1 = products(x1, tangents)
-        g2 = g1 if x2 is None else products(x2, tangents)
+        tangents = projection_columns(fmodel.params, start, min(start + chunk, d), d, seed)
+        g1 = _products(fmodel, x1, tangents)
+        g2 = g1 if x2 is None else _products(fmodel, x2, tangents)
         layout.add_gradient_products(acc, g1, g2)
     return layout.from_work(acc).contiguous()
