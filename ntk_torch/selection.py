@@ -56,7 +56,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -322,6 +322,11 @@ def rank(space: SelectionSpace, *, progress: bool = False) -> Selection:
 # --------------------------------------------------------------------------- validation
 
 
+def _pair_signs(values: np.ndarray) -> np.ndarray:
+    """``sign(values[i] - values[j])`` by comparison, so that equal infinities tie."""
+    return (values[:, None] > values[None, :]).astype(int) - (values[:, None] < values[None, :]).astype(int)
+
+
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     r"""Kendall's tau-b of two equally long sequences (ties allowed):
     :math:`(C - D) / \sqrt{(n_0 - n_1)(n_0 - n_2)}` over all pairs, ``C``/``D`` the
@@ -330,8 +335,10 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"kendall_tau needs two 1-d sequences of one length, got {x.shape} and {y.shape}")
+    if np.isnan(x).any() or np.isnan(y).any():
+        raise ValueError("kendall_tau needs values that are not NaN (infinities are allowed)")
     upper = np.triu_indices(len(x), k=1)
-    dx, dy = np.sign(x[:, None] - x[None, :])[upper], np.sign(y[:, None] - y[None, :])[upper]
+    dx, dy = _pair_signs(x)[upper], _pair_signs(y)[upper]
     pairs = len(dx)
     tied_x, tied_y = int((dx == 0).sum()), int((dy == 0).sum())
     denominator = math.sqrt((pairs - tied_x) * (pairs - tied_y))
@@ -430,11 +437,30 @@ def _regret(trained: List[Dict[str, Any]], key: Any) -> Dict[str, Any]:
             "regret": best - pick["trained"]["test_accuracy"]}
 
 
+def _score_flagged_by(bound: str) -> Callable[[Dict[str, Any]], float]:
+    """The score with ``stable`` decided by one of the kernel's rate bounds (the lr below
+    it) instead of the probe: what the score would say without the real steps."""
+    def flagged(entry: Dict[str, Any]) -> float:
+        limit = _or(entry["signals"].get(bound), math.inf)
+        return score({**entry["signals"], "stable": entry["settings"]["lr"] < limit})
+    return flagged
+
+
+# The score's parts measured alone, so that validation shows what each contributes.
+ABLATIONS: Dict[str, Callable[[Dict[str, Any]], float]] = {
+    "score_unflagged": lambda e: score({**e["signals"], "stable": True}),
+    "forecast_test_loss": lambda e: -_or(e["signals"]["predicted_test_loss"], math.inf),
+    "score_flagged_by_max_lr": _score_flagged_by("max_learning_rate"),
+    "score_flagged_by_local_max_lr": _score_flagged_by("local_max_learning_rate"),
+}
+
+
 def summarise(selection: Selection) -> Dict[str, Any]:
     """The validation's figures over the trained entries: for the predicted score and each
     baseline (``parameters``: more is better; ``one_epoch_loss``: lower is better), Kendall
     tau-b and Spearman rho against trained test accuracy, the pick and its regret (best
-    trained accuracy minus the pick's); the compute: seconds of the signals of all
+    trained accuracy minus the pick's), also for each kernel signal and each of the
+    score's parts alone (``ABLATIONS``); the compute: seconds of the signals of all
     candidates against the training of every candidate (measured when all were trained,
     else the mean trained seconds times the number of candidates)."""
     trained = [e for e in selection.entries if "trained" in e and e["trained"]["test_accuracy"] is not None]
@@ -447,6 +473,7 @@ def summarise(selection: Selection) -> Dict[str, Any]:
     for signal in ("condition_number", "effective_rank", "target_alignment", "preferred_lr_accuracy"):
         if all(e["signals"].get(signal) is not None for e in trained):
             methods[signal] = (lambda s: lambda e: e["signals"][s])(signal)
+    methods.update(ABLATIONS)
     ranking = {}
     for method, key in methods.items():
         values = [key(e) for e in trained]

@@ -1,6 +1,7 @@
 """ntk_torch.select / ntk-torch select: the ranking before training, selection.json, --validate."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -48,6 +49,7 @@ def validated(tmp_path_factory):
     return result, out, trained
 
 
+@pytest.mark.slow
 def test_select_writes_a_complete_selection_json(validated):
     result, out, _ = validated
     written = json.loads((out / "selection.json").read_text())
@@ -66,6 +68,7 @@ def test_select_writes_a_complete_selection_json(validated):
     assert (out / "selection.png").stat().st_size > 0 and "<table>" in (out / "selection.html").read_text()
 
 
+@pytest.mark.slow
 def test_validate_trains_exactly_the_candidates_it_says(validated):
     result, _, trained = validated
     chosen = selection.chosen_for_validation(result, 1, seed=0)
@@ -75,6 +78,7 @@ def test_validate_trains_exactly_the_candidates_it_says(validated):
     assert sorted(e["name"] for e in result.entries if "trained" in e) == sorted(chosen)
 
 
+@pytest.mark.slow
 def test_the_summary_kendall_tau_is_computed_from_the_entries(validated):
     result, _, _ = validated
     trained = [e for e in result.entries if "trained" in e]
@@ -96,6 +100,34 @@ def test_kendall_tau_b_and_spearman_rho_match_scipy_with_ties(seed):
     assert np.isnan(selection.kendall_tau([1.0, 1.0], [1.0, 2.0]))
 
 
+@pytest.mark.slow
+def test_the_summary_measures_the_scores_parts_alone(validated):
+    result, _, _ = validated
+    trained = [e for e in result.entries if "trained" in e]
+    ranking = result.summary["ranking"]
+    accuracy = [e["trained"]["test_accuracy"] for e in trained]
+    unflagged = [e["signals"]["predicted_test_accuracy"] - selection.LOSS_TIE_BREAK * e["signals"]["predicted_test_loss"]
+                 for e in trained]
+    by_bound = [u - selection.UNSTABLE_PENALTY * (e["settings"]["lr"] >= e["signals"]["max_learning_rate"])
+                for u, e in zip(unflagged, trained)]
+    for method, values in (("score_unflagged", unflagged), ("score_flagged_by_max_lr", by_bound),
+                           ("forecast_test_loss", [-e["signals"]["predicted_test_loss"] for e in trained])):
+        expected = scipy.stats.kendalltau(values, accuracy).statistic
+        tau = ranking[method]["kendall_tau"]
+        assert tau == pytest.approx(expected) or (np.isnan(tau) and np.isnan(expected)), method
+
+
+def test_kendall_tau_ties_equal_infinities_and_refuses_nan():
+    """A diverged forecast scores -inf: two of them tie, as two equal finite values do."""
+    a, b = [-math.inf, -math.inf, 0.2, 0.5, 0.9], [0.1, 0.3, 0.2, 0.6, 0.8]
+    finite = [-1e9, -1e9, 0.2, 0.5, 0.9]
+    assert selection.kendall_tau(a, b) == pytest.approx(scipy.stats.kendalltau(finite, b).statistic)
+    assert selection.spearman_rho(a, b) == pytest.approx(scipy.stats.spearmanr(finite, b).statistic)
+    with pytest.raises(ValueError, match="not NaN"):
+        selection.kendall_tau([math.nan, 1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+@pytest.mark.slow
 def test_validate_all_and_bad_k(validated):
     result, _, _ = validated
     assert selection.chosen_for_validation(result, "all") == [e["name"] for e in result.entries]
@@ -129,6 +161,7 @@ def test_cli_select_prints_the_table_and_writes_the_files(tmp_path, capsys):
     assert "--validate must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_selection_figure_is_drawn_from_selection_json(validated, tmp_path):
     from ntk_torch.plots.selection import selection_figure
 
