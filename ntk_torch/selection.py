@@ -477,6 +477,10 @@ def summarise(selection: Selection) -> Dict[str, Any]:
     ranking = {}
     for method, key in methods.items():
         values = [key(e) for e in trained]
+        if any(math.isnan(v) for v in values):  # a signal undefined for some candidate ranks nothing
+            ranking[method] = {"kendall_tau": math.nan, "spearman_rho": math.nan, "pick": None,
+                               "pick_accuracy": math.nan, "regret": math.nan}
+            continue
         ranking[method] = {"kendall_tau": kendall_tau(values, accuracy), "spearman_rho": spearman_rho(values, accuracy),
                            **_regret(trained, key)}
     selection_seconds = sum(e["signals"]["seconds"] for e in selection.entries)

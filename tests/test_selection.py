@@ -128,6 +128,17 @@ def test_kendall_tau_ties_equal_infinities_and_refuses_nan():
 
 
 @pytest.mark.slow
+def test_a_signal_that_is_nan_for_a_candidate_ranks_nothing_and_the_rest_stands():
+    entries = [{"name": f"c{i}", "settings": {"lr": 0.1}, "score": float(i), "trained": {"test_accuracy": 0.1 * i, "seconds": 1.0},
+                "signals": {"parameters": 10 * i, "condition_number": math.nan if i == 1 else float(i),
+                            "predicted_test_accuracy": 0.1 * i, "predicted_test_loss": 1.0 - 0.1 * i,
+                            "max_learning_rate": 1.0, "local_max_learning_rate": 1.0, "seconds": 0.5}}
+               for i in range(4)]
+    ranking = selection.summarise(selection.Selection("nan", entries, {}))["ranking"]
+    assert math.isnan(ranking["condition_number"]["kendall_tau"]) and ranking["condition_number"]["pick"] is None
+    assert ranking["predicted"]["kendall_tau"] == pytest.approx(1.0) and ranking["predicted"]["regret"] == 0.0
+
+
 def test_validate_all_and_bad_k(validated):
     result, _, _ = validated
     assert selection.chosen_for_validation(result, "all") == [e["name"] for e in result.entries]
