@@ -5,6 +5,10 @@ Tensor) only through products ``A V``:
 
 * :func:`trace` ``tr(A)``;
 * :func:`frobenius` ``||A||_F = sqrt(tr(A^T A))``;
+* :func:`distance` ``||A - B||_F`` of two operators of the same shape, by Hutch++ on
+  ``(A - B)^T (A - B)``: its error scales with ``||A - B||``, not with ``||A||`` as that of
+  ``sqrt(||A||^2 + ||B||^2 - 2 <A, B>)`` from three estimates does, so a small drift of
+  a kernel from its step-0 value is resolved (the tracker's ``kernel="estimate"``);
 * :func:`inner` ``<A, B> = tr(A^T B)`` for two operators of the same shape (the kernel now
   and at step 0 on the same probe inputs), from which the metrics of
   :mod:`ntk_torch.metrics` follow: alignment ``<A, B> / (||A||_F ||B||_F)``, kernel
@@ -22,7 +26,8 @@ error of that Hutchinson mean (sample standard deviation of its ``s`` terms over
 ``|value - exact| <= 3 error`` on at least 18 of 20 seeds.
 
 Everything is accumulated in float64; ``matvecs`` counts products with ``M`` (for
-``frobenius`` and ``inner`` one product with ``M = A^T B`` is two operator products).
+``frobenius`` and ``inner`` one product with ``M = A^T B`` is two operator products, for
+``distance`` four).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 
 from .kernel.operator import as_matvec
 
-__all__ = ["Estimate", "frobenius", "inner", "trace"]
+__all__ = ["Estimate", "distance", "frobenius", "inner", "trace"]
 
 
 class Estimate(NamedTuple):
@@ -60,8 +65,28 @@ def frobenius(op: Any, matvecs: int = 60, *, seed: int = 0) -> Estimate:
     ``error(tr) / (2 ||A||_F)``)."""
     shape, matmul, rmatmul, _, _ = as_matvec(op)
     squared = _hutchpp(_float64(lambda V: rmatmul(matmul(V))), shape[1], matvecs, seed)
-    value = math.sqrt(max(squared.value, 0.0))
-    return Estimate(value, squared.error / (2 * value) if value > 0 else squared.error ** 0.5)
+    return _root(squared)
+
+
+def distance(op_a: Any, op_b: Any, matvecs: int = 60, *, seed: int = 0) -> Estimate:
+    """``||A - B||_F`` by Hutch++ on ``tr((A - B)^T (A - B))`` (``A`` and ``B`` of the same
+    shape; ``error`` by the delta method, as :func:`frobenius`). Each product with
+    ``(A - B)^T (A - B)`` is four operator products.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    shape, matmul_a, rmatmul_a, _, _ = as_matvec(op_a, "op_a")
+    shape_b, matmul_b, rmatmul_b, _, _ = as_matvec(op_b, "op_b")
+    _same_shape(shape, shape_b)
+    forward, backward = _float64(matmul_a), _float64(matmul_b)
+    transposed_a, transposed_b = _float64(rmatmul_a), _float64(rmatmul_b)
+
+    def squared_difference(V: torch.Tensor) -> torch.Tensor:
+        W = forward(V) - backward(V)
+        return transposed_a(W) - transposed_b(W)
+
+    return _root(_hutchpp(squared_difference, shape[1], matvecs, seed))
 
 
 def inner(op_a: Any, op_b: Any, matvecs: int = 60, *, seed: int = 0) -> Estimate:
@@ -73,13 +98,23 @@ def inner(op_a: Any, op_b: Any, matvecs: int = 60, *, seed: int = 0) -> Estimate
     """
     shape_a, _, rmatmul_a, _, _ = as_matvec(op_a, "op_a")
     shape_b, matmul_b, _, _, _ = as_matvec(op_b, "op_b")
-    if tuple(shape_a) != tuple(shape_b):
-        raise ValueError(f"op_a and op_b must have the same shape, got {tuple(shape_a)} and {tuple(shape_b)}")
+    _same_shape(shape_a, shape_b)
     return _hutchpp(_float64(lambda V: rmatmul_a(matmul_b(V))), shape_b[1], matvecs, seed)
 
 
 def _float64(matmul: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda V: matmul(V).to(device="cpu", dtype=torch.float64)
+
+
+def _root(squared: Estimate) -> Estimate:
+    """``sqrt`` of an estimate of a square, its error by the delta method."""
+    value = math.sqrt(max(squared.value, 0.0))
+    return Estimate(value, squared.error / (2 * value) if value > 0 else squared.error ** 0.5)
+
+
+def _same_shape(shape_a, shape_b) -> None:
+    if tuple(shape_a) != tuple(shape_b):
+        raise ValueError(f"op_a and op_b must have the same shape, got {tuple(shape_a)} and {tuple(shape_b)}")
 
 
 def _square(shape, name: str) -> None:

@@ -18,8 +18,9 @@ single vmapped pass (``O`` times the work of one ``pntk`` product, but one forwa
 and one linearisation per batch shared by all outputs and columns) and keeps output ``a``
 of the product of tangent ``(c, a)``.
 
-The parameters are a snapshot taken when the operator is built (so an operator made at
-step 0 still stands for the step-0 kernel after training), evaluated as in eval mode.
+The parameters and buffers are a snapshot taken when the operator is built (so an operator
+made at step 0 still stands for the step-0 kernel after training, BatchNorm's running
+statistics included), evaluated as in eval mode.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class NTKOperator:
             fn = summed_output_fn(output_fn) if layout.sums_logits else output_fn  # pntk: one output
             self.fmodel = FunctionalModel(self._model, **{**self._options, "output_fn": fn})
             self._params = {n: p.clone() for n, p in self.fmodel.params.items()}
+            self._snapshot_buffers()
         self.x1 = self.fmodel.prepare_inputs(x1)
         self.n1 = _count(self.x1, "x1")
         self.symmetric = x2 is None
@@ -131,6 +133,13 @@ class NTKOperator:
         self.memory_budget = budget
         self.batch_size = batch_size
         self._memory_budget_arg = memory_budget
+
+    def _snapshot_buffers(self) -> None:
+        """Copy the buffers (BatchNorm's running statistics) into the snapshot: training
+        updates them in place, and the operator stands for the kernel when it was built."""
+        buffers = dict(self._model.named_buffers())
+        constants = self.fmodel.constants
+        constants.update({n: c.clone() for n, c in constants.items() if n in buffers})
 
     # ------------------------------------------------------------------ shape
 
@@ -299,17 +308,20 @@ class NTKOperator:
 
         ntk = NTK(self._model, mode=self.mode, memory_budget=self._memory_budget_arg, sketch=self.sketch,
                   sketch_seed=self.sketch_seed, **self._options)
-        with _parameters(self.fmodel, self._params):
+        buffers = dict(self._model.named_buffers())
+        snapshot = {**self._params, **{n: c for n, c in self.fmodel.constants.items() if n in buffers}}
+        with _parameters(self.fmodel, snapshot):
             K = ntk(self.x1, None if self.symmetric else self.x2)
         return ntk.options.layout.matrix(K)
 
 
 class _parameters:
-    """Temporarily give the model the snapshot's values (for :meth:`NTKOperator.to_dense`)."""
+    """Temporarily give the model the snapshot's parameter and buffer values (for
+    :meth:`NTKOperator.to_dense`)."""
 
     def __init__(self, fmodel: FunctionalModel, snapshot: Params):
         self.fmodel, self.snapshot = fmodel, snapshot
-        self.named = dict(fmodel.model.named_parameters())
+        self.named = {**dict(fmodel.model.named_parameters()), **dict(fmodel.model.named_buffers())}
 
     def __enter__(self) -> None:
         self.saved = {n: self.named[n].detach().clone() for n in self.snapshot}
