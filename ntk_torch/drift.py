@@ -19,7 +19,7 @@ functions (the same formulas on the same float64 tensors).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -110,12 +110,15 @@ class KernelDrift:
         names = records.KERNEL_STATISTICS + records.DRIFT + (records.LAYER_SHARE,)
         return dict.fromkeys(names)
 
-    def fields(self, step: int, kernels: PerLayerKernels) -> Dict[str, Any]:
-        """The fields of the finite kernels measured at ``step``; the total kernel becomes
-        the reference (at step 0) and the previous kernel."""
-        K = kernels.total
+    def fields(self, step: int, kernels: Union[PerLayerKernels, torch.Tensor]) -> Dict[str, Any]:
+        """The fields of the finite kernels measured at ``step`` (per parameter group, or one
+        kernel, e.g. a sketch's, whose ``layer_share`` is then None); the total kernel
+        becomes the reference (at step 0) and the previous kernel."""
+        split = isinstance(kernels, PerLayerKernels)
+        K = kernels.total if split else kernels
         fused = _Fused(K)
-        fields = {**self._statistics(K, fused), **self._drift(step, fused), **self._shares(kernels)}
+        shares = self._shares(kernels) if split else {records.LAYER_SHARE: None}
+        fields = {**self._statistics(K, fused), **self._drift(step, fused), **shares}
         if self.reference is not None:
             fields[records.ANALYTIC_DISTANCE] = _or_none(metrics.relative_change, K, self.reference)
         if step == 0:

@@ -44,6 +44,7 @@ __all__ = [
     "effective_rank_of_spectrum",
     "condition_number",
     "kernel_velocity",
+    "target_factor",
 ]
 
 KernelLike = Union[Tensor, np.ndarray]
@@ -327,6 +328,19 @@ def target_kernel(K: KernelLike, y: KernelLike) -> Tensor:
         return Y @ Y.T
     y_flat = Y.reshape(-1)  # index i * O + a, matching the rows of _matrix(K)
     return torch.outer(y_flat, y_flat)
+
+
+def target_factor(y: KernelLike, n: int, outputs: Optional[int] = None) -> Tensor:
+    """``Y`` with ``Y Y^T`` the target kernel of :func:`target_kernel`, without forming it
+    (for kernels known only through products): ``(N, C)`` float64 for a trace-like kernel
+    of ``n`` examples (``outputs=None``), ``(N * O, 1)`` (``y_flat``) for a full kernel
+    with ``outputs`` O.
+
+    Raises:
+        ValueError: y of the wrong shape or labels out of range.
+    """
+    Y = _targets(y, n, outputs)
+    return Y if outputs is None else Y.reshape(-1, 1)
 
 
 # --------------------------------------------------------------------------- spectrum

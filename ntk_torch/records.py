@@ -24,7 +24,13 @@ field                       value
 ``velocity``                kernel distance per step since the previous measurement
 ``analytic_distance``       ``|K - K_inf|_F / |K_inf|_F``, from the infinite-width NTK
                             (``analytic_reference=True``, an ntk_torch MLP in NTK parametrisation)
-``layer_share``             ``{parameter group: trace(K_group) / trace(K)}``
+``layer_share``             ``{parameter group: trace(K_group) / trace(K)}``; None for a
+                            sketched or estimated kernel (no per-layer kernels)
+``{field}_error``           with ``kernel="estimate"``: the estimated standard deviation of
+                            ``trace``, ``frobenius``, ``relative_change``,
+                            ``kernel_distance``, ``velocity`` and ``target_alignment``
+                            (Hutch++); for ``top_eigenvalues`` a list of bounds, each Ritz
+                            value's residual ``|K v - theta v|`` (an eigenvalue lies within it)
 ``param_distance``          ``|theta - theta_0| / |theta_0|``
 ``{split}_loss``            the network's loss on a split (``probe``, ``test``, ``train``)
 ``{split}_accuracy``        its accuracy, for class labels
@@ -35,6 +41,9 @@ field                       value
 ``final``                   true on the record the tracker adds when it is detached or
                             closed, for a last optimizer step the schedule did not measure
 ==========================  ================================================================
+
+With ``kernel="estimate"`` the probe kernel is never formed: ``effective_rank`` (the whole
+spectrum) is None and the estimated fields carry their ``*_error``.
 
 A run's dense forecast (the predicted fields at many more steps than the measurements, for
 figures) uses the same ``predicted_*`` names, as columns (:func:`columns`).
@@ -53,6 +62,7 @@ __all__ = [
     "TEST",
     "TRAIN",
     "EFFECTIVE_RANK",
+    "ESTIMATED",
     "FINAL",
     "FINITE",
     "FROBENIUS",
@@ -72,6 +82,7 @@ __all__ = [
     "VELOCITY",
     "actual",
     "columns",
+    "error",
     "gap",
     "predicted",
 ]
@@ -93,6 +104,10 @@ VELOCITY = "velocity"
 LAYER_SHARE = "layer_share"
 PARAM_DISTANCE = "param_distance"
 FINAL = "final"
+
+ESTIMATED: Tuple[str, ...] = (TRACE, FROBENIUS, TOP_EIGENVALUES, TARGET_ALIGNMENT, RELATIVE_CHANGE,
+                              KERNEL_DISTANCE, VELOCITY)
+"""The fields ``kernel="estimate"`` estimates, each with its :func:`error` field."""
 
 KERNEL_STATISTICS: Tuple[str, ...] = (TRACE, FROBENIUS, TOP_EIGENVALUES, EFFECTIVE_RANK, TARGET_ALIGNMENT)
 """The fields computed from the probe kernel alone."""
@@ -122,6 +137,11 @@ def gap(split: str) -> str:
     """The linearisation gap on ``split``: ``"linearisation_gap"`` (train) or
     ``"test_linearisation_gap"``."""
     return "linearisation_gap" if split == TRAIN else f"{split}_linearisation_gap"
+
+
+def error(field: str) -> str:
+    """The field of an estimate's error: ``"trace_error"``, ``"top_eigenvalues_error"``, ..."""
+    return f"{field}_error"
 
 
 def columns(

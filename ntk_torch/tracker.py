@@ -34,7 +34,7 @@ from torch import nn
 
 from . import records
 from ._options import check_bool, check_int
-from .drift import KernelDrift, parameter_distance
+from .drift import parameter_distance
 from .errors import NonFiniteKernelError
 from .forecasting import Forecast, TrackedForecast, clip_options, forecast_option
 from .functional import (
@@ -42,14 +42,13 @@ from .functional import (
 )
 from .lifecycle import Attachment, SigtermGuard, ending
 from .provenance import describe, run_metadata
-from .kernel import NTK
 from .losses import CLASSIFICATION, resolve
 from .probe import Data, LabelledSet, batch_size, choose_probe, evaluate, load_set, sample_output
 from .runs import KEEP_KERNELS, Run, RunWriter, load_run
 from .budget import scheduled
-from .sharing import is_main_process, rank0_probe, shares_kernel
+from .sharing import is_main_process, rank0_probe
 from .sinks import open_sink
-from .analytic import reference_kernel
+from .probe_kernel import probe_kernel
 from .progress import StepBar
 
 __all__ = ["NTKTracker"]
@@ -205,6 +204,10 @@ class NTKTracker:
         tensorboard: Any = None,
         analytic_reference: bool = False,
         total_steps: Optional[int] = None,
+        kernel: str = "dense",
+        matvecs: Optional[int] = None,
+        sketch: Optional[int] = None,
+        sketch_seed: int = 0,
     ) -> None:
         self.model = unwrap_model(model)
         forecast = forecast_option(forecast, predict)
@@ -213,54 +216,55 @@ class NTKTracker:
         self.schedule, self.budget = scheduled(every, schedule, budget)
         self._shared_step: Optional[int] = None
         self.call_kwargs = check_call_kwargs(call_kwargs)
-        self.ntk = self._probe_kernel(mode, method, params, output_fn, distributed)
+        keep_kernels = self._set_up_kernel(
+            kernel, keep_kernels, mode=mode, method=method, params=params, output_fn=output_fn, distributed=distributed,
+            sketch=sketch, sketch_seed=sketch_seed, matvecs=matvecs, seed=seed, analytic=analytic_reference)
         self.output_fn, self.loss = output_fn, resolve(loss)
-        selected = self.ntk.view().params
-        self.device = next(iter(selected.values())).device
 
         self._load_data(train, test, probe_size, seed)
-        self._forecast_kind = forecast
-        self._forecast_points = None if forecast is None else self._choose_forecast_points(
-            train, min(self._train_size, max_predict_points), seed)
-        self._forecasting: Optional[TrackedForecast] = None
-        self.drift = self._kernel_drift(analytic_reference)
+        self._kernel.start(self.model, self.probe, analytic_reference)
+        self._set_up_forecast(train, forecast, max_predict_points, seed)
 
         self.records: List[Dict[str, Any]] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None  # while attached
         self._main = is_main_process()
         self._progress = StepBar(total_steps, enabled=progress and self._main)
-        self._step, self._hook, self._started, self._closed, self._warned_nonfinite = 0, None, False, False, False
-        self._sigterm, self._param_names = SigtermGuard(self.close), list(selected)
+        self._step, self._hook, self._started, self._closed = 0, None, False, False
+        self._sigterm = SigtermGuard(self.close)
         self._theta0 = {n: p.detach().clone() for n, p in self._live_params().items()} if self._main else {}
 
         self._sink, self.run_dir = open_sink(tensorboard, self._main), run_dir  # before the run is claimed
-        self._writer: Optional[RunWriter] = None
-        if run_dir is not None and self._main:
-            config = dict(probe_size=probe_size, every=every, seed=seed, keep_kernels=keep_kernels)
-            self._writer = RunWriter(run_dir, self._meta(config), keep_kernels=keep_kernels, overwrite=overwrite, background=True)
+        self._writer: Optional[RunWriter] = None if run_dir is None or not self._main else self._open_run(
+            run_dir, dict(probe_size=probe_size, every=every, seed=seed, keep_kernels=keep_kernels), overwrite)
 
     # ------------------------------------------------------------------ set-up
 
-    def _kernel_drift(self, analytic: bool) -> KernelDrift:
-        layout = self.ntk.options.layout
-        check_bool("analytic_reference", analytic)
-        reference = reference_kernel(self.model, self.probe.x, layout, self.ntk.view().params) if analytic else None
-        return KernelDrift(layout, self.probe.y, reference)
+    def _set_up_kernel(self, kernel: str, keep_kernels: str, **options: Any) -> str:
+        """The probe kernel (:func:`~ntk_torch.probe_kernel.probe_kernel`), the tracked
+        parameters and their device; returns the ``keep_kernels`` it allows."""
+        self._kernel = probe_kernel(self.model, kernel, call_kwargs=self.call_kwargs, **options)
+        selected = self._kernel.ntk.view().params
+        self.device = next(iter(selected.values())).device
+        self._param_names = list(selected)
+        return self._kernel.kept(keep_kernels)
 
-    def _probe_kernel(self, mode: str, method: str, params: ParamSelector,
-                      output_fn: Optional[Callable[[Any], torch.Tensor]], distributed: Optional[bool]) -> NTK:
-        """The per-layer kernel function on the probe, shared out over the ranks when
-        ``torch.distributed`` runs more than one process (see :func:`~.sharing.shares_kernel`)."""
-        self._shares_kernel = shares_kernel(distributed)
-        return NTK(self.model, mode=mode, method=method, params=params, output_fn=output_fn, per_layer=True,
-                   distributed=self._shares_kernel, gather="rank0" if self._shares_kernel else "all",
-                   call_kwargs=self.call_kwargs)
+    def _set_up_forecast(self, train: Data, forecast: Optional[str], max_predict_points: int, seed: int) -> None:
+        """The forecast asked for and its training points; made at step 0 (``attach``)."""
+        self._forecast_kind = forecast
+        self._forecast_points = None if forecast is None else self._choose_forecast_points(
+            train, min(self._train_size, max_predict_points), seed)
+        self._forecasting: Optional[TrackedForecast] = None
+
+    def _open_run(self, run_dir: Union[str, "os.PathLike[str]"], config: Dict[str, Any], overwrite: bool) -> RunWriter:
+        """Claim the run directory and write its ``meta.json`` (kernels written in the background)."""
+        return RunWriter(run_dir, self._meta(config), keep_kernels=config["keep_kernels"], overwrite=overwrite,
+                         background=True)
 
     def _load_data(self, train: Data, test: Optional[Data], probe_size: int, seed: int) -> None:
         """The probe (rank 0's, when the kernel is shared) and test set on the model's
         device, checked against the model and the loss."""
         probe, self._train_size = choose_probe(train, probe_size, seed, "train")
-        if self._shares_kernel:
+        if self._kernel.shared:
             probe = rank0_probe(probe)
         self.probe: LabelledSet = probe.to(self.device)
         self.test: Optional[LabelledSet] = load_set(test, "test") if test is not None else None
@@ -293,7 +297,6 @@ class NTKTracker:
         return {name: named[name] for name in self._param_names}
 
     def _meta(self, config: Dict[str, Any]) -> dict:
-        options = self.ntk.options
         return run_metadata(
             self.model,
             tracked=self._live_params().values(),
@@ -305,9 +308,10 @@ class NTKTracker:
             config={
                 **config,
                 "schedule": self.schedule.description,
-                "mode": self.ntk.mode,
-                "method": self.ntk.method,
-                "params": describe(options.params),
+                "mode": self.mode,
+                "method": self.method,
+                "params": describe(self.params),
+                **self._kernel.config(),
                 "output_fn": describe(self.output_fn),
                 "loss": self.loss.name,
                 "forecast": self._forecast_kind,
@@ -318,16 +322,21 @@ class NTKTracker:
     # ------------------------------------------------------------------ public API
 
     @property
+    def ntk(self) -> Any:
+        """The configured :class:`~ntk_torch.NTK` behind the probe kernel (its options)."""
+        return self._kernel.ntk
+
+    @property
     def mode(self) -> str:
-        return self.ntk.mode
+        return self._kernel.mode
 
     @property
     def method(self) -> str:
-        return self.ntk.method
+        return self._kernel.method
 
     @property
     def params(self) -> ParamSelector:
-        return self.ntk.options.params
+        return self._kernel.params
 
     @property
     def forecast(self) -> Optional[Forecast]:
@@ -343,9 +352,9 @@ class NTKTracker:
 
     @property
     def initial_kernel(self) -> Optional[torch.Tensor]:
-        """The probe kernel at step 0 (None before it is measured, off rank 0, or if it
-        was not finite)."""
-        return self.drift.initial
+        """The probe kernel at step 0 (None before it is measured, off rank 0, if it was
+        not finite, or with ``kernel="estimate"``, which never forms it)."""
+        return self._kernel.initial
 
     @property
     def probe_indices(self) -> List[int]:
@@ -494,8 +503,8 @@ class NTKTracker:
         self._require_open()
         self._started = True
         if not self._main:
-            if self._shares_kernel and self._shared_step != self._step:
-                self._compute_kernel_share()
+            if self._kernel.shared and self._shared_step != self._step:
+                self._kernel.share(self.probe.x)
                 self._shared_step = self._step
             return None
         if self.records and self.records[-1][records.STEP] == self._step:
@@ -606,48 +615,19 @@ class NTKTracker:
         and the forecast (see :mod:`ntk_torch.records`)."""
         started = time.perf_counter()
         record: Dict[str, Any] = {records.STEP: self._step, records.TIME: time.time()}
-        kernels, nonfinite_groups = self._measure_kernel()
-        if kernels is None:
-            record.update({records.FINITE: False, records.NONFINITE_GROUPS: nonfinite_groups})
-            record.update(self.drift.nonfinite())
+        fields, kernel = self._kernel.measure(self._step, self.probe.x)
+        record.update(fields)
+        if not record[records.FINITE]:
             if self._step == 0 and self._forecasting is not None:
                 self._skip_forecast("the probe kernel at step 0 is not finite")
-        else:
-            record[records.FINITE] = True
-            record.update(self.drift.fields(self._step, kernels))
-            if self._writer is not None:
-                self._writer.save_kernel(self._step, kernels.total)
+        elif kernel is not None and self._writer is not None:
+            self._writer.save_kernel(self._step, kernel)
         record[records.PARAM_DISTANCE] = parameter_distance(self._live_params(), self._theta0)
         record.update(self._evaluation())
         if self._forecasting is not None:
             record.update(self._forecasting.fields(self._step, self.device, record))
         record[records.MEASURE_TIME] = time.perf_counter() - started
         return record
-
-    def _compute_kernel_share(self) -> None:
-        """Off rank 0, with a shared kernel: this rank's tiles of the probe kernel, which
-        go to rank 0 (a non-finite kernel is recorded there)."""
-        try:
-            self.ntk(self.probe.x)
-        except NonFiniteKernelError:
-            pass
-
-    def _measure_kernel(self):
-        """The per-layer probe kernels at this step and no groups, or, when they are not
-        finite, None and the groups at fault (and a ``RuntimeWarning``, the first time)."""
-        try:
-            return self.ntk(self.probe.x), []
-        except NonFiniteKernelError as error:
-            if not self._warned_nonfinite:
-                self._warned_nonfinite = True
-                warnings.warn(
-                    f"NTKTracker: the kernel at step {self._step} is not finite ({error}); "
-                    "the step is recorded with finite=False and training goes on. Later "
-                    "non-finite steps are recorded without a warning.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            return None, list(error.groups)
 
     def _evaluation(self) -> Dict[str, Any]:
         """Loss (and accuracy) on the probe and the test set, in eval mode, without grad."""
