@@ -111,6 +111,15 @@ class NTKTracker:
         budget: a fraction such as ``0.1``: measure the schedule's steps only while
             tracking costs at most that fraction of the training time, the log schedule
             measured always (:class:`~ntk_torch.budget.TimeBudget`, ``tracker.budget``).
+        kernel: how the probe kernel is measured (:mod:`ntk_torch.probe_kernel`): ``"dense"``
+            (formed; the default) or ``"estimate"``: never formed, for probes whose N x N
+            kernel is too large, its fields estimated from ``NTKOperator`` products with
+            error bars (``<field>_error``); ``mode`` is then ``"trace"``, ``"pntk"`` or
+            ``"full"``, ``effective_rank`` is None and no kernels go to ``run_dir``.
+        matvecs: with ``kernel="estimate"``, Hutch++ products per estimator (default 60).
+        sketch, sketch_seed: ``d`` for the sketched kernel ``(J S)(J S)^T`` (``NTK(sketch=d,
+            sketch_seed=...)``), one projection ``S`` for the whole run so that the drift
+            compares like with like; with ``kernel="estimate"``, the sketched operator's.
 
     Each record (a dict; see ``NTKTracker.measure``) holds:
 
@@ -124,7 +133,8 @@ class NTKTracker:
     * ``relative_change`` (|K - K0|_F / |K0|_F) and ``kernel_distance`` from step 0,
       ``velocity`` (kernel distance per step since the previous measurement);
     * ``target_alignment`` (centred) of the kernel with the probe labels;
-    * ``layer_share`` {parameter group: trace(K_group) / trace(K)};
+    * ``layer_share`` {parameter group: trace(K_group) / trace(K)} (None for a sketch or
+      an estimate, which have no per-layer kernels);
     * ``param_distance`` |theta - theta_0| / |theta_0|;
     * ``probe_loss``, ``test_loss`` and, for class labels, ``probe_accuracy``,
       ``test_accuracy``, evaluated in eval mode (BatchNorm on running statistics,
@@ -152,6 +162,10 @@ class NTKTracker:
       steps per step, and a few copies of the parameters.
     * ``"auto"``: the kernel for a plain SGD (one set of hyperparameters, no scheduler, no
       clipping) on full batches (no minibatch observed before the first step), else the twin.
+
+    The forecast uses the exact kernel of its training points whatever ``mode``, ``sketch``
+    or ``kernel`` say (a pNTK, sketched or estimated probe kernel is for the drift); for
+    many training points lower ``max_predict_points`` or use the twin.
 
     ``meta["forecast"]`` holds its ``kind`` and ``batches`` (``"full"``/``"minibatch"``),
     ``meta["prediction"]`` how it was made. BatchNorm in train mode, Dropout, a learning

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import random
+import re
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +220,18 @@ def test_training_is_bit_identical_in_every_large_probe_mode(options):
     for name, value in plain.items():
         assert torch.equal(value, tracked[name]), name
     assert torch.equal(rng_plain[0], rng_tracked[0]) and rng_plain[1:] == rng_tracked[1:]
+
+
+# --------------------------------------------------------------------------- README
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs(capsys):
+    """The first Python block under the README's "Large probe sets" heading, as written."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Large probe sets"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md large probe sets", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all("relative change at step 23" in line for line in lines)
+    assert "±" in lines[-1] and "±" not in lines[0]
