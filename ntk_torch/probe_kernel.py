@@ -42,7 +42,9 @@ r"""The tracker's probe kernel: how it is measured, and how a measurement become
   costs about two passes (a vjp and a jvp) over the probe per output for ``trace`` and one
   for ``pntk``, so a measurement is about ``11 m + 10 k`` products; memory is the operators'
   parameter snapshots and ``O(N m)`` vectors, never ``N x N``. ``effective_rank`` (the
-  whole spectrum) and ``layer_share`` are None, and no kernel is written to disk.
+  whole spectrum) and ``layer_share`` are None, and no kernel is written to disk. A kernel
+  whose estimated trace or norm is not finite is recorded as not finite, with no
+  ``nonfinite_groups`` (the products do not tell the groups apart).
 """
 
 from __future__ import annotations

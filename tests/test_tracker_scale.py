@@ -112,7 +112,7 @@ def test_bad_large_probe_options_name_the_argument(options, error, message):
 # --------------------------------------------------------------------------- estimators
 
 
-def _estimated_and_dense(mode, steps=4, matvecs=60):
+def _estimated_and_dense(mode, steps=4, matvecs=60, **extra):
     """A float64 tracker of each kind on the same model, probe and training (BatchNorm's
     running statistics move, so the step-0 operator must keep its own)."""
     data = tuple(t.double() if t.is_floating_point() else t for t in make_data())
@@ -121,7 +121,7 @@ def _estimated_and_dense(mode, steps=4, matvecs=60):
         model = make_model().double()
         optimizer = _sgd(model, lr=0.3)
         options = {"kernel": "estimate", "matvecs": matvecs} if kind == "estimate" else {}
-        tracker = _tracker(model, data, probe_size=64, every=2, mode=mode, forecast=None, **options)
+        tracker = _tracker(model, data, probe_size=64, every=2, mode=mode, forecast=None, **options, **extra)
         torch.manual_seed(3)
         with tracker.attach(optimizer):
             train(model, optimizer, data, steps=steps)
@@ -156,10 +156,25 @@ def test_estimated_fields_are_within_their_errors_of_the_dense_ones():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["pntk", "full"])
-def test_estimated_fields_within_their_errors_in_other_modes(mode):
-    estimated, dense = _estimated_and_dense(mode, steps=2)
+@pytest.mark.parametrize("mode, extra", [("pntk", {}), ("full", {}), ("trace", {"sketch": 32, "sketch_seed": 2})],
+                         ids=["pntk", "full", "sketched"])
+def test_estimated_fields_within_their_errors_in_other_modes(mode, extra):
+    """Also of a sketch: the estimates of the sketched operator against the dense sketch."""
+    estimated, dense = _estimated_and_dense(mode, steps=2, **extra)
     _within_errors(estimated, dense)
+
+
+def test_estimated_kernel_that_is_not_finite_is_recorded_with_one_warning():
+    model = make_model()
+    tracker = _tracker(model, make_data(), every=1, kernel="estimate", matvecs=6, forecast=None)
+    tracker.attach()
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="the kernel at step 1 is not finite"):
+        tracker.step()
+    record = tracker.records[-1]
+    assert record["finite"] is False and record["trace"] is None and record["relative_change"] is None
+    tracker.close()
 
 
 def _held_tensors(tracker):
