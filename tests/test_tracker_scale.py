@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
 import random
 import re
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -209,6 +213,52 @@ def test_estimated_tracker_holds_no_kernel_and_writes_none(tmp_path):
     assert list(run.kernel_steps) == [] and len(run.records) == 5
     config = run.meta["config"]
     assert config["kernel"] == "estimate" and config["matvecs"] == 9 and config["keep_kernels"] == "none"
+
+
+PEAK_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+import ntk_torch as ntk
+from torch import nn
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+n = int(sys.argv[1])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).double()
+x, y = torch.randn(n, 16, dtype=torch.float64), torch.randint(0, 4, (n,))
+options = dict(kernel="estimate", mode="pntk", matvecs=9, forecast=None, progress=False)
+ntk.NTKTracker(model, (x[:200], y[:200]), probe_size=200, **options).attach().tracker.close()  # warm-up
+tracker = ntk.NTKTracker(model, (x, y), probe_size=n, every=1, **options)
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as file:
+    file.write("5")  # the peak resident set size starts again from the current one
+tracker.attach()
+with torch.no_grad():
+    model[0].weight.mul_(1.01)
+tracker.step()
+tracker.close()
+print(json.dumps({"extra": status("VmHWM") - before, "change": tracker.records[-1]["relative_change"]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_estimates_of_a_kernel_far_larger_than_memory_use_a_fraction_of_it():
+    """A probe of 16,000 examples, whose float64 kernel would take 2 GB: two measurements
+    (step 0 and one after a change) peak at an eighth of that."""
+    n = 16_000
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(n)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["extra"] < n * n * 8 / 8
+    assert result["change"] > 0
 
 
 # --------------------------------------------------------------------------- do no harm
