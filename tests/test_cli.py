@@ -1,7 +1,6 @@
 """The ``ntk-torch`` command end to end, on small configs."""
 
 import html.parser
-import json
 import re
 import shutil
 from pathlib import Path

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import torch
