@@ -5,10 +5,9 @@
 
 Part 1, for the digits MLP (64-256-256-10) and the shared-zoo CNN (``cnn_bn``) and
 Transformer (``tests/zoo.py``), on ``--n`` inputs: the exact full kernel, the pNTK and
-sketched full kernels (d = 256, 1024, 4096), each with its time, its memory (peak CUDA
-memory on a GPU; on CPU the growth of the process's peak resident set, which only grows,
-so later rows read 0 unless they need more), the relative Frobenius error against the exact
-full kernel (the pNTK read as ``K_pntk (x) I``, Mohamadi et al. 2023) and the largest
+sketched full kernels (d = 256, 1024, 4096), each with its time, its peak memory (CUDA
+allocation on a GPU; on CPU the peak resident set above the one at the row's start), the
+relative Frobenius error against the exact full kernel (the pNTK read as ``K_pntk (x) I``, Mohamadi et al. 2023) and the largest
 relative error of its top-10 eigenvalues. Each is timed after an untimed call on two
 examples (a model's first kernel includes the one-off analysis of its structure).
 
@@ -26,6 +25,7 @@ Prints a markdown table with the machine, torch version, threads and load averag
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import resource
@@ -62,12 +62,14 @@ def cases(n: int) -> Dict[str, Tuple[nn.Module, object, object]]:
 
 
 class Peak:
-    """Peak memory of a block: CUDA peak allocation, else growth of the peak RSS."""
+    """Peak memory of a block: the CUDA peak allocation on a GPU; on CPU the peak resident
+    set during the block above the resident set at its start (Linux resets the high-water
+    mark through ``/proc/self/clear_refs``; elsewhere the growth of ``ru_maxrss``)."""
 
     def __enter__(self) -> "Peak":
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.base = _reset_peak_rss()
         self.start = time.perf_counter()
         return self
 
@@ -76,7 +78,37 @@ class Peak:
         if torch.cuda.is_available():
             self.bytes = torch.cuda.max_memory_allocated()
         else:
-            self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.rss
+            self.bytes = _peak_rss() - self.base
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int:
+    """Return freed heap to the OS (glibc), then reset the peak-RSS mark to the current RSS
+    where the OS allows (so memory reused from earlier rows counts); the baseline bytes."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    try:
+        return _status_kb("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def full_matrix(K: torch.Tensor) -> torch.Tensor:
