@@ -39,8 +39,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ntk_torch  # noqa: E402
+from bench_ntk import _status_bytes  # noqa: E402
 from ntk_torch.functional import slice_inputs  # noqa: E402
 from zoo import make_zoo  # noqa: E402
 
@@ -81,14 +83,6 @@ class Peak:
             self.bytes = _peak_rss() - self.base
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _reset_peak_rss() -> int:
     """Return freed heap to the OS (glibc), then reset the peak-RSS mark to the current RSS
     where the OS allows (so memory reused from earlier rows counts); the baseline bytes."""
@@ -99,16 +93,18 @@ def _reset_peak_rss() -> int:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _status_kb("VmRSS")
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        pass
+    else:
+        rss = _status_bytes("VmRSS")
+        if rss is not None:
+            return rss
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _peak_rss() -> int:
-    try:
-        return _status_kb("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def full_matrix(K: torch.Tensor) -> torch.Tensor:
