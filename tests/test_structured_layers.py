@@ -318,3 +318,30 @@ def test_hugging_face_models_are_covered_and_exact(name):
         kernel = ntk.NTK(model, mode=mode, method="structured", output_fn=output_fn, dtype=F64)
         assert relative_error(kernel(x1), reduce_mode(ref_same, mode)) < 1e-10
         assert relative_error(kernel(x1, x2), reduce_mode(ref_cross, mode)) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["attention", "functional", "transposed_convs"])
+def test_per_example_gradients_over_positions_one_example_at_a_time(cases, name, monkeypatch):
+    """The per-example ``bmm`` path of ``DenseFeatures.expand`` (taken for large layers,
+    forced here for every layer with positions) gives the naive kernel, plain and
+    transposed weights alike, and runs where the default path would broadcast."""
+    from ntk_torch.kernel.structured import engine, terms
+
+    model, _, x1, x2, ref_same, ref_cross = cases[name]
+    calls = []
+    original = terms.DenseFeatures._expand_per_example
+
+    def spy(self, cotangent, transposed):
+        calls.append(transposed)
+        return original(self, cotangent, transposed)
+
+    monkeypatch.setattr(terms, "_LOOP_MIN_BROADCAST", 0)
+    monkeypatch.setattr(terms.DenseFeatures, "_expand_per_example", spy)
+    monkeypatch.setattr(engine, "choose_strategy", lambda *args: ("grads", {"grads": 0.0}))
+    for mode in MODES:
+        kernel = ntk.NTK(model, mode=mode, method="structured", dtype=F64)
+        assert relative_error(kernel(x1), reduce_mode(ref_same, mode)) < 1e-10
+        assert relative_error(kernel(x1, x2), reduce_mode(ref_cross, mode)) < 1e-10
+    # conv_transpose and x @ W (addmm, matmul) hold (d_in, d_out) weights: the transposed layout
+    expected = {"attention": {False}, "functional": {False, True}, "transposed_convs": {True}}
+    assert set(calls) == expected[name]

@@ -42,6 +42,10 @@ import torch
 from ...layout import Layout
 
 STRATEGIES = ("gram", "grads")
+_LOOP_MIN_BROADCAST = 16384
+"""Per-example gradients over positions are formed one example at a time (one ``bmm`` each)
+once the copy a broadcast over outputs would make, ``(O - 1) T d_in`` values per example,
+is worth more than a call's overhead (a few microseconds: some 16k copied values)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,12 +97,32 @@ class DenseFeatures:
         if cotangent.shape[3] == 1:  # one position: an outer product
             equation = "iagtd,igte->iaged" if transposed else "iagtd,igte->iagde"
             return torch.einsum(equation, cotangent, self.values).reshape(n, o, -1)
+        g, t, d_in = self.values.shape[1:]
+        if g == 1 and (o - 1) * t * d_in >= _LOOP_MIN_BROADCAST:
+            return self._expand_per_example(cotangent, transposed)
         # Over positions: one batched matmul over (example, output, group), the features
         # broadcast over outputs and neither operand copied into a permuted layout.
         values = self.values.unsqueeze(1)
         if transposed:
             return torch.matmul(values.transpose(-1, -2), cotangent).reshape(n, o, -1)
         return torch.matmul(cotangent.transpose(-1, -2), values).reshape(n, o, -1)
+
+    def _expand_per_example(self, cotangent: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """:meth:`expand` for one group, one ``bmm`` over outputs per example: the example's
+        features enter as a stride-0 batch, where a single batched matmul over (example,
+        output) would first copy them ``O`` times (``torch.matmul`` materialises the
+        broadcast: on a CNN's convolution that copy cost as much as the products)."""
+        n, o, _, t, d_out = cotangent.shape
+        d_in = self.values.shape[3]
+        shape = (n, o, d_in, d_out) if transposed else (n, o, d_out, d_in)
+        out = cotangent.new_empty(shape)
+        for i in range(n):
+            u, v = cotangent[i, :, 0], self.values[i, 0]  # (O, T, d_out), (T, d_in)
+            if transposed:
+                torch.bmm(v.T.expand(o, d_in, t), u, out=out[i])
+            else:
+                torch.bmm(u.transpose(1, 2), v.expand(o, t, d_in), out=out[i])
+        return out.reshape(n, o, -1)
 
     @staticmethod
     def along_positions(parts: List["DenseFeatures"]) -> "DenseFeatures":
