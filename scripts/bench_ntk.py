@@ -18,8 +18,9 @@ Cases (the sizes the issues quote):
 
 Every case times ``empirical_ntk(model, x)`` (the kernel of a batch with itself; in the
 neural-tangents comparison a kernel ``NTK(model, ...)`` built once, as neural-tangents'
-jitted ``kernel_fn`` is, so that the model is analysed once) for each method and mode (``loop``, the engine without ``vmap``, among them: its "vs jacobian"
-column is what a model ``vmap`` cannot run pays), beside the torch.func tutorial's Jacobian-contraction function
+jitted ``kernel_fn`` is, so that the model is analysed once) for each method and mode
+(``loop``, the engine without ``vmap``, among them: its "vs jacobian" column is what a
+model ``vmap`` cannot run pays), beside the torch.func tutorial's Jacobian-contraction function
 (reimplemented here as the baseline: Jacobians of both inputs, then one einsum per
 parameter tensor). Seconds are the median of ``repeats`` timed calls after ``warmup``
 untimed ones; peak memory is the growth of the process's peak resident set during one

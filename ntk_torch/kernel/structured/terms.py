@@ -100,8 +100,8 @@ class DenseFeatures:
         g, t, d_in = self.values.shape[1:]
         if g == 1 and (o - 1) * t * d_in >= _LOOP_MIN_BROADCAST:
             return self._expand_per_example(cotangent, transposed)
-        # Over positions: one batched matmul over (example, output, group), the features
-        # broadcast over outputs and neither operand copied into a permuted layout.
+        # Over positions: one batched matmul over (example, output, group). torch.matmul
+        # copies the features broadcast over outputs, which is cheap below the threshold.
         values = self.values.unsqueeze(1)
         if transposed:
             return torch.matmul(values.transpose(-1, -2), cotangent).reshape(n, o, -1)
