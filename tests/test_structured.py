@@ -488,6 +488,20 @@ def test_symmetric_chunks_match_naive_reference(extras, name, monkeypatch):
         assert torch.equal(same, same.transpose(0, 1) if mode != "full" else same.permute(1, 0, 3, 2))
 
 
+@pytest.mark.parametrize("name", ["sequence_linear", "convolutions", "conv1d", "called_twice"])
+def test_every_layer_by_per_example_gradients(extras, name, monkeypatch):
+    """Every covered layer contracted by the ``grads`` strategy (positions, groups, calls
+    of a shared module: ``DenseFeatures.expand``) gives the naive kernel."""
+    from ntk_torch.kernel.structured import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "choose_strategy", lambda *args: ("grads", {"grads": 0.0}))
+    model, x1, x2, ref_same, ref_cross = extras[name]
+    for mode in MODES:
+        kernel = ntk.NTK(model, mode=mode, method="structured", dtype=F64)
+        assert_close(kernel(x1), reduce_mode(ref_same, mode))
+        assert_close(kernel(x1, x2), reduce_mode(ref_cross, mode))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_symmetric_chunks_both_strategies(mode, monkeypatch):
     """A convolution under each forced strategy, chunked, against the naive reference."""

@@ -321,22 +321,21 @@ def test_hugging_face_models_are_covered_and_exact(name):
 
 
 @pytest.mark.parametrize("name", ["attention", "functional", "transposed_convs"])
-def test_per_example_gradients_over_positions_one_example_at_a_time(cases, name, monkeypatch):
-    """The per-example ``bmm`` path of ``DenseFeatures.expand`` (taken for large layers,
-    forced here for every layer with positions) gives the naive kernel, plain and
-    transposed weights alike, and runs where the default path would broadcast."""
+def test_per_example_gradients_over_positions_stack_outputs(cases, name, monkeypatch):
+    """Per-example gradients over positions (``DenseFeatures.expand`` with ``T > 1``: the
+    outputs stacked as the rows of one ``bmm`` per example and group), forced for every
+    layer here, give the naive kernel, plain and transposed weights alike."""
     from ntk_torch.kernel.structured import engine, terms
 
     model, _, x1, x2, ref_same, ref_cross = cases[name]
     calls = []
-    original = terms.DenseFeatures._expand_per_example
+    original = terms.DenseFeatures._expand_over_positions
 
     def spy(self, cotangent, transposed):
         calls.append(transposed)
         return original(self, cotangent, transposed)
 
-    monkeypatch.setattr(terms, "_LOOP_MIN_BROADCAST", 0)
-    monkeypatch.setattr(terms.DenseFeatures, "_expand_per_example", spy)
+    monkeypatch.setattr(terms.DenseFeatures, "_expand_over_positions", spy)
     monkeypatch.setattr(engine, "choose_strategy", lambda *args: ("grads", {"grads": 0.0}))
     for mode in MODES:
         kernel = ntk.NTK(model, mode=mode, method="structured", dtype=F64)

@@ -42,10 +42,6 @@ import torch
 from ...layout import Layout
 
 STRATEGIES = ("gram", "grads")
-_LOOP_MIN_BROADCAST = 16384
-"""Per-example gradients over positions are formed one example at a time (one ``bmm`` each)
-once the copy a broadcast over outputs would make, ``(O - 1) T d_in`` values per example,
-is worth more than a call's overhead (a few microseconds: some 16k copied values)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,36 +89,26 @@ class DenseFeatures:
         """Per-example gradients ``sum_t u_iagt (x) v_igt`` as ``(n, O, g d_out d_in)``,
         laid out like a weight ``(g d_out, d_in)`` (a fused bias is its last column), or
         ``(g, d_in, d_out)`` when ``transposed`` (a weight applied as ``x @ W``)."""
-        n, o = cotangent.shape[:2]
-        if cotangent.shape[3] == 1:  # one position: an outer product
+        n, o, g, t, d_out = cotangent.shape
+        if t == 1:  # one position: an outer product
             equation = "iagtd,igte->iaged" if transposed else "iagtd,igte->iagde"
             return torch.einsum(equation, cotangent, self.values).reshape(n, o, -1)
-        g, t, d_in = self.values.shape[1:]
-        if g == 1 and (o - 1) * t * d_in >= _LOOP_MIN_BROADCAST:
-            return self._expand_per_example(cotangent, transposed)
-        # Over positions: one batched matmul over (example, output, group). torch.matmul
-        # copies the features broadcast over outputs, which is cheap below the threshold.
-        values = self.values.unsqueeze(1)
-        if transposed:
-            return torch.matmul(values.transpose(-1, -2), cotangent).reshape(n, o, -1)
-        return torch.matmul(cotangent.transpose(-1, -2), values).reshape(n, o, -1)
+        return self._expand_over_positions(cotangent, transposed)
 
-    def _expand_per_example(self, cotangent: torch.Tensor, transposed: bool) -> torch.Tensor:
-        """:meth:`expand` for one group, one ``bmm`` over outputs per example: the example's
-        features enter as a stride-0 batch, where a single batched matmul over (example,
-        output) would first copy them ``O`` times (``torch.matmul`` materialises the
-        broadcast: on a CNN's convolution that copy cost as much as the products)."""
-        n, o, _, t, d_out = cotangent.shape
+    def _expand_over_positions(self, cotangent: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """:meth:`expand` over ``T > 1`` positions: one ``bmm`` over (example, group) with
+        the outputs stacked as rows, ``[u_i0; ...; u_i(O-1)]^T v_i``: ``(O d_out, T) @ (T,
+        d_in)``. Batching over outputs instead would need the features ``O`` times (a batched
+        matmul materialises a broadcast operand) and many small products. The stacked
+        cotangent is a view for a convolution (channels before positions); the result is
+        copied only to reorder groups or transpose."""
+        n, o, g, t, d_out = cotangent.shape
         d_in = self.values.shape[3]
-        shape = (n, o, d_in, d_out) if transposed else (n, o, d_out, d_in)
-        out = cotangent.new_empty(shape)
-        for i in range(n):
-            u, v = cotangent[i, :, 0], self.values[i, 0]  # (O, T, d_out), (T, d_in)
-            if transposed:
-                torch.bmm(v.T.expand(o, d_in, t), u, out=out[i])
-            else:
-                torch.bmm(u.transpose(1, 2), v.expand(o, t, d_in), out=out[i])
-        return out.reshape(n, o, -1)
+        rows = cotangent.permute(0, 2, 1, 4, 3).reshape(n * g, o * d_out, t)
+        products = torch.bmm(rows, self.values.reshape(n * g, t, d_in)).view(n, g, o, d_out, d_in)
+        if transposed:
+            products = products.transpose(3, 4)
+        return products.transpose(1, 2).reshape(n, o, -1)
 
     @staticmethod
     def along_positions(parts: List["DenseFeatures"]) -> "DenseFeatures":
