@@ -73,12 +73,13 @@ class ModuleHooks:
         self.calls: List[Tuple[CallKey, Tuple, Any]] = []
         self.versions: Dict[CallKey, Versions] = {}
         self.records: Dict[str, Any] = {}
+        self.outputs: Dict[str, torch.Tensor] = {}  # what each probed call returned
         self.functions: Optional["FunctionCalls"] = None
 
     @contextlib.contextmanager
     def attach(self, probes: Optional[Dict[str, torch.Tensor]] = None,
                functions: Optional["FunctionCalls"] = None) -> Iterator["ModuleHooks"]:
-        self.counts, self.calls, self.versions, self.records = {}, [], {}, {}
+        self.counts, self.calls, self.versions, self.records, self.outputs = {}, [], {}, {}, {}
         self.probes, self.functions = probes, functions
         handles = []
         try:
@@ -103,7 +104,8 @@ class ModuleHooks:
             return None
         with paused(self.functions):
             self.records[name] = rule.record(module, args, output)
-            return output + self.probes[name]
+            self.outputs[name] = output + self.probes[name]
+            return self.outputs[name]
 
 
 class ModuleStack:

@@ -9,6 +9,14 @@ example (exactly like the Jacobian engine, so each example is evaluated alone):
   theirs from a forward hook, function calls from the function mode (:mod:`.calls`);
 * the per-example Jacobians of the fallback parameters.
 
+When the model's output is that of an ``nn.Linear`` head, ``f = W h + b``
+(:class:`.plan.FlatHead`), the backward passes start at the head's input ``h`` with the
+cotangents ``W[a]`` (``vjp`` and ``vmap`` over the rows of ``W``) and the head's own
+cotangent is the identity: the same values without the head's backward, a product with
+``K = O`` that only copies rows of ``W`` for every example and output (on a CNN whose
+head reads 16k features, 10% of the kernel's time). Should the output of a block not be
+the head's, the block is captured the general way.
+
 :func:`assemble` applies the rules to them: one term per bundle of the plan.
 """
 
@@ -18,10 +26,10 @@ import contextlib
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.func import jacrev, vmap
+from torch.func import jacrev, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from ...functional import FunctionalModel, Inputs
+from ...functional import FunctionalModel, Inputs, batch_size, map_inputs
 from .calls import CallKey, FunctionProbes, ModuleHooks, key_name
 from .terms import DenseFeatures, GradientTerm, KroneckerTerm, Term, can_join
 
@@ -96,6 +104,10 @@ def capture(
 ) -> Tuple[Dict[str, object], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Records ``{call: (n, ...)}``, cotangents ``{call: (n, O, *out)}`` and fallback
     Jacobians ``{param: (n, O, *param)}`` of the block ``x`` (see the module docstring)."""
+    if plan.head is not None:
+        captured = _capture_from_head(plan, fmodel, x, chunk_size)
+        if captured is not None:
+            return captured
     probes = _zero_probes(plan, fmodel)
     fallback = {name: fmodel.params[name] for name in plan.fallback}
     fixed = {name: p for name, p in fmodel.params.items() if name not in fallback}
@@ -115,6 +127,48 @@ def capture(
         (probes, fallback), x
     )
     records, cotangents = drop_example_axis(records, cotangents)
+    return records, cotangents, jacobians
+
+
+def _capture_from_head(
+    plan: "StructuredPlan", fmodel: FunctionalModel, x: Inputs, chunk_size: Optional[int]
+) -> Optional[Tuple[Dict[str, object], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
+    """:func:`capture` for a model with a :class:`.plan.FlatHead`: one ``vjp`` per example
+    from the head's input ``h`` ``(1, d)``, pulled back along each row of ``W`` ``(O, 1,
+    d)``; None if the model's output was not the head's output in this block."""
+    probes = _zero_probes(plan, fmodel)
+    fallback = {name: fmodel.params[name] for name in plan.fallback}
+    fixed = {name: p for name, p in fmodel.params.items() if name not in fallback}
+    head = key_name(plan.head.key)
+    weight = fixed[plan.head.weight]
+    rows = weight.reshape(weight.shape[0], 1, weight.shape[1])
+    if chunk_size is not None and chunk_size >= rows.shape[0]:
+        chunk_size = None  # one chunk: a chunked vmap would still concatenate (copy) it
+    output_was_head: List[bool] = []  # one entry: vmap and vjp trace the function once
+
+    def head_input(primals, x_one):
+        probe_values, fallback_values = primals
+        with attached(plan, fmodel, probe_values) as (hooks, mode):
+            batched = map_inputs(x_one, lambda t: t.unsqueeze(0))
+            out = fmodel.raw_output({**fixed, **fallback_values}, batched)
+            records = records_of(hooks, mode)
+        check_same_calls(records, probe_values, "jacobian")
+        output_was_head.append(out is hooks.outputs.get(head))
+        return records[head], records
+
+    def per_example(primals, x_one):
+        _, pullback, records = vjp(lambda p: head_input(p, x_one), primals, has_aux=True)
+        (cotangents,) = vmap(pullback, chunk_size=chunk_size)(rows)
+        return cotangents, records
+
+    (cotangents, jacobians), records = vmap(per_example, in_dims=(None, 0), randomness="different")(
+        (probes, fallback), x
+    )
+    if not all(output_was_head):
+        return None
+    records, cotangents = drop_example_axis(records, cotangents)
+    n, o = batch_size(x, "x"), weight.shape[0]
+    cotangents[head] = torch.eye(o, dtype=weight.dtype, device=weight.device).expand(n, o, o).contiguous()
     return records, cotangents, jacobians
 
 

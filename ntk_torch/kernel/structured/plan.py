@@ -36,7 +36,7 @@ from torch.nn.modules import module as _module_hooks
 from ...functional import FunctionalModel, Inputs, batch_size, group_of, map_inputs, slice_inputs
 from .calls import CallKey, FunctionSite, ModuleHooks, ModuleStack, UseObserver, modified
 from .capture import measure_bundles
-from .registry import FunctionRule, Rule, rule_for
+from .registry import FunctionRule, Rule, record_input, rule_for
 from .terms import TermShape
 
 
@@ -91,6 +91,7 @@ class StructuredPlan:
     bundles: List[Bundle]
     fallback: Dict[str, str]  # parameter name -> why no rule covers it
     roles: Dict[str, Dict[CallKey, str]] = field(default_factory=dict)
+    head: Optional["FlatHead"] = None
 
     @property
     def covered(self) -> List[str]:
@@ -100,6 +101,17 @@ class StructuredPlan:
         """Per-example shapes of the engine's terms: one per bundle, one per fallback parameter."""
         shapes = [bundle.shape for bundle in self.bundles]
         return shapes + [TermShape("gradient", fmodel.params[name].numel()) for name in self.fallback]
+
+
+@dataclass(frozen=True)
+class FlatHead:
+    """An ``nn.Linear`` call whose output is the model's output, ``f(x) = W h + b`` with
+    ``h`` the call's input ``(d,)`` per example: the cotangent of ``h`` for output ``a`` is
+    ``W[a]`` and that of the call's output is the identity, so the capture starts its
+    backward passes at ``h`` (:func:`.capture.capture`)."""
+
+    key: CallKey
+    weight: str  # the parameter name of W
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,6 +176,7 @@ class _Observation:
     observer: UseObserver
     modified_calls: Set[CallKey]
     modified_sites: Set[int]
+    output: torch.Tensor  # the model's output (after output_fn)
 
 
 def _observe(fmodel: FunctionalModel, x: Inputs, hooked, module_owners) -> _Observation:
@@ -171,11 +184,11 @@ def _observe(fmodel: FunctionalModel, x: Inputs, hooked, module_owners) -> _Obse
     stack, hooks = ModuleStack(fmodel.model), ModuleHooks(hooked)
     observer = UseObserver(watched, stack, module_owners)
     with stack.attach(), hooks.attach(), observer:
-        fmodel(fmodel.params, x)
+        output = fmodel.raw_output(fmodel.params, x)
     modified_calls = {key for key, versions in hooks.versions.items() if modified(versions)}
     modified_sites = {i for i, versions in enumerate(observer.site_versions) if modified(versions)}
     observer.site_versions = []  # no tensors outlive the analysis
-    return _Observation(list(hooks.calls), observer, modified_calls, modified_sites)
+    return _Observation(list(hooks.calls), observer, modified_calls, modified_sites, output)
 
 
 def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredPlan:
@@ -220,8 +233,37 @@ def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredP
     calls, roles = _call_sites(first.module_calls, module_at, hooked, sites, module_roles, fallback)
     kept = {name: fallback[name] for name in fmodel.params if name in fallback}
     plan = StructuredPlan(calls, _bundles(roles, calls), kept, roles)
+    plan.head = _flat_head(first, plan, fmodel, owners, num_outputs)
     measure_bundles(plan, fmodel, one, num_outputs)
     return plan
+
+
+def _flat_head(first: _Observation, plan: StructuredPlan, fmodel: FunctionalModel, owners: Owners,
+               num_outputs: int) -> Optional[FlatHead]:
+    """The :class:`FlatHead` of the plan, if the model's output is the output tensor itself
+    of a covered ``nn.Linear`` (its own forward) called once, mapping ``(1, d)`` to ``(1, O)``, all of whose
+    selected parameters the rule covers (a fallback parameter of the call would need the
+    output's own Jacobian)."""
+    for key, args, output in first.module_calls:
+        if output is not first.output:
+            continue
+        site = plan.calls.get(key)
+        # nn.Linear's own forward (y = x W^T + b), its rule recording the input x
+        if (site is None or site.function is not None or site.rule.module_type is not nn.Linear
+                or site.rule.record is not record_input):
+            return None
+        calls_of_module = [k for k, _, _ in first.module_calls if k[0] == key[0]]
+        x = args[0] if args else None
+        if (len(calls_of_module) != 1 or not isinstance(x, torch.Tensor) or x.dim() != 2
+                or tuple(output.shape) != (1, num_outputs)):
+            return None
+        selected = [name for name, places in owners.items()
+                    if any(module is site.module for _, module, _ in places)]
+        if any(key not in plan.roles.get(name, {}) for name in selected):
+            return None
+        weight = [name for name in selected if plan.roles[name][key] == "weight"]
+        return FlatHead(key, weight[0]) if weight else None
+    return None
 
 
 def _bad_module_calls(calls_one, calls_two, hooked, module_at: Dict[str, nn.Module]) -> Dict[int, str]:

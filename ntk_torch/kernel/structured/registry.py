@@ -64,7 +64,8 @@ RULES: Dict[Type[nn.Module], Rule] = {}
 RULES_BY_PATH: Dict[str, Rule] = {}
 
 
-def _input(module: nn.Module, args: Tuple, output: torch.Tensor) -> torch.Tensor:
+def record_input(module: nn.Module, args: Tuple, output: torch.Tensor) -> torch.Tensor:
+    """A rule's default record: the call's first positional input."""
     return args[0]
 
 
@@ -95,7 +96,7 @@ def register_rule(
     module_types: Sequence[Union[Type[nn.Module], str]],
     *,
     roles: Sequence[str] = ("weight", "bias"),
-    record: Recorder = _input,
+    record: Recorder = record_input,
     applies: Callable[[nn.Module], Optional[str]] = _always,
     batched: bool = True,
     overwrite: bool = False,
