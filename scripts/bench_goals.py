@@ -23,9 +23,12 @@ thread. Per setting it measures, side by side:
   over the kernel's time, on ``scripts/bench_tracker.py``'s digits MLP with a 256-example
   probe, trace mode, every 10 steps, no forecast (goal: <= 15%).
 
-``--quick``: one timed call per entry and one training epoch. The header names the machine,
-torch, the threads and the load average before and after (figures measured under load are
-provisional).
+``--quick``: one timed call per entry and one training epoch. ``--huge-pages``: the torch
+processes run with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for
+transparent huge pages for every tensor of 2 MB or more, see the README's advice for CPUs);
+neural-tangents' processes are unchanged. The header names the machine, torch, the
+threads, the allocator setting and the load average before and after (figures measured
+under load are provisional).
 """
 
 from __future__ import annotations
@@ -131,11 +134,17 @@ def child(repeats: int, threads: int, epochs: int) -> None:
     print(json.dumps(out))
 
 
-def torch_setting(repeats: int, pinned: bool, epochs: int) -> dict:
+HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}
+"""The environment of the torch processes under ``--huge-pages`` (read once, when torch
+first allocates: it must be set before the process starts)."""
+
+
+def torch_setting(repeats: int, pinned: bool, epochs: int, huge_pages: bool = False) -> dict:
     from bench_vs_nt import _pinned
 
     command = [sys.executable, __file__, "--child", str(repeats), "1" if pinned else "0", str(epochs)]
-    done = subprocess.run(_pinned(command, pinned), capture_output=True, text=True)
+    env = {**os.environ, **HUGE_PAGES} if huge_pages else None
+    done = subprocess.run(_pinned(command, pinned), capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"torch run failed: {done.stderr.strip()[-800:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -195,6 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--nt-python", default="", help="python of a venv with neural-tangents")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per entry (median)")
     parser.add_argument("--quick", action="store_true", help="one timed call per entry, one epoch")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="run the torch processes with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, HERE)
@@ -210,13 +221,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started, load_before = time.perf_counter(), load_average()
     settings: Dict[str, Tuple[dict, Dict[str, Optional[float]]]] = {}
     for pinned in (True, False):
-        ours = torch_setting(repeats, pinned, epochs)
+        ours = torch_setting(repeats, pinned, epochs, args.huge_pages)
         nt = {key: nt_seconds(args.nt_python, key.split("/")[0], SIZES[key.split("/")[0]], key.split("/")[1],
                               repeats, pinned) for key in KEYS}
         label = "1 thread (taskset -c 0)" if pinned else f"all threads ({ours['threads']})"
         settings[label] = (ours, nt)
+    allocator = ("THP_MEM_ALLOC_ENABLE=1 (huge pages for tensors >= 2 MB)" if args.huge_pages
+                 else "default (THP_MEM_ALLOC_ENABLE unset)" if "THP_MEM_ALLOC_ENABLE" not in os.environ
+                 else f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']} (inherited)")
     print(f"Machine: {machine_description(torch.device('cpu'))} (before: {load_before}); "
-          f"torch {torch.__version__}; median of {repeats}; {time.perf_counter() - started:.0f} s in all")
+          f"torch {torch.__version__}; torch allocator: {allocator}; median of {repeats}; "
+          f"{time.perf_counter() - started:.0f} s in all")
     if not args.nt_python:
         print("neural-tangents: not run (pass --nt-python)")
     print()

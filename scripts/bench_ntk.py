@@ -6,7 +6,7 @@
     python scripts/bench_ntk.py --bert-only [--repeats 5]
     python scripts/bench_ntk.py --vs-nt --nt-python PYTHON [--quick]   # scripts/bench_vs_nt.py
     python scripts/bench_ntk.py --scaling [--quick]                    # scripts/bench_scaling.py
-    python scripts/bench_ntk.py --goals --nt-python PYTHON [--quick]   # scripts/bench_goals.py
+    python scripts/bench_ntk.py --goals --nt-python PYTHON [--quick] [--huge-pages]   # scripts/bench_goals.py
 
 ``ntk-torch bench [args...]`` runs this script's :func:`main` from a source checkout.
 
@@ -572,6 +572,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                             help="trace kernel time and memory against N and width (bench_scaling.py)")
     structured.add_argument("--goals", action="store_true",
                             help="every performance goal in one table, 1 thread pinned and all threads (bench_goals.py)")
+    structured.add_argument("--huge-pages", action="store_true",
+                            help="with --goals: the torch processes run with THP_MEM_ALLOC_ENABLE=1")
     structured.add_argument("--large-trace-child", type=int, metavar="N", help=argparse.SUPPRESS)
     structured.add_argument("--bert-child", type=int, metavar="VOCAB", help=argparse.SUPPRESS)
     structured.add_argument("--bert-threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -602,8 +604,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         if args.goals:
             import bench_goals
 
-            quick = ["--quick"] if args.quick else []
-            return bench_goals.main(["--nt-python", args.nt_python, "--repeats", str(args.repeats)] + quick)
+            extra = (["--quick"] if args.quick else []) + (["--huge-pages"] if args.huge_pages else [])
+            return bench_goals.main(["--nt-python", args.nt_python, "--repeats", str(args.repeats)] + extra)
         if args.vs_nt:
             import bench_vs_nt
 
