@@ -7,7 +7,8 @@ SIGTERM, which stop training like Ctrl-C and leave a loadable run with status
 ``interrupted``. Warnings are printed as one line each, ``ntk-torch: warning: ...``.
 
 The package is imported inside :func:`main`, so Ctrl-C while torch is still loading is
-an interruption like any other (no traceback). A config can run code (import paths in
+an interruption like any other (no traceback), and so that :func:`prefer_huge_pages` can
+set PyTorch's allocator up before torch starts. A config can run code (import paths in
 ``data.name``/``model.name``); only modules named by ``--allow-import`` or
 ``NTK_TORCH_ALLOW_IMPORT`` are imported, and each import path is printed before running.
 """
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import importlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -48,6 +50,9 @@ EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 """Exit statuses: an error; Ctrl-C (128 + SIGINT); SIGTERM (128 + SIGTERM)."""
 MAX_MESSAGE = 2000
 """The longest error or warning line printed (characters)."""
+HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
+"""PyTorch's switch for transparent huge pages in its CPU allocator (read once, at torch's
+first allocation)."""
 
 
 class UserError(Exception):
@@ -592,9 +597,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def prefer_huge_pages(environ: Any = os.environ, modules: Any = sys.modules,
+                      platform: str = sys.platform) -> bool:
+    """Set ``THP_MEM_ALLOC_ENABLE=1`` for this process and its children unless the user set
+    it (``=0`` turns it off) or torch is loaded already (it would not read it); Linux only.
+    Whether it was set.
+
+    torch then places every tensor of 2 MB or more on transparent huge pages: where the
+    system faults pages in on first touch (glibc maps every allocation of 32 MB or more
+    afresh), a kernel with large transients runs 20-30% faster (the README's benchmark).
+    """
+    if HUGE_PAGES in environ or "torch" in modules or not platform.startswith("linux"):
+        return False
+    environ[HUGE_PAGES] = "1"
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv``; the exit status (see the module docstring). Usage
     errors and ``--help`` raise ``SystemExit`` as argparse does."""
+    prefer_huge_pages()
     args = parse_args(argv)
     with _one_line_warnings(), _sigterm_as_interrupt():
         try:

@@ -3,6 +3,7 @@
 import html.parser
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,28 @@ def test_ctrl_c_during_a_run_leaves_a_loadable_run(tiny_config, tmp_path, monkey
     assert "interrupted" in capsys.readouterr().err
     run = ntk.load_run(tmp_path / "run")
     assert run.status == "interrupted" and list(run.steps) == [0]
+
+
+def test_prefer_huge_pages_sets_the_allocator_switch_only_when_it_can_take_effect():
+    environ = {}
+    assert cli.prefer_huge_pages(environ, modules={}, platform="linux") and environ == {cli.HUGE_PAGES: "1"}
+    mine = {cli.HUGE_PAGES: "0"}  # the user's choice, also to turn it off
+    assert not cli.prefer_huge_pages(mine, modules={}, platform="linux") and mine == {cli.HUGE_PAGES: "0"}
+    late = {}  # torch read its allocator settings already
+    assert not cli.prefer_huge_pages(late, modules={"torch": object()}, platform="linux") and late == {}
+    elsewhere = {}
+    assert not cli.prefer_huge_pages(elsewhere, modules={}, platform="darwin") and elsewhere == {}
+
+
+def test_the_command_sets_huge_pages_before_torch_loads():
+    """Importing the command's module does not load torch, so main() sets the switch in
+    time for torch (and the processes it starts) to read it."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != cli.HUGE_PAGES}
+    code = ("import sys; from ntk_torch import cli; set_ = cli.prefer_huge_pages(); "
+            "import torch; import os; print(set_, 'torch' in sys.modules, os.environ.get(cli.HUGE_PAGES))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    expected = "True True 1" if sys.platform.startswith("linux") else "False True None"
+    assert done.stdout.split("\n")[0] == expected
