@@ -1,6 +1,6 @@
 """The capture from a flat ``nn.Linear`` head (:class:`ntk_torch.kernel.structured.plan.FlatHead`):
 found only where the model's output is the head's output, exact, and replaced by the
-general capture for a block whose output is not the head's."""
+general capture from the first block whose output is not the head's."""
 
 import pytest
 import torch
@@ -138,7 +138,10 @@ def test_block_whose_output_is_not_the_heads_is_captured_the_general_way():
     assert plan.head is not None
     model.scale = 3.0
     assert capture_module._capture_from_head(plan, fmodel, x, None) is None
-    records, cotangents, jacobians = capture_module.capture(plan, fmodel, x, None)
     head = capture_module.key_name(plan.head.key)
+    records, cotangents, jacobians = capture_module.capture(plan, fmodel, x, None)
     eye = torch.eye(3, dtype=F64).expand(4, 3, 3)
     torch.testing.assert_close(cotangents[head], 3.0 * eye)  # d(3 y)/dy, not the identity
+    assert plan.head is None  # later blocks go the general way at once
+    kernel = ntk.empirical_ntk(model, x, method="structured", dtype=F64)
+    torch.testing.assert_close(kernel, naive_ntk(model, x), rtol=1e-10, atol=1e-12)

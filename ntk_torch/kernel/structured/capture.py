@@ -15,7 +15,7 @@ cotangents ``W[a]`` (``vjp`` and ``vmap`` over the rows of ``W``) and the head's
 cotangent is the identity: the same values without the head's backward, a product with
 ``K = O`` that only copies rows of ``W`` for every example and output (on a CNN whose
 head reads 16k features, 10% of the kernel's time). Should the output of a block not be
-the head's, the block is captured the general way.
+the head's, that block and every later one are captured the general way.
 
 :func:`assemble` applies the rules to them: one term per bundle of the plan.
 """
@@ -108,6 +108,7 @@ def capture(
         captured = _capture_from_head(plan, fmodel, x, chunk_size)
         if captured is not None:
             return captured
+        plan.head = None  # the output is no longer the head's: stop trying for later blocks
     probes = _zero_probes(plan, fmodel)
     fallback = {name: fmodel.params[name] for name in plan.fallback}
     fixed = {name: p for name, p in fmodel.params.items() if name not in fallback}
