@@ -605,7 +605,7 @@ def prefer_huge_pages(environ: Any = os.environ, modules: Any = sys.modules,
 
     torch then places every tensor of 2 MB or more on transparent huge pages: where the
     system faults pages in on first touch (glibc maps every allocation of 32 MB or more
-    afresh), a kernel with large transients runs 20-30% faster (the README's benchmark).
+    afresh), a kernel with large transients runs 10-25% faster (the README's benchmark).
     """
     if HUGE_PAGES in environ or "torch" in modules or not platform.startswith("linux"):
         return False

@@ -99,6 +99,14 @@ def drop_example_axis(records, cotangents):
     return records, cotangents
 
 
+def _primals(plan: "StructuredPlan", fmodel: FunctionalModel):
+    """``(probes, fallback, fixed)``: the zero probes and the fallback parameters the
+    capture differentiates, and the parameters it holds fixed."""
+    fallback = {name: fmodel.params[name] for name in plan.fallback}
+    fixed = {name: p for name, p in fmodel.params.items() if name not in fallback}
+    return _zero_probes(plan, fmodel), fallback, fixed
+
+
 def capture(
     plan: "StructuredPlan", fmodel: FunctionalModel, x: Inputs, chunk_size: Optional[int]
 ) -> Tuple[Dict[str, object], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -109,9 +117,7 @@ def capture(
         if captured is not None:
             return captured
         plan.head = None  # the output is no longer the head's: stop trying for later blocks
-    probes = _zero_probes(plan, fmodel)
-    fallback = {name: fmodel.params[name] for name in plan.fallback}
-    fixed = {name: p for name, p in fmodel.params.items() if name not in fallback}
+    probes, fallback, fixed = _primals(plan, fmodel)
 
     def single(primals, x_one):
         probe_values, fallback_values = primals
@@ -137,9 +143,7 @@ def _capture_from_head(
     """:func:`capture` for a model with a :class:`.plan.FlatHead`: one ``vjp`` per example
     from the head's input ``h`` ``(1, d)``, pulled back along each row of ``W`` ``(O, 1,
     d)``; None if the model's output was not the head's output in this block."""
-    probes = _zero_probes(plan, fmodel)
-    fallback = {name: fmodel.params[name] for name in plan.fallback}
-    fixed = {name: p for name, p in fmodel.params.items() if name not in fallback}
+    probes, fallback, fixed = _primals(plan, fmodel)
     head = key_name(plan.head.key)
     weight = fixed[plan.head.weight]
     rows = weight.reshape(weight.shape[0], 1, weight.shape[1])

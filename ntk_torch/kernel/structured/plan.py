@@ -241,9 +241,9 @@ def analyse(fmodel: FunctionalModel, x: Inputs, num_outputs: int) -> StructuredP
 def _flat_head(first: _Observation, plan: StructuredPlan, fmodel: FunctionalModel, owners: Owners,
                num_outputs: int) -> Optional[FlatHead]:
     """The :class:`FlatHead` of the plan, if the model's output is the output tensor itself
-    of a covered ``nn.Linear`` (its own forward) called once, mapping ``(1, d)`` to ``(1, O)``, all of whose
-    selected parameters the rule covers (a fallback parameter of the call would need the
-    output's own Jacobian)."""
+    of a covered ``nn.Linear`` (its own forward) called once, mapping ``(1, d)`` to
+    ``(1, O)``, all of whose selected parameters the rule covers (a fallback parameter of
+    the call would need the output's own Jacobian)."""
     for key, args, output in first.module_calls:
         if output is not first.output:
             continue
