@@ -18,6 +18,12 @@ from reference import naive_ntk, reduce_mode
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def any_head_width(monkeypatch):
+    """The zoo's heads are narrow: take the head path whatever the head's size."""
+    monkeypatch.setattr(plan_module, "MIN_HEAD_WEIGHT", 0)
+
+
 class Scaled(nn.Module):
     """``head(h) * scale``: the output is not the head's output tensor."""
 
@@ -145,3 +151,13 @@ def test_block_whose_output_is_not_the_heads_is_captured_the_general_way():
     assert plan.head is None  # later blocks go the general way at once
     kernel = ntk.empirical_ntk(model, x, method="structured", dtype=F64)
     torch.testing.assert_close(kernel, naive_ntk(model, x), rtol=1e-10, atol=1e-12)
+
+
+def test_only_a_wide_head_is_worth_the_head_path(monkeypatch):
+    monkeypatch.undo()  # the default MIN_HEAD_WEIGHT
+    x = torch.randn(2, 5, dtype=F64)
+    narrow = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    wide = nn.Sequential(nn.Linear(5, 8192), nn.Tanh(), nn.Linear(8192, 8))
+    assert plan_module.MIN_HEAD_WEIGHT == 8192 * 8
+    assert _plan(narrow, x)[1].head is None
+    assert _plan(wide, x)[1].head is not None
