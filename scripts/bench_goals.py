@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ntk_torch import cli  # the allocator switch's name, from the command that sets it
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEYS = ("mlp/full", "mlp/trace", "cnn/full", "cnn/trace")
 SIZES = {"mlp": 128, "cnn": 64}
@@ -134,7 +136,7 @@ def child(repeats: int, threads: int, epochs: int) -> None:
     print(json.dumps(out))
 
 
-HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}
+HUGE_PAGES = {cli.HUGE_PAGES: "1"}
 """The environment of the torch processes under ``--huge-pages`` (read once, when torch
 first allocates: it must be set before the process starts)."""
 
@@ -226,9 +228,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               repeats, pinned) for key in KEYS}
         label = "1 thread (taskset -c 0)" if pinned else f"all threads ({ours['threads']})"
         settings[label] = (ours, nt)
-    allocator = ("THP_MEM_ALLOC_ENABLE=1 (huge pages for tensors >= 2 MB)" if args.huge_pages
-                 else "default (THP_MEM_ALLOC_ENABLE unset)" if "THP_MEM_ALLOC_ENABLE" not in os.environ
-                 else f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']} (inherited)")
+    name = cli.HUGE_PAGES
+    allocator = (f"{name}=1 (huge pages for tensors >= 2 MB)" if args.huge_pages
+                 else f"default ({name} unset)" if name not in os.environ
+                 else f"{name}={os.environ[name]} (inherited)")
     print(f"Machine: {machine_description(torch.device('cpu'))} (before: {load_before}); "
           f"torch {torch.__version__}; torch allocator: {allocator}; median of {repeats}; "
           f"{time.perf_counter() - started:.0f} s in all")
