@@ -32,6 +32,7 @@ _DEFINED_IN = {
     "NTKTracker": "tracker",
     "select": "selection",
     "mlp_kernels": "analytic",
+    "keep_freed_memory": "allocator",
 }
 """Public names -> the module defining them."""
 _MODULES = ("analytic", "data", "estimate", "metrics", "models", "predict", "plots", "report")
@@ -82,6 +83,7 @@ __all__ = [
     "eigsh",
     "empirical_ntk",
     "estimate",
+    "keep_freed_memory",
     "linearize",
     "load_run",
     "mlp_kernels",

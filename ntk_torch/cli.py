@@ -7,8 +7,9 @@ SIGTERM, which stop training like Ctrl-C and leave a loadable run with status
 ``interrupted``. Warnings are printed as one line each, ``ntk-torch: warning: ...``.
 
 The package is imported inside :func:`main`, so Ctrl-C while torch is still loading is
-an interruption like any other (no traceback), and so that :func:`prefer_huge_pages` can
-set PyTorch's allocator up before torch starts. A config can run code (import paths in
+an interruption like any other (no traceback). The command has glibc keep freed memory
+for reuse (:func:`ntk_torch.allocator.keep_for_command`; ``NTK_TORCH_KEEP_FREED_MEMORY=0``
+turns it off), so that a kernel's large transients are not faulted in afresh on every call. A config can run code (import paths in
 ``data.name``/``model.name``); only modules named by ``--allow-import`` or
 ``NTK_TORCH_ALLOW_IMPORT`` are imported, and each import path is printed before running.
 """
@@ -19,7 +20,6 @@ import argparse
 import contextlib
 import importlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from . import records
+from . import allocator, records
 from ._version import __version__
 
 if TYPE_CHECKING:  # the commands import config, experiment and all they load only when they run
@@ -50,9 +50,6 @@ EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 """Exit statuses: an error; Ctrl-C (128 + SIGINT); SIGTERM (128 + SIGTERM)."""
 MAX_MESSAGE = 2000
 """The longest error or warning line printed (characters)."""
-HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
-"""PyTorch's switch for transparent huge pages in its CPU allocator (read once, at torch's
-first allocation)."""
 
 
 class UserError(Exception):
@@ -597,29 +594,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def prefer_huge_pages(environ: Any = os.environ, modules: Any = sys.modules,
-                      platform: str = sys.platform) -> bool:
-    """Set ``THP_MEM_ALLOC_ENABLE=1`` for this process and its children unless the user set
-    it (``=0`` turns it off) or torch is loaded already (it would not read it); Linux only.
-    Whether it was set.
-
-    torch then places every tensor of 2 MB or more on transparent huge pages: where the
-    system faults pages in on first touch (glibc maps every allocation of 32 MB or more
-    afresh), a kernel with large transients runs 10-25% faster (the README's benchmark).
-    """
-    if HUGE_PAGES in environ or "torch" in modules or not platform.startswith("linux"):
-        return False
-    environ[HUGE_PAGES] = "1"
-    return True
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv``; the exit status (see the module docstring). Usage
     errors and ``--help`` raise ``SystemExit`` as argparse does."""
-    prefer_huge_pages()
     args = parse_args(argv)
     with _one_line_warnings(), _sigterm_as_interrupt():
         try:
+            allocator.keep_for_command()
             return _handle(args)
         except KeyboardInterrupt as interruption:  # runs already written stay loadable
             print(f"\nntk-torch: {_interrupted(interruption)}", file=sys.stderr)

@@ -23,12 +23,14 @@ thread. Per setting it measures, side by side:
   over the kernel's time, on ``scripts/bench_tracker.py``'s digits MLP with a 256-example
   probe, trace mode, every 10 steps, no forecast (goal: <= 15%).
 
-``--quick``: one timed call per entry and one training epoch. ``--huge-pages``: the torch
-processes run with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for
-transparent huge pages for every tensor of 2 MB or more, see the README's advice for CPUs);
-neural-tangents' processes are unchanged. The header names the machine, torch, the
-threads, the allocator setting and the load average before and after (figures measured
-under load are provisional).
+``--quick``: one timed call per entry and one training epoch. ``--allocator`` sets the
+torch processes' memory up: ``default`` (glibc's and torch's defaults), ``keep``
+(:func:`ntk_torch.keep_freed_memory`, what the ``ntk-torch`` command does: freed memory is
+kept for reuse, so a kernel call faults no page in) or ``huge-pages``
+(``THP_MEM_ALLOC_ENABLE=1``: PyTorch's CPU allocator asks for transparent huge pages for
+every tensor of 2 MB or more); neural-tangents' processes are unchanged (XLA keeps its own
+pool). The header names the machine, torch, the threads, the allocator setting and the
+load average before and after (figures measured under load are provisional).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ntk_torch import cli  # the allocator switch's name, from the command that sets it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEYS = ("mlp/full", "mlp/trace", "cnn/full", "cnn/trace")
@@ -107,14 +108,17 @@ def tracker_fraction(epochs: int) -> Dict[str, float]:
             "threads": torch.get_num_threads()}
 
 
-def child(repeats: int, threads: int, epochs: int) -> None:
+def child(repeats: int, threads: int, epochs: int, allocator: str) -> None:
     """In a fresh process: every torch-side figure of one setting, as one JSON line."""
     import torch
 
     sys.path.insert(0, HERE)
     from bench_ntk import cnn_case, mlp_case, time_call, tutorial_baseline
 
-    from ntk_torch import NTK
+    from ntk_torch import NTK, keep_freed_memory
+
+    if allocator == "keep" and not keep_freed_memory():
+        raise SystemExit("--allocator keep needs glibc (Linux)")
 
     if threads:
         torch.set_num_threads(threads)
@@ -136,16 +140,23 @@ def child(repeats: int, threads: int, epochs: int) -> None:
     print(json.dumps(out))
 
 
-HUGE_PAGES = {cli.HUGE_PAGES: "1"}
-"""The environment of the torch processes under ``--huge-pages`` (read once, when torch
-first allocates: it must be set before the process starts)."""
+ALLOCATORS = {
+    "default": "default (glibc's and torch's)",
+    "keep": "keep (ntk_torch.keep_freed_memory: freed memory kept for reuse)",
+    "huge-pages": "huge pages (THP_MEM_ALLOC_ENABLE=1, tensors >= 2 MB)",
+}
+"""``--allocator`` choices and how the header names them."""
+THP = "THP_MEM_ALLOC_ENABLE"
+HUGE_PAGES = {THP: "1"}
+"""The environment of the torch processes under ``--allocator huge-pages`` (torch reads it
+once, at its first allocation: it must be set before the process starts)."""
 
 
-def torch_setting(repeats: int, pinned: bool, epochs: int, huge_pages: bool = False) -> dict:
+def torch_setting(repeats: int, pinned: bool, epochs: int, allocator: str = "default") -> dict:
     from bench_vs_nt import _pinned
 
-    command = [sys.executable, __file__, "--child", str(repeats), "1" if pinned else "0", str(epochs)]
-    env = {**os.environ, **HUGE_PAGES} if huge_pages else None
+    command = [sys.executable, __file__, "--child", str(repeats), "1" if pinned else "0", str(epochs), allocator]
+    env = {**os.environ, **HUGE_PAGES} if allocator == "huge-pages" else None
     done = subprocess.run(_pinned(command, pinned), capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"torch run failed: {done.stderr.strip()[-800:]}")
@@ -206,13 +217,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--nt-python", default="", help="python of a venv with neural-tangents")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per entry (median)")
     parser.add_argument("--quick", action="store_true", help="one timed call per entry, one epoch")
-    parser.add_argument("--huge-pages", action="store_true",
-                        help="run the torch processes with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="default",
+                        help="the torch processes' memory setting (see the module docstring)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, HERE)
     if args.child:
-        child(int(args.child[0]), int(args.child[1]), int(args.child[2]))
+        child(int(args.child[0]), int(args.child[1]), int(args.child[2]), args.child[3])
         return 0
     import torch
 
@@ -223,15 +234,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started, load_before = time.perf_counter(), load_average()
     settings: Dict[str, Tuple[dict, Dict[str, Optional[float]]]] = {}
     for pinned in (True, False):
-        ours = torch_setting(repeats, pinned, epochs, args.huge_pages)
+        ours = torch_setting(repeats, pinned, epochs, args.allocator)
         nt = {key: nt_seconds(args.nt_python, key.split("/")[0], SIZES[key.split("/")[0]], key.split("/")[1],
                               repeats, pinned) for key in KEYS}
         label = "1 thread (taskset -c 0)" if pinned else f"all threads ({ours['threads']})"
         settings[label] = (ours, nt)
-    name = cli.HUGE_PAGES
-    allocator = (f"{name}=1 (huge pages for tensors >= 2 MB)" if args.huge_pages
-                 else f"default ({name} unset)" if name not in os.environ
-                 else f"{name}={os.environ[name]} (inherited)")
+    allocator = ALLOCATORS[args.allocator]
+    if args.allocator != "huge-pages" and THP in os.environ:
+        allocator += f", inherited {THP}={os.environ[THP]}"
     print(f"Machine: {machine_description(torch.device('cpu'))} (before: {load_before}); "
           f"torch {torch.__version__}; torch allocator: {allocator}; median of {repeats}; "
           f"{time.perf_counter() - started:.0f} s in all")

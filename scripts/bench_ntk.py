@@ -6,7 +6,7 @@
     python scripts/bench_ntk.py --bert-only [--repeats 5]
     python scripts/bench_ntk.py --vs-nt --nt-python PYTHON [--quick]   # scripts/bench_vs_nt.py
     python scripts/bench_ntk.py --scaling [--quick]                    # scripts/bench_scaling.py
-    python scripts/bench_ntk.py --goals --nt-python PYTHON [--quick] [--huge-pages]   # scripts/bench_goals.py
+    python scripts/bench_ntk.py --goals --nt-python PYTHON [--quick] [--allocator keep]   # scripts/bench_goals.py
 
 ``ntk-torch bench [args...]`` runs this script's :func:`main` from a source checkout.
 
@@ -545,6 +545,10 @@ def structured_report(args: argparse.Namespace) -> str:
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The benchmark's options, both modes; ``prog`` names the command in its usage."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import bench_goals  # its --allocator choices
+
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument(
         "--quick",
@@ -572,8 +576,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                             help="trace kernel time and memory against N and width (bench_scaling.py)")
     structured.add_argument("--goals", action="store_true",
                             help="every performance goal in one table, 1 thread pinned and all threads (bench_goals.py)")
-    structured.add_argument("--huge-pages", action="store_true",
-                            help="with --goals: the torch processes run with THP_MEM_ALLOC_ENABLE=1")
+    structured.add_argument("--allocator", choices=list(bench_goals.ALLOCATORS), default="default",
+                            help="with --goals: the torch processes' memory setting (bench_goals.py)")
     structured.add_argument("--large-trace-child", type=int, metavar="N", help=argparse.SUPPRESS)
     structured.add_argument("--bert-child", type=int, metavar="VOCAB", help=argparse.SUPPRESS)
     structured.add_argument("--bert-threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -604,7 +608,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         if args.goals:
             import bench_goals
 
-            extra = (["--quick"] if args.quick else []) + (["--huge-pages"] if args.huge_pages else [])
+            extra = (["--quick"] if args.quick else []) + ["--allocator", args.allocator]
             return bench_goals.main(["--nt-python", args.nt_python, "--repeats", str(args.repeats)] + extra)
         if args.vs_nt:
             import bench_vs_nt

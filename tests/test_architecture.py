@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ntk_torch"
 # layers; a top-level module of one layer may import others of the same layer only where
 # ALSO_ALLOWED says so.
 LAYERS: Tuple[Tuple[str, ...], ...] = (
-    ("_version", "errors", "failures", "_options", "steps", "records", "layout", "progress"),
+    ("_version", "errors", "failures", "_options", "steps", "records", "layout", "progress", "allocator"),
     ("functional", "runs", "analytic"),
     ("kernel",),
     ("metrics", "losses", "spectral", "estimate"),

@@ -2,6 +2,7 @@
 
 import sys
 
+import pytest
 from torch import nn
 
 from ntk_torch import cli
@@ -25,7 +26,7 @@ def test_counted_flops_of_a_small_mlp_by_hand():
 
 
 def test_goals_table_marks_each_goal_and_missing_neural_tangents(monkeypatch, capsys):
-    def fake(repeats, pinned, epochs, huge_pages=False):
+    def fake(repeats, pinned, epochs, allocator="default"):
         return {
             "seconds": {"mlp/full": 0.04, "mlp/trace": 0.02, "cnn/full": 0.2, "cnn/trace": 0.1},
             "threads": 1 if pinned else 2, "matmul": 1e11, "flops": {"full": 3.6e9, "trace": 1.0e9},
@@ -43,27 +44,29 @@ def test_goals_table_marks_each_goal_and_missing_neural_tangents(monkeypatch, ca
     assert out.count("vs NT –: –") == 8
 
 
-def test_huge_pages_reach_the_torch_processes_and_the_header(monkeypatch, capsys):
-    """``--huge-pages`` sets THP_MEM_ALLOC_ENABLE=1 in the torch child's environment only,
-    and the header says so."""
+def test_the_allocator_setting_reaches_the_torch_processes_and_the_header(monkeypatch, capsys):
+    """``--allocator huge-pages`` sets THP_MEM_ALLOC_ENABLE=1 in the torch child's
+    environment only; ``keep`` is passed to the child, which turns it on itself (a
+    process's malloc settings are not inherited); the header names the setting."""
     import subprocess
 
     seen = []
 
     def fake_run(command, capture_output, text, env=None):
-        seen.append(env)
+        seen.append((command[-1], env))
         return subprocess.CompletedProcess(command, 0, stdout='{"threads": 1}\n', stderr="")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    assert bench_goals.torch_setting(1, True, 1, huge_pages=True) == {"threads": 1}
-    assert bench_goals.torch_setting(1, True, 1) == {"threads": 1}
-    assert seen[0]["THP_MEM_ALLOC_ENABLE"] == "1" and seen[1] is None
+    for allocator in ("huge-pages", "keep", "default"):
+        assert bench_goals.torch_setting(1, True, 1, allocator) == {"threads": 1}
+    assert seen[0][0] == "huge-pages" and seen[0][1]["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert seen[1] == ("keep", None) and seen[2] == ("default", None)
 
     calls = []
 
-    def fake(repeats, pinned, epochs, huge_pages=False):
-        calls.append(huge_pages)
+    def fake(repeats, pinned, epochs, allocator="default"):
+        calls.append(allocator)
         return {
             "seconds": {"mlp/full": 0.04, "mlp/trace": 0.02, "cnn/full": 0.2, "cnn/trace": 0.1},
             "threads": 1, "matmul": 1e11, "flops": {"full": 3.6e9, "trace": 1.0e9},
@@ -72,15 +75,30 @@ def test_huge_pages_reach_the_torch_processes_and_the_header(monkeypatch, capsys
         }
 
     monkeypatch.setattr(bench_goals, "torch_setting", fake)
-    assert bench_goals.main(["--quick", "--huge-pages"]) == 0
-    assert calls == [True, True]
-    assert "torch allocator: THP_MEM_ALLOC_ENABLE=1" in capsys.readouterr().out
+    assert bench_goals.main(["--quick", "--allocator", "keep"]) == 0
+    assert calls == ["keep", "keep"]
+    assert "torch allocator: keep (ntk_torch.keep_freed_memory" in capsys.readouterr().out
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert bench_goals.main(["--quick"]) == 0
+    assert "torch allocator: default (glibc's and torch's), inherited THP_MEM_ALLOC_ENABLE=1" in capsys.readouterr().out
 
 
-def test_bench_ntk_goals_forwards_quick_and_huge_pages(monkeypatch):
+def test_the_child_turns_keep_on_in_its_own_process(monkeypatch):
+    import ntk_torch
+
+    asked = []
+    monkeypatch.setattr(ntk_torch, "keep_freed_memory", lambda: asked.append(True) or False)
+    with pytest.raises(SystemExit, match="--allocator keep needs glibc"):
+        bench_goals.child(1, 1, 1, "keep")
+    assert asked == [True]
+
+
+def test_bench_ntk_goals_forwards_quick_and_the_allocator(monkeypatch):
     import bench_ntk
 
     forwarded = []
     monkeypatch.setattr(bench_goals, "main", lambda argv: forwarded.append(argv) or 0)
-    assert bench_ntk.main(["--goals", "--quick", "--huge-pages", "--repeats", "2"]) == 0
-    assert forwarded == [["--nt-python", "", "--repeats", "2", "--quick", "--huge-pages"]]
+    assert bench_ntk.main(["--goals", "--quick", "--allocator", "keep", "--repeats", "2"]) == 0
+    assert bench_ntk.main(["--goals"]) == 0
+    assert forwarded == [["--nt-python", "", "--repeats", "2", "--quick", "--allocator", "keep"],
+                         ["--nt-python", "", "--repeats", "3", "--allocator", "default"]]

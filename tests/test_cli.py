@@ -280,26 +280,36 @@ def test_ctrl_c_during_a_run_leaves_a_loadable_run(tiny_config, tmp_path, monkey
     assert run.status == "interrupted" and list(run.steps) == [0]
 
 
-def test_prefer_huge_pages_sets_the_allocator_switch_only_when_it_can_take_effect():
-    environ = {}
-    assert cli.prefer_huge_pages(environ, modules={}, platform="linux") and environ == {cli.HUGE_PAGES: "1"}
-    mine = {cli.HUGE_PAGES: "0"}  # the user's choice, also to turn it off
-    assert not cli.prefer_huge_pages(mine, modules={}, platform="linux") and mine == {cli.HUGE_PAGES: "0"}
-    late = {}  # torch read its allocator settings already
-    assert not cli.prefer_huge_pages(late, modules={"torch": object()}, platform="linux") and late == {}
-    elsewhere = {}
-    assert not cli.prefer_huge_pages(elsewhere, modules={}, platform="darwin") and elsewhere == {}
+def test_every_command_asks_for_freed_memory_to_be_kept(monkeypatch, tmp_path, capsys):
+    from ntk_torch import allocator
+
+    asked = []
+    monkeypatch.setattr(allocator, "keep_for_command", lambda: asked.append(True))
+    assert ntk_torch_cli("report", tmp_path / "missing") == 2  # asked before the command fails
+    assert asked == [True]
 
 
-def test_the_command_sets_huge_pages_before_torch_loads():
-    """Importing the command's module does not load torch, so main() sets the switch in
-    time for torch (and the processes it starts) to read it."""
+def test_a_bad_keep_freed_memory_switch_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    from ntk_torch import allocator
+
+    monkeypatch.setenv(allocator.KEEP_FREED_MEMORY, "yes")
+    assert ntk_torch_cli("report", tmp_path / "missing") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ntk-torch: error: NTK_TORCH_KEEP_FREED_MEMORY must be 0 or 1, got 'yes'"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's setting: Linux only")
+def test_the_command_keeps_freed_memory_in_its_own_process(tmp_path):
     import os
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k != cli.HUGE_PAGES}
-    code = ("import sys; from ntk_torch import cli; set_ = cli.prefer_huge_pages(); "
-            "import torch; import os; print(set_, 'torch' in sys.modules, os.environ.get(cli.HUGE_PAGES))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    expected = "True True 1" if sys.platform.startswith("linux") else "False True None"
-    assert done.stdout.split("\n")[0] == expected
+    from ntk_torch import allocator
+
+    code = ("import sys; from ntk_torch import allocator, cli; "
+            f"cli.main(['report', {str(tmp_path / 'missing')!r}]); print(allocator.describe())")
+    env = {k: v for k, v in os.environ.items() if k != allocator.KEEP_FREED_MEMORY}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "keeps freed memory" in done.stdout
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, allocator.KEEP_FREED_MEMORY: "0"})
+    assert done.stdout.strip() == "default (freed memory returned to the system)"
