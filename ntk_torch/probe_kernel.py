@@ -52,6 +52,7 @@ r"""The tracker's probe kernel: how it is measured, and how a measurement become
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
@@ -194,11 +195,13 @@ class DenseProbe(_Probe):
 
     def measure(self, step: int, x: Any) -> Tuple[Fields, Optional[torch.Tensor]]:
         """The record fields of the kernel on ``x`` now, and that kernel (None if not finite)."""
+        started = time.perf_counter()
         try:
             kernels = self.ntk(x)
         except NonFiniteKernelError as error:
             return self._nonfinite(step, error.groups, str(error)), None
-        fields = {records.FINITE: True, **self.drift.fields(step, kernels)}
+        seconds = time.perf_counter() - started
+        fields = {records.FINITE: True, records.KERNEL_TIME: seconds, **self.drift.fields(step, kernels)}
         return fields, kernels if isinstance(kernels, torch.Tensor) else kernels.total
 
     def share(self, x: Any) -> None:

@@ -12,6 +12,9 @@ field                       value
 ``step``                    the optimizer step of the measurement (int)
 ``time``                    Unix time of the measurement (s)
 ``measure_time``            seconds spent measuring
+``kernel_time``             seconds of it spent forming the probe kernel (None with
+                            ``kernel="estimate"``, which never forms it); the rest is the
+                            tracker's bookkeeping: metrics, eigenvalues, losses, forecast
 ``finite``                  whether the probe kernel was finite
 ``nonfinite_groups``        the parameter groups at fault, when it was not
 ``trace``                   trace of the probe kernel's matrix
@@ -67,6 +70,7 @@ __all__ = [
     "FINITE",
     "FROBENIUS",
     "KERNEL_DISTANCE",
+    "KERNEL_TIME",
     "LAYER_SHARE",
     "MEASURE_TIME",
     "METRICS",
@@ -90,6 +94,7 @@ __all__ = [
 STEP = "step"
 TIME = "time"
 MEASURE_TIME = "measure_time"
+KERNEL_TIME = "kernel_time"
 FINITE = "finite"
 NONFINITE_GROUPS = "nonfinite_groups"
 TRACE = "trace"

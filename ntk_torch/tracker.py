@@ -125,7 +125,8 @@ class NTKTracker:
 
     (field names and meanings: :mod:`ntk_torch.records`)
 
-    * ``step``, ``time`` (Unix seconds), ``measure_time`` (seconds spent measuring);
+    * ``step``, ``time`` (Unix seconds), ``measure_time`` (seconds spent measuring) and
+      ``kernel_time`` (of which forming the probe kernel);
     * ``finite``, and ``nonfinite_groups`` when the kernel had NaN/inf entries (the other
       kernel fields are then None; a ``RuntimeWarning`` is issued once per tracker);
     * ``trace``, ``frobenius``, ``top_eigenvalues`` (up to 10, descending),

@@ -31,7 +31,7 @@ def test_goals_table_marks_each_goal_and_missing_neural_tangents(monkeypatch, ca
             "seconds": {"mlp/full": 0.04, "mlp/trace": 0.02, "cnn/full": 0.2, "cnn/trace": 0.1},
             "threads": 1 if pinned else 2, "matmul": 1e11, "flops": {"full": 3.6e9, "trace": 1.0e9},
             "auto_trace": 0.01, "tutorial_trace": 4.0,
-            "tracker": {"measure": 0.013, "kernel": 0.012, "measurements": 6, "threads": 1},
+            "tracker": {"bookkeeping": 0.001, "kernel": 0.012, "measurements": 6, "threads": 1},
         }
 
     monkeypatch.setattr(bench_goals, "torch_setting", fake)
@@ -71,7 +71,7 @@ def test_the_allocator_setting_reaches_the_torch_processes_and_the_header(monkey
             "seconds": {"mlp/full": 0.04, "mlp/trace": 0.02, "cnn/full": 0.2, "cnn/trace": 0.1},
             "threads": 1, "matmul": 1e11, "flops": {"full": 3.6e9, "trace": 1.0e9},
             "auto_trace": 0.01, "tutorial_trace": 4.0,
-            "tracker": {"measure": 0.013, "kernel": 0.012, "measurements": 6, "threads": 1},
+            "tracker": {"bookkeeping": 0.001, "kernel": 0.012, "measurements": 6, "threads": 1},
         }
 
     monkeypatch.setattr(bench_goals, "torch_setting", fake)

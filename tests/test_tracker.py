@@ -99,7 +99,29 @@ def test_records_start_at_zero_drift_and_drift_grows_with_training():
         assert 1.0 <= record["effective_rank"] <= 16
         assert -1.0 <= record["target_alignment"] <= 1.0
         assert 0.0 <= record["probe_accuracy"] <= 1.0 and 0.0 <= record["test_accuracy"] <= 1.0
+        assert 0 < record["kernel_time"] < record["measure_time"]  # the rest is bookkeeping
     assert last["probe_loss"] < first["probe_loss"]
+
+
+def test_kernel_time_is_the_probe_kernels_share_of_the_measurement(monkeypatch):
+    """A probe kernel made 50 ms slower shows in ``kernel_time`` and ``measure_time`` alike."""
+    import time
+
+    from ntk_torch.kernel import NTK
+
+    data = make_data()
+    tracker = tracker_for(make_model(), data, forecast=None, every=1)
+    tracker.attach()  # step 0: the first kernel, which also plans the engine
+    tracker.step()
+    fast = tracker.records[-1]
+    computed = NTK.__call__
+    monkeypatch.setattr(NTK, "__call__", lambda self, *a, **k: (time.sleep(0.05), computed(self, *a, **k))[1])
+    tracker.step()
+    slow = tracker.records[-1]
+    assert slow["kernel_time"] >= fast["kernel_time"] + 0.05
+    bookkeeping = [r["measure_time"] - r["kernel_time"] for r in (fast, slow)]
+    assert bookkeeping[1] < bookkeeping[0] + 0.05
+    tracker.close()
 
 
 def test_step_zero_record_matches_direct_computation():

@@ -178,6 +178,7 @@ def test_estimated_kernel_that_is_not_finite_is_recorded_with_one_warning():
         tracker.step()
     record = tracker.records[-1]
     assert record["finite"] is False and record["trace"] is None and record["relative_change"] is None
+    assert "kernel_time" not in tracker.records[0]  # an estimated kernel is never formed
     tracker.close()
 
 
