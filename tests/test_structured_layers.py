@@ -344,3 +344,45 @@ def test_per_example_gradients_over_positions_stack_outputs(cases, name, monkeyp
     # conv_transpose and x @ W (addmm, matmul) hold (d_in, d_out) weights: the transposed layout
     expected = {"attention": {False}, "functional": {False, True}, "transposed_convs": {True}}
     assert set(calls) == expected[name]
+
+
+# --------------------------------------------------------------------------- im2col patches
+
+def _windows_by_unfold(x, kernel, stride, dilation, pads, groups):
+    """The generic window gather of ``layers.patches`` (``Tensor.unfold`` per dimension),
+    which every spatial rank but two uses, as the reference for the 2-D ``F.unfold`` path."""
+    from ntk_torch.kernel.structured import layers
+
+    return layers.patches(x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation), (*pads, 0, 0), groups)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, pads, groups", [
+    ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1),
+    ((2, 3), (2, 1), (1, 2), (1, 0, 2, 1), 2),  # asymmetric pads ("same" with an even kernel)
+    ((3, 2), (1, 3), (2, 1), (0, 0, 0, 0), 4),
+])
+def test_2d_patches_by_im2col_match_the_window_gather(kernel, stride, dilation, pads, groups):
+    """``F.unfold``'s patches (a transposed view) equal the windows gathered one axis at a
+    time, laid out ``(m, g, L, C/g prod(kernel))`` like a weight slice."""
+    from ntk_torch.kernel.structured import layers
+
+    x = torch.randn(3, 4, 7, 6, dtype=F64)
+    patches = layers.patches(x, kernel, stride, dilation, pads, groups)
+    assert patches.stride(2) == 1  # positions fastest: im2col's layout, not copied
+    torch.testing.assert_close(patches, _windows_by_unfold(x, kernel, stride, dilation, pads, groups),
+                               rtol=0, atol=0)
+
+
+def test_a_bias_joins_patches_in_their_layout():
+    """The bias's constant feature is appended as one more im2col row (a cheap copy of whole
+    rows), and the joined features equal the plain concatenation."""
+    from ntk_torch.kernel.structured import layers
+    from ntk_torch.kernel.structured.terms import DenseFeatures
+
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    weight = DenseFeatures(layers.patches(x, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1))
+    bias = layers.bias_term(torch.zeros(2, 1, 1, 25, 4, dtype=F64), weight).features
+    joined = DenseFeatures.along_width([weight, bias]).values
+    assert joined.shape == (2, 1, 25, 28) and joined.stride(2) == 1
+    expected = torch.cat([weight.values, torch.ones(2, 1, 25, 1, dtype=F64)], dim=3)
+    torch.testing.assert_close(joined, expected, rtol=0, atol=0)

@@ -116,8 +116,14 @@ class DenseFeatures:
 
     @staticmethod
     def along_width(parts: List["DenseFeatures"]) -> "DenseFeatures":
+        """The features side by side (a weight's and a bias's constant), joined in the
+        first part's memory order: positions fastest for im2col's patches (a transposed
+        view, see :func:`.layers.patches`), else the width."""
         n, g, t = parts[0].values.shape[:3]
-        return DenseFeatures(torch.cat([p.values.expand(n, g, t, -1) for p in parts], dim=3))
+        widths = [p.values.expand(n, g, t, -1) for p in parts]
+        if t > 1 and parts[0].values.stride(2) == 1:
+            return DenseFeatures(torch.cat([w.transpose(2, 3) for w in widths], dim=2).transpose(2, 3))
+        return DenseFeatures(torch.cat(widths, dim=3))
 
 
 class IndexFeatures:
