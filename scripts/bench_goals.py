@@ -1,10 +1,13 @@
 """Every performance goal of the benchmark issue in one run, one markdown table.
 
-    python scripts/bench_goals.py --nt-python /tmp/nt-venv/bin/python [--quick] [--repeats 3]
+    python scripts/bench_goals.py --nt-python /tmp/nt-venv/bin/python [--quick] [--repeats 3] [--rounds 3]
 
 Each setting runs in fresh processes: pinned to CPU 0 (``taskset -c 0``) with one thread
 (``torch.set_num_threads(1)``; XLA's one-thread flags for neural-tangents), then with every
-thread. Per setting it measures, side by side:
+thread. The kernels are timed in ``--rounds`` alternating rounds (ours, then
+neural-tangents'): each side's median over rounds gives the ratio, and the cell shows the
+range of the rounds' own ratios, since a shared machine's pace swings by 2x within
+minutes. Per setting it measures, side by side:
 
 * the structured engine against neural-tangents' structured derivatives
   (``scripts/bench_nt.py`` in its own environment) on the MLP 784-512-512-10 at N=128 and
@@ -110,8 +113,11 @@ def tracker_fraction(epochs: int) -> Dict[str, float]:
             "threads": torch.get_num_threads()}
 
 
-def child(repeats: int, threads: int, epochs: int, allocator: str) -> None:
-    """In a fresh process: every torch-side figure of one setting, as one JSON line."""
+def child(repeats: int, threads: int, epochs: int, allocator: str, part: str = "kernels") -> None:
+    """In a fresh process: the torch-side figures of one setting, as one JSON line:
+    ``part="kernels"`` the four structured kernels, ``torch.matmul``'s rate and the counted
+    FLOPs (one round, see :func:`main`); ``"rest"`` the tutorial against ``auto`` and the
+    tracker's bookkeeping."""
     import torch
 
     sys.path.insert(0, HERE)
@@ -125,20 +131,23 @@ def child(repeats: int, threads: int, epochs: int, allocator: str) -> None:
     if threads:
         torch.set_num_threads(threads)
     cpu = torch.device("cpu")
-    out: Dict[str, object] = {"seconds": {}, "threads": torch.get_num_threads()}
-    cases = {"mlp": mlp_case(), "cnn": cnn_case()}
-    for key in KEYS:
-        case, mode = cases[key.split("/")[0]], key.split("/")[1]
-        kernel = NTK(case.model, mode=mode, method="structured")  # built once, like NT's jitted kernel_fn
-        out["seconds"][key] = time_call(lambda: kernel(case.inputs), cpu, 1, repeats)
-    out["matmul"] = matmul_rate()
-    mlp = cases["mlp"]
-    out["flops"] = {mode: mlp_counted_flops(mlp.model, SIZES["mlp"], mode) for mode in ("full", "trace")}
-    auto = NTK(mlp.model, mode="trace", method="auto")
-    out["auto_trace"] = time_call(lambda: auto(mlp.inputs), cpu, 1, repeats)
-    out["tutorial_trace"] = time_call(lambda: tutorial_baseline(mlp.model, mlp.inputs, mlp.inputs, "trace"),
-                                      cpu, 0, 1)
-    out["tracker"] = tracker_fraction(epochs)
+    out: Dict[str, object] = {"threads": torch.get_num_threads()}
+    mlp = mlp_case()
+    if part == "kernels":
+        cases = {"mlp": mlp, "cnn": cnn_case()}
+        out["seconds"] = {}
+        for key in KEYS:
+            case, mode = cases[key.split("/")[0]], key.split("/")[1]
+            kernel = NTK(case.model, mode=mode, method="structured")  # built once, like NT's jitted kernel_fn
+            out["seconds"][key] = time_call(lambda: kernel(case.inputs), cpu, 1, repeats)
+        out["matmul"] = matmul_rate()
+        out["flops"] = {mode: mlp_counted_flops(mlp.model, SIZES["mlp"], mode) for mode in ("full", "trace")}
+    else:
+        auto = NTK(mlp.model, mode="trace", method="auto")
+        out["auto_trace"] = time_call(lambda: auto(mlp.inputs), cpu, 1, repeats)
+        out["tutorial_trace"] = time_call(lambda: tutorial_baseline(mlp.model, mlp.inputs, mlp.inputs, "trace"),
+                                          cpu, 0, 1)
+        out["tracker"] = tracker_fraction(epochs)
     print(json.dumps(out))
 
 
@@ -154,15 +163,34 @@ HUGE_PAGES = {THP: "1"}
 once, at its first allocation: it must be set before the process starts)."""
 
 
-def torch_setting(repeats: int, pinned: bool, epochs: int, allocator: str = "default") -> dict:
+def torch_setting(repeats: int, pinned: bool, epochs: int, allocator: str = "default", part: str = "kernels") -> dict:
     from bench_vs_nt import _pinned
 
-    command = [sys.executable, __file__, "--child", str(repeats), "1" if pinned else "0", str(epochs), allocator]
+    command = [sys.executable, __file__, "--child", str(repeats), "1" if pinned else "0", str(epochs), allocator,
+               part]
     env = {**os.environ, **HUGE_PAGES} if allocator == "huge-pages" else None
     done = subprocess.run(_pinned(command, pinned), capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"torch run failed: {done.stderr.strip()[-800:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _median(values: Sequence[Optional[float]]) -> Optional[float]:
+    """The median, or None if any value is missing (a side that did not run)."""
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
+def combine_rounds(measured: Sequence[Tuple[dict, Dict[str, Optional[float]]]]) -> dict:
+    """Our figures over rounds: median seconds per kernel and matmul rate, and each round's
+    ratio to neural-tangents (``ratios[key]``, None where it did not run)."""
+    first = measured[0][0]
+    return {
+        "threads": first["threads"], "flops": first["flops"],
+        "seconds": {key: statistics.median(ours["seconds"][key] for ours, _ in measured) for key in KEYS},
+        "matmul": statistics.median(ours["matmul"] for ours, _ in measured),
+        "ratios": {key: [None if nt.get(key) is None else nt[key] / ours["seconds"][key] for ours, nt in measured]
+                   for key in KEYS},
+    }
 
 
 def _ratio(value: Optional[float], goal: float, fmt: str = "{:.2f}x") -> str:
@@ -187,8 +215,10 @@ def table(settings: Dict[str, Tuple[dict, Dict[str, Optional[float]]]]) -> List[
             seconds = ours["seconds"][key]
             theirs = nt.get(key)
             ratio = None if theirs is None else theirs / seconds
+            spread = [r for r in ours.get("ratios", {}).get(key, []) if r is not None]
+            rounds = f" (rounds {min(spread):.2f}-{max(spread):.2f}x)" if len(spread) > 1 else ""
             cells.append(f"{seconds:.4f} s vs NT {'–' if theirs is None else f'{theirs:.4f} s'}: "
-                         + _ratio(ratio, GOAL_VS_NT[case]))
+                         + _ratio(ratio, GOAL_VS_NT[case]) + rounds)
         row(f"{case} N={SIZES[case]} {mode} vs neural-tangents", f">= {GOAL_VS_NT[case]}x", cells)
     for mode in ("full", "trace"):
         cells = []
@@ -221,31 +251,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one timed call per entry, one epoch")
     parser.add_argument("--allocator", choices=list(ALLOCATORS), default="default",
                         help="the torch processes' memory setting (see the module docstring)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of ours then neural-tangents per setting (medians over rounds)")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, HERE)
     if args.child:
-        child(int(args.child[0]), int(args.child[1]), int(args.child[2]), args.child[3])
+        child(int(args.child[0]), int(args.child[1]), int(args.child[2]), args.child[3], args.child[4])
         return 0
     import torch
 
     from bench_ntk import load_average, machine_description
     from bench_vs_nt import nt_seconds
 
-    repeats, epochs = (1, 1) if args.quick else (args.repeats, 3)
+    if args.rounds < 1:
+        raise SystemExit("error: --rounds must be at least 1")
+    repeats, epochs, rounds = (1, 1, 1) if args.quick else (args.repeats, 3, args.rounds)
     started, load_before = time.perf_counter(), load_average()
     settings: Dict[str, Tuple[dict, Dict[str, Optional[float]]]] = {}
     for pinned in (True, False):
-        ours = torch_setting(repeats, pinned, epochs, args.allocator)
-        nt = {key: nt_seconds(args.nt_python, key.split("/")[0], SIZES[key.split("/")[0]], key.split("/")[1],
-                              repeats, pinned) for key in KEYS}
+        measured = []
+        for _ in range(rounds):  # alternating, so that the machine's swings reach both sides alike
+            ours = torch_setting(repeats, pinned, epochs, args.allocator)
+            nt = {key: nt_seconds(args.nt_python, key.split("/")[0], SIZES[key.split("/")[0]], key.split("/")[1],
+                                  repeats, pinned) for key in KEYS}
+            measured.append((ours, nt))
+        ours = {**combine_rounds(measured), **torch_setting(repeats, pinned, epochs, args.allocator, "rest")}
+        nt = {key: _median([theirs.get(key) for _, theirs in measured]) for key in KEYS}
         label = "1 thread (taskset -c 0)" if pinned else f"all threads ({ours['threads']})"
         settings[label] = (ours, nt)
     allocator = ALLOCATORS[args.allocator]
     if args.allocator != "huge-pages" and THP in os.environ:
         allocator += f", inherited {THP}={os.environ[THP]}"
     print(f"Machine: {machine_description(torch.device('cpu'))} (before: {load_before}); "
-          f"torch {torch.__version__}; torch allocator: {allocator}; median of {repeats}; "
+          f"torch {torch.__version__}; torch allocator: {allocator}; median of {repeats} calls per process, "
+          f"medians over {rounds} alternating round(s); "
           f"{time.perf_counter() - started:.0f} s in all")
     if not args.nt_python:
         print("neural-tangents: not run (pass --nt-python)")
