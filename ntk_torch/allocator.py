@@ -17,7 +17,9 @@ can grow past the peak (glibc before 2.38 does not place torch's 64-byte-aligned
 in freed blocks of exactly their size; a loop of one 64 MB tensor settles at five). On the
 README's runs the peak is unchanged (CNN kernel: 514 MB kept vs 481 MB; ``ntk-torch run
 configs/digits_mlp.yaml``: 564 vs 562 MB) and flat over calls. Up to 2 GiB of free heap top
-is kept, more is returned. The ``ntk-torch`` command turns it on for itself
+is kept, more is returned; the kernels' default memory budget counts what the heap holds
+free as available (:func:`free_heap_bytes`), which the system's count leaves out. The
+``ntk-torch`` command turns it on for itself
 (:func:`keep_for_command`) unless ``NTK_TORCH_KEEP_FREED_MEMORY=0``; a script calls it once,
 before training.
 """
@@ -30,7 +32,7 @@ import platform
 import sys
 from typing import Any, Callable, Optional
 
-__all__ = ["KEEP_FREED_MEMORY", "describe", "keep_for_command", "keep_freed_memory"]
+__all__ = ["KEEP_FREED_MEMORY", "describe", "free_heap_bytes", "keep_for_command", "keep_freed_memory"]
 
 KEEP_FREED_MEMORY = "NTK_TORCH_KEEP_FREED_MEMORY"
 """The environment variable with which a user turns the ``ntk-torch`` command's setting off (``0``)."""
@@ -78,6 +80,26 @@ def keep_freed_memory(enabled: bool = True, *, libc: Optional[Callable[[], Optio
         library.malloc_trim(ctypes.c_size_t(0))
     _kept = enabled
     return True
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (2.33 and later): every field a ``size_t``."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def free_heap_bytes(libc: Optional[Callable[[], Optional[Any]]] = None) -> int:
+    """Bytes glibc holds free in its heaps (``mallinfo2().fordblks``): memory this process
+    can allocate again without the system, which the system's free-memory count leaves
+    out. While freed memory is kept it can be most of a past kernel's peak; with glibc's
+    defaults it is small. 0 where the C library is not glibc 2.33 or later."""
+    library = (libc or _glibc)()
+    mallinfo2 = getattr(library, "mallinfo2", None) if library is not None else None
+    if mallinfo2 is None:
+        return 0
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
 
 
 def keep_for_command(environ: Any = os.environ, libc: Optional[Callable[[], Optional[Any]]] = None) -> bool:

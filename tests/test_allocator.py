@@ -110,3 +110,53 @@ def test_a_freed_large_block_is_reused_without_page_faults():
     assert default["faults"] >= 3 * 16_000
     assert kept["faults"] < 1_000
 
+
+
+def test_free_heap_bytes_reads_mallinfo2():
+    def mallinfo2():
+        return allocator._MallInfo2(fordblks=123_456, uordblks=7)
+
+    library = type("Libc", (), {})()
+    library.mallinfo2 = mallinfo2
+    assert allocator.free_heap_bytes(libc=lambda: library) == 123_456
+    assert allocator.free_heap_bytes(libc=lambda: type("Old", (), {})()) == 0  # glibc before 2.33
+    assert allocator.free_heap_bytes(libc=lambda: None) == 0
+
+
+HEAP = """
+import ctypes, json, sys
+from ntk_torch import allocator
+if sys.argv[1] == "keep":
+    allocator.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+block = libc.malloc(64 * 2**20)
+ctypes.memset(block, 1, 64 * 2**20)
+libc.free(block)
+print(json.dumps(allocator.free_heap_bytes()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or allocator._glibc() is None, reason="glibc only")
+def test_a_kept_block_counts_as_free_heap():
+    """A freed 64 MB block stays in glibc's heap when freed memory is kept (the process can
+    reuse it, the system does not count it as available), and goes back otherwise."""
+    def free_after(setting):
+        done = subprocess.run([sys.executable, "-c", HEAP, setting], capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert free_after("keep") >= 64 * 2**20
+    assert free_after("default") < 64 * 2**20
+
+
+def test_available_host_memory_counts_the_free_heap(monkeypatch):
+    import torch
+
+    from ntk_torch.kernel import cost
+
+    monkeypatch.setattr(cost, "_system_available_memory", lambda: 1000)
+    monkeypatch.setattr(cost, "free_heap_bytes", lambda: 24)
+    assert cost.available_memory(torch.device("cpu")) == 1024
+    monkeypatch.setattr(cost, "_system_available_memory", lambda: None)
+    assert cost.available_memory(torch.device("cpu")) is None

@@ -29,6 +29,7 @@ from typing import Optional, Union
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..allocator import free_heap_bytes
 from ..functional import FunctionalModel, Inputs
 from ..layout import Layout
 
@@ -80,10 +81,18 @@ def parse_memory(value: Union[int, float, str], name: str = "memory_budget") -> 
 
 
 def available_memory(device: torch.device) -> Optional[int]:
-    """Free memory on ``device`` in bytes, or ``None`` when it cannot be read."""
+    """Free memory on ``device`` in bytes, or ``None`` when it cannot be read. On the host:
+    the system's available memory plus what this process's allocator holds free for reuse
+    (:func:`ntk_torch.allocator.free_heap_bytes`; with ``keep_freed_memory`` a past
+    kernel's transients stay there, not in the system's count)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
+    system = _system_available_memory()
+    return None if system is None else system + free_heap_bytes()
+
+
+def _system_available_memory() -> Optional[int]:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
