@@ -1,5 +1,5 @@
-"""How this process's CPU memory is handed out: the setting that keeps a kernel's large
-transients from being faulted in afresh on every call.
+"""How this process's CPU memory is handed out: two settings that keep a kernel's large
+transients from being faulted in afresh on every call, and what each costs.
 
 A structured kernel call makes and frees tensors of tens of megabytes (a CNN's per-example
 gradients and cotangents). glibc maps every allocation of 32 MB or more (smaller ones too
@@ -8,34 +8,41 @@ its heap back to the system, so each call has the kernel fault its transients in
 4 KB at a time and zeroed: on the development VM about 2 us a fault, 55,000 faults and
 100 ms of a 300-470 ms CNN kernel. JAX and XLA keep their own pool and pay this once.
 
-:func:`keep_freed_memory` asks glibc to serve every allocation from its heap and to keep
-what is freed (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 2 GiB)``): after the
-first few calls a kernel faults nothing (CNN kernels of the README 20-25% faster). It takes
-effect at once, for the whole process, and changes no result. The cost: resident memory
-stays near its peak instead of falling back between calls, and while the heap settles it
-can grow past the peak (glibc before 2.38 does not place torch's 64-byte-aligned tensors
-in freed blocks of exactly their size; a loop of one 64 MB tensor settles at five). On the
-README's runs the peak is unchanged (CNN kernel: 514 MB kept vs 481 MB; ``ntk-torch run
-configs/digits_mlp.yaml``: 564 vs 562 MB) and flat over calls. Up to 2 GiB of free heap top
-is kept, more is returned; the kernels' default memory budget counts what the heap holds
-free as available (:func:`free_heap_bytes`), which the system's count leaves out. The
-``ntk-torch`` command turns it on for itself
-(:func:`keep_for_command`) unless ``NTK_TORCH_KEEP_FREED_MEMORY=0``; a script calls it once,
-before training.
+* Huge pages (:func:`prefer_huge_pages`, ``THP_MEM_ALLOC_ENABLE=1`` before torch loads):
+  torch places every tensor of 2 MB or more on transparent huge pages, faulted 2 MB at a
+  time (still zeroed): 10x fewer faults, most of the time back, no more memory. The
+  ``ntk-torch`` command sets it for itself unless the variable is set.
+* Keeping freed memory (:func:`keep_freed_memory`): glibc serves every allocation from its
+  heap and keeps what is freed (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD,
+  2 GiB)``): after the first few calls a kernel faults nothing (CNN kernels of the README
+  20-30% faster than by default). It takes effect at once, for the whole process, and
+  changes no result. The cost is memory: resident memory stays near its peak between
+  calls, and glibc's heap fragments (glibc before 2.38 does not place torch's 64-byte-
+  aligned tensors in freed blocks of exactly their size): the README's ``digits_mlp`` run
+  peaks at the same 564 MB, a CNN kernel at 514 MB instead of 481 MB, but a ``full``-mode
+  tracker with a forecast at 1,334 MB instead of 944 MB. The kernels' default memory budget
+  counts what the heap holds free as available (:func:`free_heap_bytes`). Opt in with
+  one call before training, or ``NTK_TORCH_KEEP_FREED_MEMORY=1`` for the command.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import sys
+from platform import libc_ver
 from typing import Any, Callable, Optional
 
-__all__ = ["KEEP_FREED_MEMORY", "describe", "free_heap_bytes", "keep_for_command", "keep_freed_memory"]
+__all__ = [
+    "HUGE_PAGES", "KEEP_FREED_MEMORY", "describe", "free_heap_bytes", "keep_for_command", "keep_freed_memory",
+    "prefer_huge_pages",
+]
 
+HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
+"""PyTorch's switch for transparent huge pages in its CPU allocator (read once, at torch's
+first allocation: it must be set before torch loads)."""
 KEEP_FREED_MEMORY = "NTK_TORCH_KEEP_FREED_MEMORY"
-"""The environment variable with which a user turns the ``ntk-torch`` command's setting off (``0``)."""
+"""The environment variable with which a user has the ``ntk-torch`` command keep freed memory (``1``)."""
 
 # mallopt's parameters (glibc's malloc.h) and the defaults that ``enabled=False`` restores.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -47,7 +54,7 @@ _kept = False
 
 def _glibc() -> Optional[Any]:
     """The C library when it is glibc (on Linux), else None."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not sys.platform.startswith("linux") or libc_ver()[0] != "glibc":
         return None
     return ctypes.CDLL(None)
 
@@ -102,20 +109,32 @@ def free_heap_bytes(libc: Optional[Callable[[], Optional[Any]]] = None) -> int:
     return int(mallinfo2().fordblks)
 
 
+def prefer_huge_pages(environ: Any = os.environ, modules: Any = sys.modules,
+                      platform: str = sys.platform) -> bool:
+    """Set ``THP_MEM_ALLOC_ENABLE=1`` for this process and its children unless the user set
+    it (``=0`` keeps torch's default) or torch is loaded already (it would not read it);
+    Linux only. Whether it was set."""
+    if HUGE_PAGES in environ or "torch" in modules or not platform.startswith("linux"):
+        return False
+    environ[HUGE_PAGES] = "1"
+    return True
+
+
 def keep_for_command(environ: Any = os.environ, libc: Optional[Callable[[], Optional[Any]]] = None) -> bool:
-    """:func:`keep_freed_memory` for the ``ntk-torch`` command, unless the user set
-    ``NTK_TORCH_KEEP_FREED_MEMORY=0``; whether it was turned on.
+    """:func:`keep_freed_memory` for the ``ntk-torch`` command when the user set
+    ``NTK_TORCH_KEEP_FREED_MEMORY=1``; whether it was turned on.
 
     Raises:
         ValueError: the variable is set to anything but ``0`` or ``1``.
     """
-    value = environ.get(KEEP_FREED_MEMORY, "1")
+    value = environ.get(KEEP_FREED_MEMORY, "0")
     if value not in ("0", "1"):
         raise ValueError(f"{KEEP_FREED_MEMORY} must be 0 or 1, got {value!r}")
     return value == "1" and keep_freed_memory(libc=libc)
 
 
-def describe() -> str:
-    """This process's setting, for benchmark headers."""
-    return ("glibc keeps freed memory (ntk_torch.keep_freed_memory)" if _kept
-            else "default (freed memory returned to the system)")
+def describe(environ: Any = os.environ) -> str:
+    """This process's settings, for benchmark headers."""
+    kept = ("glibc keeps freed memory (ntk_torch.keep_freed_memory)" if _kept
+            else "glibc returns freed memory to the system")
+    return f"{kept}; {HUGE_PAGES}={environ.get(HUGE_PAGES, 'unset')}"

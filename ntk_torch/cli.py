@@ -7,11 +7,14 @@ SIGTERM, which stop training like Ctrl-C and leave a loadable run with status
 ``interrupted``. Warnings are printed as one line each, ``ntk-torch: warning: ...``.
 
 The package is imported inside :func:`main`, so Ctrl-C while torch is still loading is
-an interruption like any other (no traceback). The command has glibc keep freed memory
-for reuse (:func:`ntk_torch.allocator.keep_for_command`; ``NTK_TORCH_KEEP_FREED_MEMORY=0``
-turns it off), so that a kernel's large transients are not faulted in afresh on every call. A config can run code (import paths in
-``data.name``/``model.name``); only modules named by ``--allow-import`` or
-``NTK_TORCH_ALLOW_IMPORT`` are imported, and each import path is printed before running.
+an interruption like any other (no traceback), and so that the command can ask torch's
+allocator for huge pages before torch starts (:func:`ntk_torch.allocator.prefer_huge_pages`;
+``THP_MEM_ALLOC_ENABLE=0`` keeps torch's default); ``NTK_TORCH_KEEP_FREED_MEMORY=1`` has
+glibc keep freed memory too (:func:`ntk_torch.allocator.keep_for_command`).
+
+A config can run code (import paths in ``data.name``/``model.name``); only modules named by
+``--allow-import`` or ``NTK_TORCH_ALLOW_IMPORT`` are imported, and each import path is
+printed before running.
 """
 
 from __future__ import annotations
@@ -597,6 +600,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv``; the exit status (see the module docstring). Usage
     errors and ``--help`` raise ``SystemExit`` as argparse does."""
+    allocator.prefer_huge_pages()
     args = parse_args(argv)
     with _one_line_warnings(), _sigterm_as_interrupt():
         try:

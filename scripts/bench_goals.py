@@ -28,12 +28,14 @@ minutes. Per setting it measures, side by side:
   steps, no forecast (goal: <= 15%).
 
 ``--quick``: one timed call per entry and one training epoch. ``--allocator`` sets the
-torch processes' memory up: ``default`` (glibc's and torch's defaults), ``keep``
-(:func:`ntk_torch.keep_freed_memory`, what the ``ntk-torch`` command does: freed memory is
-kept for reuse, so a kernel call faults no page in) or ``huge-pages``
-(``THP_MEM_ALLOC_ENABLE=1``: PyTorch's CPU allocator asks for transparent huge pages for
-every tensor of 2 MB or more); neural-tangents' processes are unchanged (XLA keeps its own
-pool). The header names the machine, torch, the threads, the allocator setting and the
+torch processes' memory up (:mod:`ntk_torch.allocator`): ``default`` (glibc's and torch's
+defaults), ``huge-pages`` (``THP_MEM_ALLOC_ENABLE=1``, what the ``ntk-torch`` command sets:
+transparent huge pages for every tensor of 2 MB or more) or ``keep``
+(:func:`ntk_torch.keep_freed_memory`: freed memory kept for reuse, so that a kernel call
+faults no page in, at a cost in memory); neural-tangents' processes are unchanged (XLA
+keeps its own pool). Under ``ntk-torch bench --goals`` the torch processes inherit the
+command's ``THP_MEM_ALLOC_ENABLE=1`` unless ``--allocator`` says otherwise... the header
+names what they ran with. The header names the machine, torch, the threads, the allocator setting and the
 load average before and after (figures measured under load are provisional).
 """
 
@@ -50,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ntk_torch.allocator import HUGE_PAGES as THP  # stdlib only: torch is not loaded here
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEYS = ("mlp/full", "mlp/trace", "cnn/full", "cnn/trace")
@@ -157,7 +160,6 @@ ALLOCATORS = {
     "huge-pages": "huge pages (THP_MEM_ALLOC_ENABLE=1, tensors >= 2 MB)",
 }
 """``--allocator`` choices and how the header names them."""
-THP = "THP_MEM_ALLOC_ENABLE"
 HUGE_PAGES = {THP: "1"}
 """The environment of the torch processes under ``--allocator huge-pages`` (torch reads it
 once, at its first allocation: it must be set before the process starts)."""

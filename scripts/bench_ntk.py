@@ -68,6 +68,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from ntk_torch import allocator
 from ntk_torch.kernel import METHODS, MODES, NTK, empirical_ntk, explain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -302,7 +303,7 @@ def format_table(cases: Sequence[Case], rows: Sequence[Row], device: torch.devic
     """The markdown table of ``rows``, after a line naming the machine, torch and threads."""
     lines = [
         f"Machine: {machine_description(device)}; device {device}; torch {torch.__version__}; "
-        f"threads {torch.get_num_threads()}; median of {repeats} call(s).",
+        f"threads {torch.get_num_threads()}; memory: {allocator.describe()}; median of {repeats} call(s).",
         "",
         "| case | mode | method | seconds | peak extra memory (MB) | vs tutorial baseline | vs jacobian |",
         "|---|---|---|---:|---:|---:|---:|",

@@ -35,7 +35,7 @@ def fake(monkeypatch):
 def test_keeping_freed_memory_disables_fresh_mappings_and_trimming(fake):
     assert allocator.keep_freed_memory(libc=lambda: fake)
     assert fake.calls == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]  # M_MMAP_MAX, M_TRIM_THRESHOLD
-    assert allocator.describe() == "glibc keeps freed memory (ntk_torch.keep_freed_memory)"
+    assert allocator.describe({}) == "glibc keeps freed memory (ntk_torch.keep_freed_memory); THP_MEM_ALLOC_ENABLE=unset"
 
 
 def test_turning_it_off_restores_glibcs_defaults_and_returns_the_memory(fake):
@@ -43,19 +43,20 @@ def test_turning_it_off_restores_glibcs_defaults_and_returns_the_memory(fake):
     fake.calls.clear()
     assert allocator.keep_freed_memory(False, libc=lambda: fake)
     assert fake.calls == [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]
-    assert allocator.describe() == "default (freed memory returned to the system)"
+    assert allocator.describe({"THP_MEM_ALLOC_ENABLE": "1"}) == (
+        "glibc returns freed memory to the system; THP_MEM_ALLOC_ENABLE=1")
 
 
 def test_without_glibc_nothing_changes(fake):
     assert not allocator.keep_freed_memory(libc=lambda: None)
-    assert allocator.describe().startswith("default")
+    assert allocator.describe().startswith("glibc returns")
 
 
 def test_a_refused_setting_is_an_error_naming_it(fake):
     refusing = FakeLibc(refuse=-1)
     with pytest.raises(OSError, match=r"mallopt refused M_TRIM_THRESHOLD=2147483647"):
         allocator.keep_freed_memory(libc=lambda: refusing)
-    assert allocator.describe().startswith("default")
+    assert allocator.describe().startswith("glibc returns")
 
 
 def test_enabled_must_be_a_bool(fake):
@@ -64,8 +65,7 @@ def test_enabled_must_be_a_bool(fake):
 
 
 def test_the_commands_switch(fake):
-    assert allocator.keep_for_command({}, libc=lambda: fake) and len(fake.calls) == 2
-    fake.calls.clear()
+    assert not allocator.keep_for_command({}, libc=lambda: fake)  # opt-in: it costs memory
     assert not allocator.keep_for_command({allocator.KEEP_FREED_MEMORY: "0"}, libc=lambda: fake)
     assert fake.calls == []
     assert allocator.keep_for_command({allocator.KEEP_FREED_MEMORY: "1"}, libc=lambda: fake)
@@ -160,3 +160,16 @@ def test_available_host_memory_counts_the_free_heap(monkeypatch):
     assert cost.available_memory(torch.device("cpu")) == 1024
     monkeypatch.setattr(cost, "_system_available_memory", lambda: None)
     assert cost.available_memory(torch.device("cpu")) is None
+
+
+def test_prefer_huge_pages_sets_the_allocator_switch_only_when_it_can_take_effect():
+    environ = {}
+    assert allocator.prefer_huge_pages(environ, modules={}, platform="linux")
+    assert environ == {allocator.HUGE_PAGES: "1"}
+    mine = {allocator.HUGE_PAGES: "0"}  # the user's choice, also to turn it off
+    assert not allocator.prefer_huge_pages(mine, modules={}, platform="linux")
+    assert mine == {allocator.HUGE_PAGES: "0"}
+    late = {}  # torch read its allocator settings already
+    assert not allocator.prefer_huge_pages(late, modules={"torch": object()}, platform="linux") and late == {}
+    elsewhere = {}
+    assert not allocator.prefer_huge_pages(elsewhere, modules={}, platform="darwin") and elsewhere == {}

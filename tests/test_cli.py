@@ -298,18 +298,20 @@ def test_a_bad_keep_freed_memory_switch_is_a_one_line_error(monkeypatch, tmp_pat
     assert err == "ntk-torch: error: NTK_TORCH_KEEP_FREED_MEMORY must be 0 or 1, got 'yes'"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's setting: Linux only")
-def test_the_command_keeps_freed_memory_in_its_own_process(tmp_path):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's and Linux's settings")
+def test_the_command_sets_its_memory_up_in_its_own_process(tmp_path):
+    """Huge pages by default, set before torch loads (importing the command's module does
+    not load torch); freed memory kept only when asked for."""
     import os
     import subprocess
 
     from ntk_torch import allocator
 
     code = ("import sys; from ntk_torch import allocator, cli; "
-            f"cli.main(['report', {str(tmp_path / 'missing')!r}]); print(allocator.describe())")
-    env = {k: v for k, v in os.environ.items() if k != allocator.KEEP_FREED_MEMORY}
+            f"cli.main(['report', {str(tmp_path / 'missing')!r}]); import torch; print(allocator.describe())")
+    env = {k: v for k, v in os.environ.items() if k not in (allocator.KEEP_FREED_MEMORY, allocator.HUGE_PAGES)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert "keeps freed memory" in done.stdout
+    assert done.stdout.strip() == "glibc returns freed memory to the system; THP_MEM_ALLOC_ENABLE=1"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**env, allocator.KEEP_FREED_MEMORY: "0"})
-    assert done.stdout.strip() == "default (freed memory returned to the system)"
+                          env={**env, allocator.KEEP_FREED_MEMORY: "1", allocator.HUGE_PAGES: "0"})
+    assert done.stdout.strip() == "glibc keeps freed memory (ntk_torch.keep_freed_memory); THP_MEM_ALLOC_ENABLE=0"
