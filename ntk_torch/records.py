@@ -12,9 +12,10 @@ field                       value
 ``step``                    the optimizer step of the measurement (int)
 ``time``                    Unix time of the measurement (s)
 ``measure_time``            seconds spent measuring
-``kernel_time``             seconds of it spent forming the probe kernel (None with
-                            ``kernel="estimate"``, which never forms it); the rest is the
-                            tracker's bookkeeping: metrics, eigenvalues, losses, forecast
+``kernel_time``             seconds of it spent forming the probe kernel (missing with
+                            ``kernel="estimate"``, which never forms it, and for a kernel
+                            that was not finite); the rest is the tracker's bookkeeping:
+                            metrics, eigenvalues, losses, forecast
 ``finite``                  whether the probe kernel was finite
 ``nonfinite_groups``        the parameter groups at fault, when it was not
 ``trace``                   trace of the probe kernel's matrix

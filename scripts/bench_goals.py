@@ -33,10 +33,10 @@ defaults), ``huge-pages`` (``THP_MEM_ALLOC_ENABLE=1``, what the ``ntk-torch`` co
 transparent huge pages for every tensor of 2 MB or more) or ``keep``
 (:func:`ntk_torch.keep_freed_memory`: freed memory kept for reuse, so that a kernel call
 faults no page in, at a cost in memory); neural-tangents' processes are unchanged (XLA
-keeps its own pool). Under ``ntk-torch bench --goals`` the torch processes inherit the
-command's ``THP_MEM_ALLOC_ENABLE=1`` unless ``--allocator`` says otherwise... the header
-names what they ran with. The header names the machine, torch, the threads, the allocator setting and the
-load average before and after (figures measured under load are provisional).
+keeps its own pool). Under ``ntk-torch bench --goals`` the torch processes also inherit
+the command's ``THP_MEM_ALLOC_ENABLE=1``. The header names the machine, torch, the threads,
+the allocator setting (an inherited ``THP_MEM_ALLOC_ENABLE`` too) and the load average
+before and after (figures measured under load are provisional).
 """
 
 from __future__ import annotations
