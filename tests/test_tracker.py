@@ -104,23 +104,22 @@ def test_records_start_at_zero_drift_and_drift_grows_with_training():
 
 
 def test_kernel_time_is_the_probe_kernels_share_of_the_measurement(monkeypatch):
-    """A probe kernel made 50 ms slower shows in ``kernel_time`` and ``measure_time`` alike."""
+    """A delay inside the probe kernel's computation lands in ``kernel_time``, not in the
+    rest of ``measure_time`` (the bookkeeping). The delay (0.3 s) dwarfs what the tiny
+    model's kernel and bookkeeping take, so the split is checked, not their speed."""
     import time
 
     from ntk_torch.kernel import NTK
 
-    data = make_data()
-    tracker = tracker_for(make_model(), data, forecast=None, every=1)
-    tracker.attach()  # step 0: the first kernel, which also plans the engine
-    tracker.step()
-    fast = tracker.records[-1]
+    delay = 0.3
+    tracker = tracker_for(make_model(), make_data(), forecast=None, every=1)
+    tracker.attach()
     computed = NTK.__call__
-    monkeypatch.setattr(NTK, "__call__", lambda self, *a, **k: (time.sleep(0.05), computed(self, *a, **k))[1])
+    monkeypatch.setattr(NTK, "__call__", lambda self, *a, **k: (time.sleep(delay), computed(self, *a, **k))[1])
     tracker.step()
-    slow = tracker.records[-1]
-    assert slow["kernel_time"] >= fast["kernel_time"] + 0.05
-    bookkeeping = [r["measure_time"] - r["kernel_time"] for r in (fast, slow)]
-    assert bookkeeping[1] < bookkeeping[0] + 0.05
+    record = tracker.records[-1]
+    assert record["kernel_time"] >= delay
+    assert record["measure_time"] - record["kernel_time"] < delay
     tracker.close()
 
 
