@@ -280,7 +280,7 @@ def test_ctrl_c_during_a_run_leaves_a_loadable_run(tiny_config, tmp_path, monkey
     assert run.status == "interrupted" and list(run.steps) == [0]
 
 
-def test_every_command_asks_for_freed_memory_to_be_kept(monkeypatch, tmp_path, capsys):
+def test_every_command_reads_the_keep_freed_memory_switch(monkeypatch, tmp_path, capsys):
     from ntk_torch import allocator
 
     asked = []

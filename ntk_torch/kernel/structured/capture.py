@@ -23,7 +23,7 @@ the head's, that block and every later one are captured the general way.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.func import jacrev, vjp, vmap
@@ -107,6 +107,16 @@ def _primals(plan: "StructuredPlan", fmodel: FunctionalModel):
     return _zero_probes(plan, fmodel), fallback, fixed
 
 
+def _recorded(plan: "StructuredPlan", fmodel: FunctionalModel, probe_values, run: Callable[[], torch.Tensor]):
+    """``(run(), records, hooks)``: the model run once with the plan's hooks and function
+    mode attached, its records checked to be of the same calls as the probes."""
+    with attached(plan, fmodel, probe_values) as (hooks, mode):
+        out = run()
+        records = records_of(hooks, mode)
+    check_same_calls(records, probe_values, "jacobian")
+    return out, records, hooks
+
+
 def capture(
     plan: "StructuredPlan", fmodel: FunctionalModel, x: Inputs, chunk_size: Optional[int]
 ) -> Tuple[Dict[str, object], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -121,10 +131,8 @@ def capture(
 
     def single(primals, x_one):
         probe_values, fallback_values = primals
-        with attached(plan, fmodel, probe_values) as (hooks, mode):
-            out = fmodel.single({**fixed, **fallback_values}, x_one)
-            records = records_of(hooks, mode)
-        check_same_calls(records, probe_values, "jacobian")
+        out, records, _ = _recorded(plan, fmodel, probe_values,
+                                    lambda: fmodel.single({**fixed, **fallback_values}, x_one))
         return out, records
 
     per_example = jacrev(single, has_aux=True, chunk_size=chunk_size)
@@ -153,11 +161,9 @@ def _capture_from_head(
 
     def head_input(primals, x_one):
         probe_values, fallback_values = primals
-        with attached(plan, fmodel, probe_values) as (hooks, mode):
-            batched = map_inputs(x_one, lambda t: t.unsqueeze(0))
-            out = fmodel.raw_output({**fixed, **fallback_values}, batched)
-            records = records_of(hooks, mode)
-        check_same_calls(records, probe_values, "jacobian")
+        batched = map_inputs(x_one, lambda t: t.unsqueeze(0))
+        out, records, hooks = _recorded(plan, fmodel, probe_values,
+                                        lambda: fmodel.raw_output({**fixed, **fallback_values}, batched))
         output_was_head.append(out is hooks.outputs.get(head))
         return records[head], records
 
