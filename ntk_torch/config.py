@@ -45,6 +45,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import yaml
 
+from .drift import SPECTRA
 from .kernel import KERNEL_MODES, METHODS
 from .losses import KNOWN_LOSSES
 
@@ -103,6 +104,7 @@ class TrackConfig:
     keep_kernels: str = "log"
     forecast: Optional[str] = "auto"  # auto | kernel | twin | null (see NTKTracker)
     analytic_reference: bool = False  # distance from the infinite-width NTK (an NTK-parametrised mlp)
+    spectrum: str = "auto"  # auto | full | top: every eigenvalue, or the top ten (see NTKTracker)
 
 
 @dataclass
@@ -140,6 +142,7 @@ CHOICES = {
     "track.mode": KERNEL_MODES,
     "track.method": METHODS,
     "track.keep_kernels": ("all", "log", "first_last", "none"),
+    "track.spectrum": SPECTRA,
 }
 POSITIVE = {"train.steps", "train.batch_size", "track.every", "track.probe_size", "sweep.seeds"}
 NON_NEGATIVE = {"train.lr", "train.momentum", "train.weight_decay"}

@@ -198,6 +198,7 @@ def make_tracker(setup: Setup, run_dir: Optional[Path], *, force: bool = False, 
         clip_grad_norm=config.train.clip_grad_norm,
         tensorboard=tensorboard,
         analytic_reference=track.analytic_reference,
+        spectrum=track.spectrum,
     )
 
 

@@ -97,6 +97,12 @@ class Layout:
         """The 2-D matrix ``K`` stands for (see the module docstring)."""
         raise NotImplementedError
 
+    def in_block_order(self, V: Tensor, count: int) -> Tensor:
+        """The rows of ``V`` (``(M, c)``, indexed like the rows of :meth:`matrix`) in the
+        order of the rows of the ``count`` :meth:`blocks` stacked: unchanged for ``full`` and
+        ``trace``; for ``diagonal`` row ``i * O + a`` moves to ``a * N + i``."""
+        return V
+
     def matrix_trace(self, K: Tensor) -> float:
         """The trace of that matrix, summed in float64: ``sum_i K[i, i]`` (trace),
         ``sum_{i,a} K[i, i, a]`` (diagonal), ``sum_{i,a} K[i, i, a, a]`` (full)."""
@@ -305,6 +311,9 @@ class _Diagonal(Layout):
 
     def matrix(self, K: Tensor) -> Tensor:
         return FULL.matrix(torch.diag_embed(K))
+
+    def in_block_order(self, V: Tensor, count: int) -> Tensor:
+        return V.reshape(-1, count, V.shape[-1]).transpose(0, 1).reshape(-1, V.shape[-1])
 
     def to_trace(self, K: Tensor) -> Tensor:
         return K.sum(-1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,6 +45,10 @@ __all__ = [
     "condition_number",
     "kernel_velocity",
     "target_factor",
+    "symmetrised",
+    "CentredTargets",
+    "centred_targets",
+    "centred_alignment_terms",
 ]
 
 KernelLike = Union[Tensor, np.ndarray]
@@ -129,6 +133,16 @@ def _symmetric(M: Tensor, name: str) -> Tensor:
             "empirical_ntk(model, x) with x2=None"
         )
     return (M + M.mT) / 2
+
+
+def symmetrised(M: Tensor, name: str = "K") -> Tensor:
+    """``(M + M^T) / 2`` of a (batch of) square matrices ``M``, after checking that their
+    asymmetry is round-off (``|M - M^T|_F <= 1e-5 |M|_F``).
+
+    Raises:
+        ValueError: ``M`` (called ``name``) is not symmetric, e.g. the kernel of two sets.
+    """
+    return _symmetric(M, name)
 
 
 def _eigenvalues(K: Tensor, name: str) -> Tensor:
@@ -341,6 +355,56 @@ def target_factor(y: KernelLike, n: int, outputs: Optional[int] = None) -> Tenso
     """
     Y = _targets(y, n, outputs)
     return Y if outputs is None else Y.reshape(-1, 1)
+
+
+class CentredTargets(NamedTuple):
+    """The centred target factor ``Yc = H Y`` (``H = I - 1 1^T / n``) of a target kernel
+    ``Y Y^T`` (:func:`target_factor`), and ``norm = |Yc^T Yc|_F = |H Y Y^T H|_F``."""
+
+    centred: Tensor
+    norm: float
+
+    def columns(self) -> Tensor:
+        """``[Yc, 1]`` (n, C + 1): the columns whose product with a kernel
+        :func:`centred_alignment_terms` reads."""
+        ones = torch.ones(self.centred.shape[0], 1, dtype=self.centred.dtype, device=self.centred.device)
+        return torch.cat([self.centred, ones], dim=1)
+
+
+def centred_targets(y: KernelLike, n: int, outputs: Optional[int] = None) -> CentredTargets:
+    """:class:`CentredTargets` of the targets ``y`` for a kernel of ``n`` examples
+    (``outputs`` as in :func:`target_factor`).
+
+    Raises:
+        ValueError: y of the wrong shape or labels out of range.
+    """
+    Y = target_factor(y, n, outputs)
+    centred = Y - Y.mean(dim=0, keepdim=True)
+    return CentredTargets(centred, float(torch.linalg.matrix_norm(centred.T @ centred)))
+
+
+def centred_alignment_terms(product: Tensor, targets: CentredTargets, frobenius: float) -> Tuple[float, float]:
+    """The two terms of centred target alignment read from one product, without forming
+    or centring an n x n matrix (Cortes et al. 2012, with ``H`` idempotent and ``H Yc = Yc``).
+
+    For a symmetric n x n kernel matrix ``K``, ``product = K [Yc, 1]`` (n, C + 1) and
+    ``frobenius = |K|_F``, with ``r = K 1`` and ``s = 1^T K 1``:
+
+    * ``inner = <H K H, Yc Yc^T>_F = <K, Yc Yc^T>_F = sum(Yc * (K Yc))``;
+    * ``centred = |H K H|_F^2 = |K|_F^2 - 2 |r|^2 / n + s^2 / n^2``.
+
+    The centred alignment is ``inner / (sqrt(centred) * targets.norm)``. ``centred`` is a
+    difference, so it loses relative precision when the kernel is nearly constant
+    (``centred`` a tiny fraction of ``frobenius^2``); dense callers then centre exactly.
+
+    Returns:
+        ``(inner, centred)`` as floats.
+    """
+    n = product.shape[0]
+    rows = product[:, -1]
+    inner = float((targets.centred * product[:, :-1]).sum())
+    centred = frobenius ** 2 - 2 * float(rows @ rows) / n + float(rows.sum()) ** 2 / n ** 2
+    return inner, centred
 
 
 # --------------------------------------------------------------------------- spectrum

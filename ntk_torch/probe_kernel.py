@@ -62,7 +62,7 @@ from torch import nn
 from . import estimate, metrics, records
 from ._options import check_bool, check_choice, check_int
 from .analytic import reference_kernel
-from .drift import TOP_EIGENVALUES, KernelDrift
+from .drift import SPECTRA, TOP_EIGENVALUES, KernelDrift
 from .errors import NonFiniteKernelError
 from .estimate import Estimate
 from .kernel import NTK, NTKOperator
@@ -86,7 +86,7 @@ Fields = Dict[str, Any]
 
 def probe_kernel(model: nn.Module, kernel: str = "dense", *, mode: str, method: str, params: Any, output_fn: Any,
                  call_kwargs: Any, distributed: Optional[bool], sketch: Optional[int], sketch_seed: int,
-                 matvecs: Optional[int], seed: int, analytic: bool):
+                 matvecs: Optional[int], seed: int, analytic: bool, spectrum: str = "auto"):
     """The tracker's probe kernel, its options checked (:class:`DenseProbe` or
     :class:`EstimatedProbe`; the module docstring).
 
@@ -96,6 +96,7 @@ def probe_kernel(model: nn.Module, kernel: str = "dense", *, mode: str, method: 
     check_choice("kernel", kernel, KERNELS)
     check_sketch(sketch, sketch_seed)
     check_bool("analytic_reference", analytic)
+    check_choice("spectrum", spectrum, SPECTRA)
     if distributed is not None:
         check_bool("distributed", distributed)
     common = dict(mode=mode, params=params, output_fn=output_fn, call_kwargs=call_kwargs)
@@ -103,7 +104,7 @@ def probe_kernel(model: nn.Module, kernel: str = "dense", *, mode: str, method: 
     if kernel == "dense" and matvecs is not None:
         raise ValueError("matvecs sets the estimators of kernel='estimate'; pass kernel='estimate' or drop matvecs")
     if kernel == "dense" and sketch is None:
-        return DenseProbe(model, method=method, distributed=distributed, **common, **sketched)
+        return DenseProbe(model, method=method, distributed=distributed, spectrum=spectrum, **common, **sketched)
     what = "kernel='estimate'" if kernel == "estimate" else f"sketch={sketch}"
     if distributed:
         raise ValueError(f"{what} computes the probe kernel on one process; distributed=True shares only "
@@ -112,7 +113,10 @@ def probe_kernel(model: nn.Module, kernel: str = "dense", *, mode: str, method: 
         raise ValueError(f"{what} does not use method (it picks an engine of the dense kernel); "
                          f"leave it 'auto', got {method!r}")
     if kernel == "dense":
-        return DenseProbe(model, method=method, distributed=False, **common, **sketched)
+        return DenseProbe(model, method=method, distributed=False, spectrum=spectrum, **common, **sketched)
+    if spectrum == "full":
+        raise ValueError("spectrum='full' needs the formed kernel's every eigenvalue; kernel='estimate' records "
+                         "only the top ones (leave spectrum 'auto' or pass 'top')")
     if analytic:
         raise ValueError("analytic_reference compares the dense probe kernel with the infinite-width one; "
                          "it does not combine with kernel='estimate'")
@@ -171,7 +175,7 @@ class DenseProbe(_Probe):
     """The probe kernel formed: exact per parameter group, or sketched (module docstring)."""
 
     def __init__(self, model: nn.Module, *, mode: str, method: str, params: Any, output_fn: Any, call_kwargs: Any,
-                 distributed: Optional[bool], sketch: Optional[int], sketch_seed: int) -> None:
+                 distributed: Optional[bool], sketch: Optional[int], sketch_seed: int, spectrum: str = "auto") -> None:
         common = dict(mode=mode, method=method, params=params, output_fn=output_fn, call_kwargs=call_kwargs)
         if sketch is None:
             shared = shares_kernel(distributed)
@@ -180,13 +184,17 @@ class DenseProbe(_Probe):
             shared, ntk = False, NTK(model, sketch=sketch, sketch_seed=sketch_seed, **common)
         super().__init__(ntk, sketch, sketch_seed)
         self.shared = shared
+        self.spectrum = spectrum
         self.drift: Optional[KernelDrift] = None
 
     def start(self, model: nn.Module, probe: LabelledSet, analytic: bool) -> None:
         """Ready the fields for ``probe`` (and the infinite-width reference, if ``analytic``)."""
         layout = self.ntk.options.layout
         reference = reference_kernel(model, probe.x, layout, self.ntk.view().params) if analytic else None
-        self.drift = KernelDrift(layout, probe.y, reference)
+        self.drift = KernelDrift(layout, probe.y, reference, spectrum=self.spectrum)
+
+    def config(self) -> Fields:
+        return {**super().config(), "spectrum": self.spectrum}
 
     @property
     def initial(self) -> Optional[torch.Tensor]:
@@ -238,7 +246,7 @@ class EstimatedProbe(_Probe):
         self.initial_operator: Optional[_Measured] = None
         self._previous: Optional[_Measured] = None
         self._labels: Optional[torch.Tensor] = None
-        self._targets: Optional[Tuple[torch.Tensor, float]] = None
+        self._targets: Optional[metrics.CentredTargets] = None
 
     initial = None  # the kernel at step 0 is never formed
 
@@ -291,17 +299,13 @@ class EstimatedProbe(_Probe):
     def _alignment(self, op: NTKOperator, norm: Estimate) -> Fields:
         """Centred kernel-target alignment from one exact product with ``[H Y, 1]`` and the
         estimated ``|K|_F`` (module docstring)."""
-        n = op.shape[0]
         if self._targets is None:
             outputs = None if op.layout.sums_outputs else op.num_outputs
-            Y = metrics.target_factor(self._labels.cpu(), op.n1, outputs)
-            Yc = Y - Y.mean(dim=0, keepdim=True)
-            self._targets = (Yc, float(torch.linalg.matrix_norm(Yc.T @ Yc)))
-        Yc, target_norm = self._targets
-        product = (op @ torch.cat([Yc, torch.ones(n, 1, dtype=Yc.dtype)], dim=1)).to("cpu", torch.float64)
-        inner = float((Yc * product[:, :-1]).sum())
-        ones = product[:, -1]
-        squared = norm.value ** 2 - 2 * float(ones @ ones) / n + float(ones.sum()) ** 2 / n ** 2
+            self._targets = metrics.centred_targets(self._labels.cpu(), op.n1, outputs)
+        targets = self._targets
+        product = (op @ targets.columns()).to("cpu", torch.float64)
+        inner, squared = metrics.centred_alignment_terms(product, targets, norm.value)
+        target_norm = targets.norm
         if target_norm == 0 or squared <= 0:
             return dict.fromkeys((records.TARGET_ALIGNMENT, records.error(records.TARGET_ALIGNMENT)))
         value = inner / (math.sqrt(squared) * target_norm)

@@ -21,7 +21,9 @@ field                       value
 ``trace``                   trace of the probe kernel's matrix
 ``frobenius``               its Frobenius norm
 ``top_eigenvalues``         its largest eigenvalues, descending (a list)
-``effective_rank``          its effective rank (Roy & Vetterli 2007)
+``effective_rank``          its effective rank (Roy & Vetterli 2007); None where only the
+                            top of the spectrum is computed (``spectrum="top"``, or
+                            ``"auto"`` for a large matrix such as a ``full`` kernel's)
 ``target_alignment``        centred kernel-target alignment with the probe labels
 ``relative_change``         ``|K - K0|_F / |K0|_F``, from step 0
 ``kernel_distance``         ``1 - <K, K0>_F / (|K|_F |K0|_F)`` (Fort et al. 2020)
@@ -33,8 +35,9 @@ field                       value
 ``{field}_error``           with ``kernel="estimate"``: the estimated standard deviation of
                             ``trace``, ``frobenius``, ``relative_change``,
                             ``kernel_distance``, ``velocity`` and ``target_alignment``
-                            (Hutch++); for ``top_eigenvalues`` a list of bounds, each Ritz
-                            value's residual ``|K v - theta v|`` (an eigenvalue lies within it)
+                            (Hutch++); for ``top_eigenvalues`` (also of a dense kernel whose
+                            spectrum is the top one) a list of bounds, each Ritz value's
+                            residual ``|K v - theta v|`` (an eigenvalue lies within it)
 ``param_distance``          ``|theta - theta_0| / |theta_0|``
 ``{split}_loss``            the network's loss on a split (``probe``, ``test``, ``train``)
 ``{split}_accuracy``        its accuracy, for class labels

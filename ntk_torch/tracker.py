@@ -120,6 +120,13 @@ class NTKTracker:
         sketch, sketch_seed: ``d`` for the sketched kernel ``(J S)(J S)^T`` (``NTK(sketch=d,
             sketch_seed=...)``), one projection ``S`` for the whole run so that the drift
             compares like with like; with ``kernel="estimate"``, the sketched operator's.
+        spectrum: how each formed kernel's spectrum is recorded (:class:`~ntk_torch.drift.Spectrum`):
+            ``"full"``, every eigenvalue (``top_eigenvalues`` and ``effective_rank``;
+            ``B m^3`` work for a matrix of ``B`` diagonal blocks of ``m`` rows: ``(N O)^3``
+            for ``mode="full"``); ``"top"``, the 10 largest by block Lanczos with their
+            residuals (``top_eigenvalues_error``), ``effective_rank`` None; ``"auto"`` (the
+            default), ``"full"`` while ``B m^3 <= 1024^3``, else ``"top"``. With
+            ``kernel="estimate"`` the spectrum is always the top one (``"full"`` is refused).
 
     Each record (a dict; see ``NTKTracker.measure``) holds:
 
@@ -130,7 +137,7 @@ class NTKTracker:
     * ``finite``, and ``nonfinite_groups`` when the kernel had NaN/inf entries (the other
       kernel fields are then None; a ``RuntimeWarning`` is issued once per tracker);
     * ``trace``, ``frobenius``, ``top_eigenvalues`` (up to 10, descending),
-      ``effective_rank`` of the probe kernel;
+      ``effective_rank`` of the probe kernel (None where ``spectrum`` computes only the top);
     * ``relative_change`` (|K - K0|_F / |K0|_F) and ``kernel_distance`` from step 0,
       ``velocity`` (kernel distance per step since the previous measurement);
     * ``target_alignment`` (centred) of the kernel with the probe labels;
@@ -223,17 +230,18 @@ class NTKTracker:
         matvecs: Optional[int] = None,
         sketch: Optional[int] = None,
         sketch_seed: int = 0,
+        spectrum: str = "auto",
     ) -> None:
         self.model = unwrap_model(model)
         forecast = forecast_option(forecast, predict)
         _check_options(probe_size, max_predict_points, seed, keep_kernels, progress=progress, overwrite=overwrite)
         self._clip = clip_options(clip_grad_norm, clip_grad_value)
         self.schedule, self.budget = scheduled(every, schedule, budget)
-        self._shared_step: Optional[int] = None
         self.call_kwargs = check_call_kwargs(call_kwargs)
         keep_kernels = self._set_up_kernel(
-            kernel, keep_kernels, mode=mode, method=method, params=params, output_fn=output_fn, distributed=distributed,
-            sketch=sketch, sketch_seed=sketch_seed, matvecs=matvecs, seed=seed, analytic=analytic_reference)
+            kernel, keep_kernels, mode=mode, method=method, params=params, output_fn=output_fn, spectrum=spectrum,
+            distributed=distributed, sketch=sketch, sketch_seed=sketch_seed, matvecs=matvecs, seed=seed,
+            analytic=analytic_reference)
         self.output_fn, self.loss = output_fn, resolve(loss)
 
         self._load_data(train, test, probe_size, seed)
@@ -258,6 +266,7 @@ class NTKTracker:
         """The probe kernel (:func:`~ntk_torch.probe_kernel.probe_kernel`), the tracked
         parameters and their device; returns the ``keep_kernels`` it allows."""
         self._kernel = probe_kernel(self.model, kernel, call_kwargs=self.call_kwargs, **options)
+        self._shared_step: Optional[int] = None  # the last step whose kernel this rank helped compute
         selected = self._kernel.ntk.view().params
         self.device = next(iter(selected.values())).device
         self._param_names = list(selected)

@@ -258,6 +258,16 @@ def test_every_configured_optimizer_runs_with_the_twin(tmp_path, optimizer):
     assert run.meta["prediction"]["optimizer"].lower() == optimizer
 
 
+def test_configured_spectrum_reaches_the_tracker():
+    from ntk_torch import experiment
+    from ntk_torch.config import parse_config
+
+    config = parse_config({**TINY, "track": {**TINY.get("track", {}), "spectrum": "top"}})
+    tracker = experiment.make_tracker(experiment.build(config), None)
+    assert tracker._kernel.drift.spectrum.choice == "top"
+    assert parse_config(TINY).track.spectrum == "auto"
+
+
 @pytest.mark.parametrize("name", ["digits_mlp", "digits_adam", "digits_cnn", "teacher_ntk_param", "width_sweep"])
 def test_shipped_configs_are_valid(name):
     from ntk_torch.config import load_config

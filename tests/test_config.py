@@ -49,6 +49,7 @@ def test_unknown_key_names_file_and_key(tmp_path):
         ("train: {scheduler: cosine}", "train.scheduler must be a mapping"),
         ("track: {forecast: both}", "track.forecast must be one of auto, kernel, twin or null"),
         ("track: {method: fastest}", "track.method must be one of auto, jacobian, ntk_vp, structured, loop, got 'fastest'"),
+        ("track: {spectrum: some}", "track.spectrum must be one of auto, full, top, got 'some'"),
         ("train: {steps: 0}", "train.steps must be at least 1"),
         ("train: {lr: -1}", "train.lr must be non-negative"),
         ("track: {schedule: sometimes}", "track.schedule must be 'log'"),

@@ -135,6 +135,31 @@ def test_cka_of_full_kernel_centres_the_flat_matrix():
     assert got == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("outputs", [None, 3])
+def test_centred_alignment_terms_give_the_centred_target_alignment(outputs):
+    """``<K, Yc Yc^T> / (|H K H| |Yc^T Yc|)`` from one product ``K [Yc, 1]`` and ``|K|_F``."""
+    n = 6
+    labels = torch.tensor([0, 2, 1, 2, 0, 1])
+    size = n if outputs is None else n * outputs
+    K = _psd(size, seed=5) + 4.0  # a constant offset, which centring removes
+    targets = metrics.centred_targets(labels, n, outputs)
+    assert torch.allclose(targets.centred.sum(0), torch.zeros(targets.centred.shape[1], dtype=torch.float64))
+    product = K @ targets.columns()
+    assert product.shape == (size, targets.centred.shape[1] + 1)
+    inner, centred = metrics.centred_alignment_terms(product, targets, float(K.norm()))
+    assert centred == pytest.approx(float(metrics.center(K).norm()) ** 2, rel=1e-10)
+    kernel = K if outputs is None else _full_from_matrix(K, n, outputs)
+    assert inner / (centred ** 0.5 * targets.norm) == pytest.approx(metrics.target_alignment(kernel, labels), rel=1e-10)
+
+
+def test_symmetrised_checks_round_off_and_averages():
+    M = _psd(4, seed=6)
+    M[0, 1] += 1e-12
+    torch.testing.assert_close(metrics.symmetrised(M), (M + M.T) / 2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="M is not symmetric"):
+        metrics.symmetrised(torch.triu(_psd(4, seed=7)), "M")
+
+
 def test_target_alignment_of_label_gram_is_one():
     labels = torch.tensor([0, 2, 1, 2, 0])
     Y = torch.nn.functional.one_hot(labels, 3).double()

@@ -106,11 +106,34 @@ def test_sketched_tracker_uses_one_projection_for_the_whole_run(tmp_path):
         ({"kernel": "estimate", "analytic_reference": True}, ValueError, "does not combine with kernel='estimate'"),
         ({"kernel": "estimate", "distributed": True}, ValueError, "kernel='estimate' computes the probe kernel"),
         ({"kernel": "estimate", "distributed": "yes"}, TypeError, "distributed must be a bool"),
+        ({"spectrum": "all"}, ValueError, "spectrum must be one of 'auto', 'full', 'top', got 'all'"),
+        ({"kernel": "estimate", "spectrum": "full"}, ValueError, "spectrum='full' needs the formed kernel"),
     ],
 )
 def test_bad_large_probe_options_name_the_argument(options, error, message):
     with pytest.raises(error, match=message):
         _tracker(make_model(), make_data(), **options)
+
+
+@pytest.mark.parametrize("mode", ["full", "trace"])
+def test_top_spectrum_tracker_records_the_top_eigenvalues_with_residuals(tmp_path, mode):
+    """``spectrum="top"``: the ten largest eigenvalues of each kernel (those of the whole
+    spectrum, within the recorded residuals), no effective rank; the option in meta."""
+    data = make_data()
+    model = make_model()
+    tracker = _tracker(model, data, mode=mode, spectrum="top", forecast=None, run_dir=tmp_path / "run")
+    optimizer = _sgd(model)
+    with tracker.attach(optimizer):
+        train(model, optimizer, data, steps=2)
+    assert [r["step"] for r in tracker.records] == [0, 2]
+    record = tracker.records[0]
+    whole = ntk_torch.metrics.spectrum(tracker.initial_kernel, 10)
+    residuals = torch.tensor(record["top_eigenvalues_error"], dtype=torch.float64)
+    gaps = (torch.tensor(record["top_eigenvalues"], dtype=torch.float64) - whole).abs()
+    assert bool((gaps <= residuals + 1e-6 * whole[0]).all())
+    assert record["effective_rank"] is None
+    assert all(r["effective_rank"] is None for r in tracker.records)
+    assert load_run(tmp_path / "run").meta["config"]["spectrum"] == "top"
 
 
 # --------------------------------------------------------------------------- estimators
