@@ -302,8 +302,9 @@ def _trained(options, tracked):
     return {k: v.clone() for k, v in model.state_dict().items()}, torch.rand(2), np.random.rand(), random.random()
 
 
-@pytest.mark.parametrize("options", [{"mode": "pntk"}, {"sketch": 16}, {"kernel": "estimate", "matvecs": 6}],
-                         ids=["pntk", "sketch", "estimate"])
+@pytest.mark.parametrize("options", [{"mode": "pntk"}, {"sketch": 16}, {"kernel": "estimate", "matvecs": 6},
+                                     {"mode": "full", "spectrum": "top"}],
+                         ids=["pntk", "sketch", "estimate", "top-spectrum"])
 def test_training_is_bit_identical_in_every_large_probe_mode(options):
     (plain, *rng_plain), (tracked, *rng_tracked) = _trained(options, False), _trained(options, True)
     for name, value in plain.items():
