@@ -39,7 +39,7 @@ SPECTRA = ("auto", "full", "top")
 """How each kernel's spectrum is recorded (``NTKTracker(spectrum=...)``, :class:`Spectrum`)."""
 WHOLE_SPECTRUM_WORK = 1024 ** 3
 """With ``spectrum="auto"``, the whole spectrum while its work ``B m^3`` (``B`` blocks of
-``m`` rows) is at most this: one 1024 x 1024 kernel, about 0.1 s at one thread."""
+``m`` rows) is at most this: one 1024 x 1024 kernel, 0.1-0.2 s at one thread here."""
 TOP_TOL = 1e-8
 """Relative residual at which ``spectrum="top"`` accepts a Ritz value (:func:`~ntk_torch.eigsh`)."""
 
