@@ -148,8 +148,9 @@ def _finish_run(run_dir: Path, config: RunConfig, args: argparse.Namespace) -> L
     with _phase(args, "figures") as drawing:
         figures = plots.save_all(run, run_dir / "figures")
         drawing.detail = f"{len({path.stem for path in figures})} figures"
-    with _phase(args, "report"):
-        page = report.write_report(run, run_dir / "report.html", config=config)
+    with _phase(args, "report"):  # embeds the PNGs just written instead of drawing them again
+        pngs = {path.stem: path.read_bytes() for path in figures if path.suffix == ".png"}
+        page = report.write_report(run, run_dir / "report.html", config=config, images=pngs)
     _print_table(report.summary_table(run), title=f"\n{config.name}: {run_dir}")
     print(f"  figures in {run_dir / 'figures'}, report {page}")
     return figures + [page]

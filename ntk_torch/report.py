@@ -188,19 +188,29 @@ def _pairs_table(pairs: Iterable[Tuple[str, str]]) -> str:
     return f"<table>{rows}</table>"
 
 
-def _png_data_uri(figure) -> str:
+def _figure_pngs(run: Run, images: Mapping[str, bytes]) -> List[Tuple[plots.FigureSpec, bytes]]:
+    """``(spec, PNG)`` of every figure the run supports, in ``plots.FIGURES`` order: the
+    PNGs given in ``images`` (by figure name) as they are, the others drawn now."""
+    given = {spec.name: images[spec.name] for spec in plots.FIGURES if spec.name in images and spec.available(run)}
+    drawn = {spec.name: _png(figure) for spec, figure in plots.figures(run, skip=given)}
+    return [(spec, given.get(spec.name, drawn.get(spec.name))) for spec in plots.FIGURES
+            if spec.name in given or spec.name in drawn]
+
+
+def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=plots.PNG_DPI)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
-def _figures_html(run: Run) -> str:
+def _figures_html(run: Run, images: Mapping[str, bytes]) -> str:
     """The ``<figure>`` elements of every figure the run supports, each with its caption."""
     parts = []
-    for spec, figure in plots.figures(run):
+    for spec, png in _figure_pngs(run, images):
+        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         parts.append(
             f"<figure id=\"fig-{_e(spec.name)}\">"
-            f"<img src=\"{_png_data_uri(figure)}\" alt=\"{_e(spec.title)}\">"
+            f"<img src=\"{uri}\" alt=\"{_e(spec.title)}\">"
             f"<figcaption><strong>{_e(spec.title)}.</strong> {_e(spec.caption)}</figcaption></figure>"
         )
     if not parts:
@@ -248,6 +258,7 @@ def render_report(
     *,
     config: Any = None,
     summary: Optional[Mapping[str, Any]] = None,
+    images: Optional[Mapping[str, bytes]] = None,
 ) -> str:
     """The report page of ``run`` as an HTML5 string; see ``write_report``."""
     run = run if isinstance(run, Run) else load_run(run)
@@ -260,7 +271,7 @@ def render_report(
 
     sections = [
         ("summary", "Summary", _pairs_table(summary_table(run))),
-        ("figures", "Figures", _figures_html(run)),
+        ("figures", "Figures", _figures_html(run, images or {})),
         ("config", "Configuration", _configuration_html(meta, config)),
         ("model", "Model", _model_html(meta, summary)),
     ]
@@ -292,6 +303,7 @@ def write_report(
     *,
     config: Any = None,
     summary: Optional[Mapping[str, Any]] = None,
+    images: Optional[Mapping[str, bytes]] = None,
 ) -> Path:
     """Write a self-contained HTML report of a run.
 
@@ -310,12 +322,15 @@ def write_report(
             ``to_dict()``.
         summary: a model description dict, e.g. ``ntk_torch.models.summary(model)``,
             shown under the model section.
+        images: PNGs of figures already rendered from this run, by figure name (the
+            ``<name>.png`` files ``plots.save_all`` writes): embedded as they are rather
+            than drawn again (``ntk-torch run`` draws each figure once).
 
     Returns:
         The path written.
     """
     run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
-    page = render_report(run, config=config, summary=summary)
+    page = render_report(run, config=config, summary=summary, images=images)
     out_path = Path(out_path) if out_path is not None else run.path / REPORT_FILE
     out_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = out_path.with_name(f".{out_path.name}.tmp")

@@ -1,5 +1,6 @@
 """The ``ntk-torch`` command end to end, on small configs."""
 
+import base64
 import html.parser
 import re
 import shutil
@@ -68,6 +69,10 @@ def test_run_plot_report_compare_end_to_end(tiny_config, tmp_path, capsys):
     parser = _Parser()
     parser.feed(page)
     assert parser.images >= 5 and "<script" not in page
+    embedded = re.findall(r'<figure id="fig-([^"]+)"><img src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == parser.images  # each the very PNG of figures/, drawn once
+    for name, data in embedded:
+        assert base64.b64decode(data) == (out_a / "figures" / f"{name}.png").read_bytes(), name
 
     assert ntk_torch_cli("run", tiny_config, "--out", out_b, "--no-progress", "--set", "train.lr=0.1") == 0
     assert ntk.load_run(out_b).meta["prediction"]["lr"] == 0.1  # --set reached the optimizer

@@ -153,6 +153,47 @@ def test_save_all_writes_every_supported_figure_from_a_tracked_run(real_run, tmp
             assert root.tag == "{http://www.w3.org/2000/svg}svg"
 
 
+@pytest.mark.parametrize("fmt", ["svg", "pdf", "png"])
+def test_a_figure_saved_again_gives_the_identical_file(run, tmp_path, fmt):
+    """No creation date, and SVG's clip-path and marker ids from a fixed salt: rerunning
+    ``ntk-torch plot`` leaves a figure file unchanged."""
+    from matplotlib.figure import Figure
+
+    files = []
+    for attempt in ("first", "again"):
+        drawn = plots.drift(run)
+        figure = drawn if isinstance(drawn, Figure) else drawn.figure
+        (tmp_path / attempt).mkdir()
+        files.append(plots.save_figure(figure, tmp_path / attempt / f"drift.{fmt}").read_bytes())
+    assert files[0] == files[1]
+    assert b"CreationDate" not in files[0] and b"<dc:date>" not in files[0]  # equal within a second alone
+
+
+def test_each_figure_is_laid_out_once_for_all_its_formats(tmp_path, monkeypatch):
+    """The constrained layout runs for the first file only; the later formats keep its
+    positions (a second layout pass would move the axes and cost as much again)."""
+    from matplotlib.figure import Figure
+
+    from ntk_torch.plots import saving
+
+    figure = Figure(figsize=(6, 3), layout="constrained")
+    for ax in figure.subplots(1, 2):
+        ax.plot(np.arange(50), np.sqrt(np.arange(50)))
+        ax.set_title("a title"), ax.set_xlabel("optimizer step"), ax.set_ylabel("relative change")
+    positions, save = [], saving.save_figure
+
+    def recording(figure, path):
+        written = save(figure, path)
+        positions.append([ax.get_position().bounds for ax in figure.axes])
+        return written
+
+    monkeypatch.setattr(saving, "save_figure", recording)
+    paths = saving._save_formats(figure, tmp_path / "drift", ("png", "svg", "pdf"))
+    assert [path.name for path in paths] == ["drift.png", "drift.svg", "drift.pdf"]
+    assert all(path.stat().st_size > 0 for path in paths)
+    assert positions[0] == positions[1] == positions[2]
+
+
 @pytest.mark.slow
 def test_save_all_formats_are_checked(run, tmp_path):
     with pytest.raises(ValueError, match="formats must be"):

@@ -100,6 +100,29 @@ def test_report_of_a_tracked_run_is_self_contained_and_complete(real_run):
     assert "probe_size" in page  # the tracker's config
 
 
+def _images_by_figure(page):
+    """``{figure name: PNG bytes}`` of a report page's figures."""
+    found = re.findall(r'<figure id="fig-([^"]+)"><img src="data:image/png;base64,([^"]+)"', page)
+    return {name: base64.b64decode(data) for name, data in found}
+
+
+def test_given_pngs_are_embedded_as_they_are_and_the_rest_drawn(tmp_path):
+    """``images=``: a figure the run supports is embedded from the given bytes, not drawn;
+    the others are drawn, in catalogue order; one the run does not support is not added."""
+    run = synthetic_run(tmp_path / "run")
+    expected = [spec.name for spec in plots.FIGURES if spec.available(run)]
+    given = {"drift": PNG_MAGIC + b"given drift"}
+    images = _images_by_figure(render_report(run, images=given))
+    assert list(images) == expected and "drift" in expected
+    assert images["drift"] == given["drift"]
+    assert all(png.startswith(PNG_MAGIC) and len(png) > 1000 for name, png in images.items() if name != "drift")
+
+    losses_only = small_run(tmp_path / "small")
+    supported = [spec.name for spec in plots.FIGURES if spec.available(losses_only)]
+    assert "drift" not in supported
+    assert list(_images_by_figure(render_report(losses_only, images=given))) == supported
+
+
 def test_summary_table_reports_final_values(tmp_path):
     run = synthetic_run(tmp_path / "run")
     rows = dict(summary_table(run))

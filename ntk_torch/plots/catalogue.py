@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Collection, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -138,8 +138,9 @@ FIGURES: Tuple[FigureSpec, ...] = (
 """Every per-run figure, in the order reports show them."""
 
 
-def figures(run: RunLike) -> List[Tuple[FigureSpec, Figure]]:
-    """Draw every figure in ``FIGURES`` that the run's data supports.
+def figures(run: RunLike, skip: Collection[str] = ()) -> List[Tuple[FigureSpec, Figure]]:
+    """Draw every figure in ``FIGURES`` that the run's data supports (but those named in
+    ``skip``, e.g. figures already drawn elsewhere).
 
     Returns:
         ``(spec, figure)`` pairs in ``FIGURES`` order; figures without data are left out
@@ -150,7 +151,7 @@ def figures(run: RunLike) -> List[Tuple[FigureSpec, Figure]]:
     run = as_run(run)
     drawn = []
     for spec in FIGURES:
-        if spec.available(run):
+        if spec.name not in skip and spec.available(run):
             try:
                 result = spec.draw(run, None)
             except (ValueError, OSError) as error:  # damaged data: draw the others

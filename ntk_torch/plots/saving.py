@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
+import matplotlib
 from matplotlib.figure import Figure
 
 from ._axes import PathLike, RunLike, as_run
@@ -15,6 +16,8 @@ __all__ = ["PNG_DPI", "save_all", "save_figure"]
 
 PNG_DPI = 120
 """The resolution of PNG figures, in dots per inch (files and the report's images)."""
+SVG_SALT = "ntk_torch"
+"""The salt of SVG element ids (clip paths, markers): matplotlib draws random ones otherwise."""
 
 
 def _check_formats(formats: Union[str, Sequence[str]]) -> Tuple[str, ...]:
@@ -30,11 +33,13 @@ def _check_formats(formats: Union[str, Sequence[str]]) -> Tuple[str, ...]:
 
 def save_figure(figure: Figure, path: PathLike) -> Path:
     """Write ``figure`` to ``path`` in the format its suffix names (PNG at 120 dpi; SVG
-    and PDF without a creation date, so reruns give identical files)."""
+    and PDF without a creation date, and SVG's element ids from a fixed salt, so reruns
+    give identical files)."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
-    metadata = {"Date": None} if fmt in ("svg", "pdf") else None
-    figure.savefig(path, format=fmt, dpi=PNG_DPI, metadata=metadata)
+    metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt)
+    with matplotlib.rc_context({"svg.hashsalt": SVG_SALT}):
+        figure.savefig(path, format=fmt, dpi=PNG_DPI, metadata=metadata)
     return path
 
 
@@ -64,4 +69,15 @@ def save_all(run: RunLike, out_dir: PathLike, formats: Union[str, Sequence[str]]
         drawn.insert(0, ("overview", overview(run)))
     except ValueError as error:  # no record has anything to draw
         warnings.warn(f"no overview: {error}", RuntimeWarning, stacklevel=2)
-    return [save_figure(figure, out_dir / f"{name}.{fmt}") for name, figure in drawn for fmt in formats]
+    return [path for name, figure in drawn for path in _save_formats(figure, out_dir / name, formats)]
+
+
+def _save_formats(figure: Figure, stem: Path, formats: Sequence[str]) -> List[Path]:
+    """``figure`` in each format, laid out once: after the first file its layout engine is
+    switched off, so that the later formats keep the first one's positions instead of
+    running the constrained layout again (the costliest part of drawing)."""
+    paths = []
+    for fmt in formats:
+        paths.append(save_figure(figure, stem.with_name(f"{stem.name}.{fmt}")))
+        figure.set_layout_engine("none")
+    return paths
