@@ -208,6 +208,8 @@ class KernelDrift:
         reference: the infinite-width kernel in ``layout``
             (:func:`ntk_torch.analytic.reference_kernel`): each record then has
             ``analytic_distance``, the relative Frobenius distance from it.
+        spectrum: ``"auto"``, ``"full"`` or ``"top"``: how much of each kernel's spectrum
+            is computed (:class:`Spectrum`).
     """
 
     def __init__(self, layout: Layout, labels: torch.Tensor, reference: Optional[torch.Tensor] = None,

@@ -192,9 +192,8 @@ def _figure_pngs(run: Run, images: Mapping[str, bytes]) -> List[Tuple[plots.Figu
     """``(spec, PNG)`` of every figure the run supports, in ``plots.FIGURES`` order: the
     PNGs given in ``images`` (by figure name) as they are, the others drawn now."""
     given = {spec.name: images[spec.name] for spec in plots.FIGURES if spec.name in images and spec.available(run)}
-    drawn = {spec.name: _png(figure) for spec, figure in plots.figures(run, skip=given)}
-    return [(spec, given.get(spec.name, drawn.get(spec.name))) for spec in plots.FIGURES
-            if spec.name in given or spec.name in drawn]
+    pngs = {**{spec.name: _png(figure) for spec, figure in plots.figures(run, skip=given)}, **given}
+    return [(spec, pngs[spec.name]) for spec in plots.FIGURES if spec.name in pngs]
 
 
 def _png(figure) -> bytes:
