@@ -7,7 +7,7 @@ operator's columns share its forward passes), orthogonalises it twice against th
 basis (full reorthogonalisation, "twice is enough") and takes its QR factor as the next
 block. The products ``A Q`` are kept beside the basis ``Q`` (``N x m`` each), so the
 Rayleigh-Ritz step uses ``T = Q^T (A Q)`` and the residual ``||A Q s - theta Q s||`` of
-each Ritz pair ``(theta, Q s)`` is computed exactly, not from a recurrence. The iteration
+each wanted Ritz pair ``(theta, Q s)`` is computed exactly, not from a recurrence. The iteration
 stops once the ``k`` wanted pairs all have residuals below ``tol * |theta_1|`` (their
 eigenvalue errors are then at most about the residual squared over the spectral gap). A
 block that loses rank (e.g. a rank-deficient kernel) is completed with fresh random
@@ -91,30 +91,27 @@ def eigsh(
         Q[:, m:m + width] = block
         AQ[:, m:m + width] = product(block)
         m += width
-        values, vectors, residual = _ritz(Q[:, :m], AQ[:, :m])
-        chosen = _chosen(values, k, which)
+        values, vectors, residual = _ritz(Q[:, :m], AQ[:, :m], k, which)
         scale = values.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-        if m >= k and bool((residual[chosen] <= tol * scale).all()) or m == limit:
+        if m >= k and bool((residual <= tol * scale).all()) or m == limit:
             break
         block = _next_block(AQ[:, m - width:m], Q[:, :m], generator, min(b, limit - m))
-    eigenvalues = values[chosen]
-    order = torch.argsort(eigenvalues, descending=True)
-    picked = chosen[order]
-    eigenvectors = Q[:, :m] @ vectors[:, picked]
-    return Eigh(eigenvalues[order], eigenvectors.to(device), m, residual[picked])
+    order = torch.argsort(values, descending=True)
+    eigenvectors = Q[:, :m] @ vectors[:, order]
+    return Eigh(values[order], eigenvectors.to(device), m, residual[order])
 
 
-def _ritz(Q: torch.Tensor, AQ: torch.Tensor):
-    """Ritz values (ascending), their coordinates in ``Q`` and residual norms."""
+def _ritz(Q: torch.Tensor, AQ: torch.Tensor, k: int, which: str):
+    """The ``k`` wanted Ritz values (ascending; fewer while the basis is smaller), their
+    coordinates in ``Q`` and their residual norms (only theirs: the others' would cost
+    ``N m^2`` more per iteration)."""
     T = Q.T @ AQ
     values, vectors = torch.linalg.eigh((T + T.T) / 2)
+    m = values.shape[0]
+    chosen = slice(max(m - k, 0), m) if which == "largest" else slice(0, min(k, m))
+    values, vectors = values[chosen], vectors[:, chosen]
     residual = (AQ @ vectors - (Q @ vectors) * values).norm(dim=0)
     return values, vectors, residual
-
-
-def _chosen(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    m = values.shape[0]
-    return torch.arange(m - k, m) if which == "largest" else torch.arange(0, k)
 
 
 def _orthogonalise(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
