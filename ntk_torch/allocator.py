@@ -28,6 +28,7 @@ its heap back to the system, so each call has the kernel fault its transients in
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from platform import libc_ver
@@ -52,8 +53,10 @@ _KEPT_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest free heap 
 _kept = False
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc() -> Optional[Any]:
-    """The C library when it is glibc (on Linux), else None."""
+    """The C library when it is glibc (on Linux), else None; looked up once (every kernel
+    call's default memory budget reads :func:`free_heap_bytes`)."""
     if not sys.platform.startswith("linux") or libc_ver()[0] != "glibc":
         return None
     return ctypes.CDLL(None)
