@@ -6,10 +6,12 @@ into the fields of its record (:mod:`ntk_torch.records`): trace, Frobenius norm,
 eigenvalues and effective rank (one eigendecomposition), centred target alignment with the
 probe labels, relative change and kernel distance from step 0, velocity since the
 previous measurement, and each group's share of the trace. Only those two kernels stay in
-memory, so it does not grow with the number of measurements.
+memory (with one retired copy kept for reuse), so it does not grow with the number of
+measurements.
 
 The fields are computed fused (:class:`_Fused`): the kernel's diagonal blocks are copied
-to contiguous float64 and their Frobenius norm taken once, the reference and previous
+to contiguous float64 in one pass (into the memory of a retired measurement's copy, so
+that none is faulted in afresh) and their Frobenius norm taken once, the reference and previous
 kernels keep their copies and norms, differences are taken in chunks (no full-size
 temporary), the centred target alignment is read from one product of the kernel with the
 centred probe targets (never an n x n target kernel or a centred copy of the kernel,
@@ -85,13 +87,15 @@ class _Fused:
 
     The Frobenius products of the drift measures do not depend on how the entries are
     arranged (the zero blocks add nothing), so this one copy serves them, the spectrum and
-    the alignment."""
+    the alignment. It is written into ``spare`` (a retired measurement's blocks) when that
+    fits: a ``full`` probe kernel's 2560 x 2560 float64 copy is 52 MB, whose pages would
+    otherwise be faulted in afresh for every measurement."""
 
-    def __init__(self, K: torch.Tensor, layout: Layout) -> None:
-        blocks = layout.blocks(K.detach())
-        if blocks.dtype != torch.float64 or not blocks.is_contiguous():  # one copy, converting and arranging
-            blocks = torch.empty(blocks.shape, dtype=torch.float64, device=blocks.device).copy_(blocks)
-        self.blocks = blocks
+    def __init__(self, K: torch.Tensor, layout: Layout, spare: Optional[torch.Tensor] = None) -> None:
+        K = K.detach()
+        self.blocks = layout.contiguous_blocks(K, torch.float64, spare)
+        #: Whether the blocks are a copy (which a later measurement may overwrite), not K's memory.
+        self.owned = self.blocks.untyped_storage().data_ptr() != K.untyped_storage().data_ptr()
         self.norm = torch.linalg.vector_norm(self.blocks)
 
     def relative_change(self, reference: "_Fused") -> Optional[float]:
@@ -222,6 +226,7 @@ class KernelDrift:
         self.previous: Optional[Tuple[int, torch.Tensor]] = None
         self._initial: Optional[_Fused] = None
         self._previous: Optional[_Fused] = None
+        self._spare: Optional[torch.Tensor] = None  # a retired copy's memory, for the next one
         self._alignment = _Alignment(layout, labels)
 
     def nonfinite(self) -> Dict[str, Any]:
@@ -235,14 +240,16 @@ class KernelDrift:
         becomes the reference (at step 0) and the previous kernel."""
         split = isinstance(kernels, PerLayerKernels)
         K = kernels.total if split else kernels
-        fused = _Fused(K, self.layout)
+        fused, self._spare = _Fused(K, self.layout, self._spare), None
         shares = self._shares(kernels) if split else {records.LAYER_SHARE: None}
         fields = {**self._statistics(K, fused), **self._drift(step, fused), **shares}
         if self.reference is not None:
             fields[records.ANALYTIC_DISTANCE] = _or_none(metrics.relative_change, K, self.reference)
         if step == 0:
             self.initial, self._initial = K, fused
-        self.previous, self._previous = (step, K), fused
+        retired, (self.previous, self._previous) = self._previous, ((step, K), fused)
+        if retired is not None and retired is not self._initial and retired.owned:
+            self._spare = retired.blocks  # the reference, the previous and this: three copies at most
         return fields
 
     def _statistics(self, K: torch.Tensor, fused: _Fused) -> Dict[str, Any]:

@@ -93,6 +93,14 @@ class Layout:
         (one block for ``full`` and ``trace``, one per output for ``diagonal``)."""
         raise NotImplementedError
 
+    def contiguous_blocks(self, K: Tensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+        """:meth:`blocks` as one contiguous tensor of ``dtype``, arranged and converted by a
+        single copy: into ``out`` when it has the blocks' shape, ``dtype`` and device (a
+        buffer reused across calls, so that no fresh memory is faulted in), else into new
+        memory; ``K``'s own blocks, uncopied, when they already are contiguous ``dtype``
+        and there is no ``out``."""
+        return _copied(self.blocks(K), dtype, out)
+
     def matrix(self, K: Tensor) -> Tensor:
         """The 2-D matrix ``K`` stands for (see the module docstring)."""
         raise NotImplementedError
@@ -211,6 +219,14 @@ class _Full(Layout):
 
     def blocks(self, K: Tensor) -> Tensor:
         return self.matrix(K).unsqueeze(0)
+
+    def contiguous_blocks(self, K: Tensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+        n1, n2, o, _ = K.shape
+        # The matrix's entries as the view (1, N1, O, N2, O), copied once: reshaping the
+        # view first would copy it in K's dtype, then again to convert.
+        fits = out is not None and out.shape == (1, n1 * o, n2 * o) and out.is_contiguous()
+        copied = _copied(K.permute(0, 2, 1, 3).unsqueeze(0), dtype, out.view(1, n1, o, n2, o) if fits else None)
+        return copied.view(1, n1 * o, n2 * o)
 
     def matrix(self, K: Tensor) -> Tensor:
         n1, n2, o, _ = K.shape
@@ -346,6 +362,16 @@ MODES: Tuple[str, ...] = tuple(LAYOUTS)
 PNTK: Layout = _PNTK()
 KERNEL_MODES: Tuple[str, ...] = MODES + (PNTK.name,)
 """Every ``mode`` ``empirical_ntk`` takes: the layouts and ``pntk`` (stored as ``trace``)."""
+
+
+def _copied(entries: Tensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
+    """``entries`` as contiguous ``dtype`` (:meth:`Layout.contiguous_blocks`)."""
+    if entries.dtype == dtype and entries.is_contiguous():
+        return entries
+    fits = (out is not None and out.shape == entries.shape and out.dtype == dtype
+            and out.device == entries.device and out.is_contiguous())
+    target = out if fits else torch.empty(entries.shape, dtype=dtype, device=entries.device)
+    return target.copy_(entries)
 
 
 def layout(mode: Any, name: str = "mode") -> Layout:

@@ -1,6 +1,6 @@
 """NTKTracker's bookkeeping per measurement in every layout, one markdown table.
 
-    python scripts/bench_bookkeeping.py [--quick] [--epochs 2]
+    python scripts/bench_bookkeeping.py [--quick] [--epochs 4]
 
 The workload is ``scripts/bench_tracker.py``'s: the digits MLP 64-256-256-10, a probe of
 256 images, a measurement every 10 steps, no forecast. For ``mode`` ``trace``,
@@ -107,7 +107,8 @@ def table(settings: Dict[str, dict]) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs per run (about 23 steps each)")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="training epochs per run (about 23 steps each; 4: ten measurements, most in the steady state)")
     parser.add_argument("--quick", action="store_true", help="one epoch")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

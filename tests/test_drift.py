@@ -160,3 +160,57 @@ def test_block_order_of_diagonal_rows_matches_its_blocks():
     torch.testing.assert_close(left, DIAGONAL.in_block_order(DIAGONAL.matrix(K) @ V, O))
     for layout in (FULL, TRACE):
         assert layout.in_block_order(V, 1) is V
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
+def test_contiguous_blocks_are_the_blocks_copied_once_into_a_fitting_buffer(layout):
+    K = _in(layout, _full_kernels()[0]).float()
+    expected = layout.blocks(K).to(torch.float64)
+    fresh = layout.contiguous_blocks(K, torch.float64)
+    assert fresh.is_contiguous() and fresh.dtype == torch.float64
+    assert torch.equal(fresh, expected)
+    buffer = torch.full_like(fresh, float("nan"))
+    written = layout.contiguous_blocks(K, torch.float64, buffer)
+    assert written.data_ptr() == buffer.data_ptr() and torch.equal(buffer, expected)
+    for unfit in (buffer.float(), buffer[:, 1:], torch.empty(buffer.shape[::-1], dtype=torch.float64).mT):
+        other = layout.contiguous_blocks(K, torch.float64, unfit)
+        assert other.data_ptr() != unfit.data_ptr() and torch.equal(other, expected)
+
+
+def test_contiguous_blocks_already_so_are_the_kernels_own():
+    K = _in(TRACE, _full_kernels()[0])
+    assert TRACE.contiguous_blocks(K, torch.float64, torch.empty(1, N, N, dtype=torch.float64)).data_ptr() == K.data_ptr()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_retired_copies_are_reused_and_nothing_held_is_overwritten(layout, dtype):
+    """From the fourth measurement on a retired copy's memory takes the new one (no fresh
+    pages each time); the step-0 copy, the previous one and the caller's kernels stay as
+    they were, and the fields are those of a tracker that reuses nothing."""
+    g = torch.Generator().manual_seed(7)
+    J = torch.randn(N, O, P, generator=g, dtype=torch.float64)
+    kernels = []
+    for _ in range(6):
+        J = J + 0.1 * torch.randn(N, O, P, generator=g, dtype=torch.float64)
+        kernels.append(_in(layout, torch.einsum("iap,jbp->ijab", J, J)).to(dtype))
+    originals = [K.clone() for K in kernels]
+    tracked = KernelDrift(layout, LABELS)
+    pointers = []
+    for step, K in enumerate(kernels):
+        fields = tracked.fields(10 * step, K)
+        alone = KernelDrift(layout, LABELS)
+        if step:
+            alone.fields(0, kernels[0])
+            alone.previous, alone._previous = (10 * (step - 1), kernels[step - 1]), drift._Fused(kernels[step - 1], layout)
+        assert fields == alone.fields(10 * step, K)
+        pointers.append(tracked._previous.blocks.data_ptr())
+    for K, original in zip(kernels, originals):
+        assert torch.equal(K, original)
+    assert torch.equal(tracked._initial.blocks, layout.contiguous_blocks(kernels[0], torch.float64))
+    own = not (layout is TRACE and dtype == torch.float64)  # a contiguous float64 kernel is used as it is
+    if own:
+        assert pointers[3] in pointers[1:3] and pointers[4] in pointers[1:4]
+        assert pointers[0] not in pointers[1:]
+    else:
+        assert tracked._spare is None and pointers == [K.data_ptr() for K in kernels]
