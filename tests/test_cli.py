@@ -313,6 +313,7 @@ def test_a_bad_keep_freed_memory_switch_is_a_one_line_error(monkeypatch, tmp_pat
     assert err == "ntk-torch: error: NTK_TORCH_KEEP_FREED_MEMORY must be 0 or 1, got 'yes'"
 
 
+@pytest.mark.slow  # two fresh interpreters, each loading torch
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's and Linux's settings")
 def test_the_command_sets_its_memory_up_in_its_own_process(tmp_path):
     """Huge pages by default, set before torch loads (importing the command's module does

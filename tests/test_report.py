@@ -106,6 +106,7 @@ def _images_by_figure(page):
     return {name: base64.b64decode(data) for name, data in found}
 
 
+@pytest.mark.slow  # draws every figure but one
 def test_given_pngs_are_embedded_as_they_are_and_the_rest_drawn(tmp_path):
     """``images=``: a figure the run supports is embedded from the given bytes, not drawn;
     the others are drawn, in catalogue order; one the run does not support is not added."""
