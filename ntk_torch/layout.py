@@ -98,7 +98,7 @@ class Layout:
         single copy: into ``out`` when it has the blocks' shape, ``dtype`` and device (a
         buffer reused across calls, so that no fresh memory is faulted in), else into new
         memory; ``K``'s own blocks, uncopied, when they already are contiguous ``dtype``
-        and there is no ``out``."""
+        (whatever ``out``)."""
         return _copied(self.blocks(K), dtype, out)
 
     def matrix(self, K: Tensor) -> Tensor:
